@@ -1,0 +1,293 @@
+//! Command-line arguments.
+
+use std::path::PathBuf;
+
+use clap::{Parser, ValueEnum};
+use serde::Serialize;
+
+/// What to measure.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub(crate) enum Scenario {
+    /// N subscribers on one channel; one of them publishes, closed loop (--window in flight) or
+    /// open loop (--rate).
+    Fanout,
+    /// --channels channels with --per-channel subscribers each; the first subscriber of each
+    /// channel publishes to it.
+    Channels,
+    /// Every connection receives every message. Done as every connection subscribed to one
+    /// channel (a server-side broadcast cannot be triggered through the protocol), so this is
+    /// fanout where the subscribers are all the connections there are.
+    Broadcast,
+    /// Fanout while other clients connect, subscribe, unsubscribe and disconnect: the first half
+    /// of --duration runs without churn (the baseline), the second with it.
+    Churn,
+    /// Opens connections at --ramp-rate until --ramp-to, a failure, or a handshake p99 above
+    /// --ramp-p99-ms; reports the count reached and handshake latencies.
+    Ramp,
+    /// Holds N subscribed connections for --duration and reports memory per connection.
+    Idle,
+    /// Fanout with a share (--slow-share) of clients that never read: the first half of
+    /// --duration runs without them (the baseline), the second with them subscribed.
+    Slow,
+    /// Open-loop fanout over --sweep-subs x --sweep-rates, to find the knee: the highest load
+    /// with p99 under --p99-ms and nothing lost.
+    Sweep,
+}
+
+/// Drive a WebSocket hub with many connections and report throughput and latency.
+///
+/// Without --target, a wshub hub runs in this process (on its own threads, on 127.0.0.1 at a
+/// free port) and the report includes its CPU time and statistics. With --target, any server
+/// that speaks wshub's PROTOCOL.md and lets clients publish is driven the same way.
+///
+/// Every publish carries a sequence number and its send time, so the report counts lost and
+/// duplicated messages and the publish-to-receive latency. Subscriptions are proven live by a
+/// first delivery before anything is measured (no acknowledgement is needed).
+#[derive(Debug, Parser, Serialize)]
+#[command(name = "loadtest", version, verbatim_doc_comment)]
+pub(crate) struct Args {
+    /// The scenario.
+    #[arg(value_enum, default_value_t = Scenario::Fanout)]
+    pub(crate) scenario: Scenario,
+
+    /// Drive this server (ws://HOST:PORT/PATH) instead of an embedded hub. The server must let
+    /// clients publish.
+    #[arg(long, value_name = "URL")]
+    pub(crate) target: Option<String>,
+
+    /// The server's process id (with --target): its CPU time and memory go into the report
+    /// (idle: its memory growth per connection).
+    #[arg(long)]
+    pub(crate) pid: Option<u32>,
+
+    /// Measured seconds (churn and slow: half baseline, half disturbed; idle: seconds held).
+    #[arg(short, long, default_value_t = 20.0, value_name = "SECONDS")]
+    pub(crate) duration: f64,
+
+    /// Connections subscribed (fanout, broadcast, churn, slow: all clients; idle).
+    /// [default: 1000; idle: 10000]
+    #[arg(short = 'n', long, value_name = "N")]
+    pub(crate) subscribers: Option<usize>,
+
+    /// Closed loop: messages in flight per channel (a round of W publishes in one write, then
+    /// wait for every subscriber to have them).
+    #[arg(short, long, default_value_t = 16)]
+    pub(crate) window: u32,
+
+    /// Open loop instead: publishes per second over all channels (0 = closed loop).
+    #[arg(short, long, default_value_t = 0.0, value_name = "PER_SECOND")]
+    pub(crate) rate: f64,
+
+    /// Bytes of data per publish (the sequence number and send time included).
+    #[arg(short, long, default_value_t = 100, value_name = "BYTES")]
+    pub(crate) payload: usize,
+
+    /// Channels (channels scenario).
+    #[arg(long, default_value_t = 100)]
+    pub(crate) channels: usize,
+
+    /// Subscribers per channel (channels scenario).
+    #[arg(long, default_value_t = 10)]
+    pub(crate) per_channel: usize,
+
+    /// Channel name (a number is appended when there are several).
+    #[arg(long, default_value = "bench")]
+    pub(crate) channel: String,
+
+    /// Load generator threads, each with its share of the connections.
+    #[arg(long, default_value_t = 1)]
+    pub(crate) threads: usize,
+
+    /// Pin the generator threads to these CPUs, e.g. 1 or 2-3,5.
+    #[arg(long, value_name = "LIST")]
+    pub(crate) client_cpus: Option<String>,
+
+    /// Embedded hub: worker threads of its runtime. [default: available cores]
+    #[arg(long)]
+    pub(crate) hub_threads: Option<usize>,
+
+    /// Embedded hub: shards. [default: the hub's own default, available cores]
+    #[arg(long)]
+    pub(crate) hub_shards: Option<usize>,
+
+    /// Embedded hub: pin its threads to these CPUs, e.g. 0.
+    #[arg(long, value_name = "LIST")]
+    pub(crate) hub_cpus: Option<String>,
+
+    /// Milliseconds per reporting interval.
+    #[arg(long, default_value_t = 1000, value_name = "MS")]
+    pub(crate) interval_ms: u64,
+
+    /// After publishing stops, milliseconds to wait for messages in flight before counting them
+    /// lost.
+    #[arg(long, default_value_t = 3000, value_name = "MS")]
+    pub(crate) drain_ms: u64,
+
+    /// Seconds every subscription has to prove itself live with a first delivery.
+    #[arg(long, default_value_t = 30.0, value_name = "SECONDS")]
+    pub(crate) live_timeout: f64,
+
+    /// Write the intervals and the summary (configuration, git revision, CPU model, whole
+    /// histograms) as JSON to this file.
+    #[arg(long, value_name = "FILE")]
+    pub(crate) json: Option<PathBuf>,
+
+    /// Sweep: draw delivered/s and p99 latency against load into this SVG file.
+    #[arg(long, value_name = "FILE.svg")]
+    pub(crate) plot: Option<PathBuf>,
+
+    /// No progress bar, even on a terminal.
+    #[arg(long)]
+    pub(crate) no_progress: bool,
+
+    /// Churn: new connections per second, each subscribing and leaving after --churn-hold-ms.
+    #[arg(long, default_value_t = 50.0, value_name = "PER_SECOND")]
+    pub(crate) churn_connects: f64,
+
+    /// Churn: how long each churning connection stays.
+    #[arg(long, default_value_t = 1000, value_name = "MS")]
+    pub(crate) churn_hold_ms: u64,
+
+    /// Churn: connections that toggle subscribe and unsubscribe.
+    #[arg(long, default_value_t = 20)]
+    pub(crate) churn_togglers: usize,
+
+    /// Churn: subscribe and unsubscribe operations per second over all togglers.
+    #[arg(long, default_value_t = 200.0, value_name = "PER_SECOND")]
+    pub(crate) churn_toggles: f64,
+
+    /// Ramp: connections opened per second.
+    #[arg(long, default_value_t = 500.0, value_name = "PER_SECOND")]
+    pub(crate) ramp_rate: f64,
+
+    /// Ramp: stop at this many connections.
+    #[arg(long, default_value_t = 5000)]
+    pub(crate) ramp_to: usize,
+
+    /// Ramp: stop when the handshake p99 (over the last 1000) goes above this.
+    #[arg(long, default_value_t = 100.0, value_name = "MS")]
+    pub(crate) ramp_p99_ms: f64,
+
+    /// Ramp: stop after this many failed connections.
+    #[arg(long, default_value_t = 1)]
+    pub(crate) ramp_max_failures: u64,
+
+    /// Slow: share of the clients that never read, from 0 to 1.
+    #[arg(long, default_value_t = 0.1, value_name = "FRACTION")]
+    pub(crate) slow_share: f64,
+
+    /// Slow: receive buffer (SO_RCVBUF) of the clients that never read.
+    #[arg(long, default_value_t = 4096, value_name = "BYTES")]
+    pub(crate) slow_rcvbuf: u32,
+
+    /// Sweep: subscriber counts, comma-separated.
+    #[arg(long, default_value = "100,1000,5000", value_name = "LIST")]
+    pub(crate) sweep_subs: String,
+
+    /// Sweep: publish rates per second, comma-separated, in increasing order. For each
+    /// subscriber count the sweep stops at the first rate past the knee.
+    #[arg(long, default_value = "100,300,1000,3000,10000,30000", value_name = "LIST")]
+    pub(crate) sweep_rates: String,
+
+    /// Sweep: measured seconds per step.
+    #[arg(long, default_value_t = 5.0, value_name = "SECONDS")]
+    pub(crate) step_seconds: f64,
+
+    /// Sweep: the latency bound of the knee (p99, milliseconds).
+    #[arg(long, default_value_t = 50.0, value_name = "MS")]
+    pub(crate) p99_ms: f64,
+}
+
+/// Parses `1,3-5` into [1, 3, 4, 5].
+pub(crate) fn parse_cpu_list(s: &str) -> Result<Vec<usize>, String> {
+    let mut out = Vec::new();
+    for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let bad = || format!("bad CPU list {s:?}: expected e.g. 0 or 1,3-5");
+        if let Some((a, b)) = part.split_once('-') {
+            let (a, b): (usize, usize) = (a.parse().map_err(|_| bad())?, b.parse().map_err(|_| bad())?);
+            if a > b || b > 1023 {
+                return Err(bad());
+            }
+            out.extend(a..=b);
+        } else {
+            out.push(part.parse().map_err(|_| bad())?);
+        }
+    }
+    Ok(out)
+}
+
+/// Parses a comma-separated list of positive numbers.
+pub(crate) fn parse_list<T: std::str::FromStr + PartialOrd + Default>(what: &str, s: &str) -> Result<Vec<T>, String> {
+    let v: Result<Vec<T>, _> = s.split(',').map(str::trim).filter(|p| !p.is_empty()).map(str::parse::<T>).collect();
+    match v {
+        Ok(v) if !v.is_empty() && v.iter().all(|x| *x > T::default()) => Ok(v),
+        _ => Err(format!("bad {what} {s:?}: expected positive numbers separated by commas")),
+    }
+}
+
+impl Args {
+    /// Checks what clap cannot.
+    pub(crate) fn validate(&self) -> Result<(), String> {
+        let pos = |ok: bool, what: &str| if ok { Ok(()) } else { Err(what.to_string()) };
+        pos(self.duration.is_finite() && self.duration > 0.0 && self.duration <= 86_400.0, "--duration must be above 0 and at most 86400")?;
+        pos(self.window >= 1 && self.window <= 65_536, "--window must be from 1 to 65536")?;
+        pos(self.rate.is_finite() && self.rate >= 0.0 && self.rate <= 1e9, "--rate must be from 0 to 1e9")?;
+        pos(self.payload <= 60_000, "--payload must be at most 60000 bytes (the server's message limit is 64 KiB)")?;
+        pos(self.channels >= 1, "--channels must be at least 1")?;
+        pos(self.per_channel >= 1, "--per-channel must be at least 1")?;
+        pos(self.threads >= 1 && self.threads <= 256, "--threads must be from 1 to 256")?;
+        pos(self.subscribers.map_or(true, |n| n >= 1), "--subscribers must be at least 1")?;
+        pos(self.interval_ms >= 10, "--interval-ms must be at least 10")?;
+        pos(self.live_timeout.is_finite() && self.live_timeout > 0.0 && self.live_timeout < 3600.0, "--live-timeout must be above 0 and under 3600")?;
+        pos(self.slow_share > 0.0 && self.slow_share < 1.0, "--slow-share must be between 0 and 1")?;
+        pos(self.ramp_rate.is_finite() && self.ramp_rate > 0.0, "--ramp-rate must be above 0")?;
+        pos(self.ramp_to >= 1, "--ramp-to must be at least 1")?;
+        pos(self.churn_connects.is_finite() && self.churn_connects >= 0.0, "--churn-connects must be 0 or more")?;
+        pos(self.churn_toggles.is_finite() && self.churn_toggles >= 0.0, "--churn-toggles must be 0 or more")?;
+        pos(self.step_seconds.is_finite() && self.step_seconds > 0.0 && self.step_seconds <= 3600.0, "--step-seconds must be above 0")?;
+        pos(self.p99_ms.is_finite() && self.p99_ms > 0.0, "--p99-ms must be above 0")?;
+        pos(self.hub_threads.map_or(true, |n| (1..=1024).contains(&n)), "--hub-threads must be from 1 to 1024")?;
+        pos(self.hub_shards.map_or(true, |n| (1..=1024).contains(&n)), "--hub-shards must be from 1 to 1024")?;
+        if self.target.is_some() && (self.hub_threads.is_some() || self.hub_shards.is_some() || self.hub_cpus.is_some()) {
+            return Err("--hub-threads, --hub-shards and --hub-cpus apply to the embedded hub, not to --target".into());
+        }
+        if self.pid.is_some() && self.target.is_none() {
+            return Err("--pid goes with --target (the embedded hub is this process)".into());
+        }
+        if self.plot.is_some() && self.scenario != Scenario::Sweep {
+            return Err("--plot draws a sweep: use it with the sweep scenario".into());
+        }
+        parse_list::<usize>("--sweep-subs", &self.sweep_subs)?;
+        let rates = parse_list::<f64>("--sweep-rates", &self.sweep_rates)?;
+        pos(rates.windows(2).all(|w| w[0] < w[1]), "--sweep-rates must increase")?;
+        if let Some(c) = &self.client_cpus {
+            parse_cpu_list(c)?;
+        }
+        if let Some(c) = &self.hub_cpus {
+            parse_cpu_list(c)?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_is_consistent() {
+        Args::command().debug_assert();
+    }
+
+    #[test]
+    fn lists() {
+        assert_eq!(parse_cpu_list("1,3-5").unwrap(), vec![1, 3, 4, 5]);
+        assert!(parse_cpu_list("5-3").is_err());
+        assert!(parse_cpu_list("x").is_err());
+        assert_eq!(parse_list::<usize>("x", "1, 2").unwrap(), vec![1, 2]);
+        assert!(parse_list::<usize>("x", "0").is_err());
+        assert!(parse_list::<f64>("x", "").is_err());
+    }
+}

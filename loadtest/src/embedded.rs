@@ -1,0 +1,106 @@
+//! A wshub hub in this process, on its own tokio runtime and threads, so that the load
+//! generator's threads and the hub's never share a scheduler.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use crate::report::HubSnapshot;
+use crate::sys;
+
+/// Options of the embedded hub.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct HubOptions {
+    /// Worker threads of its runtime (None: available cores).
+    pub(crate) threads: Option<usize>,
+    /// Shards (None: the hub's default).
+    pub(crate) shards: Option<usize>,
+    /// CPUs its threads are pinned to (empty: any).
+    pub(crate) cpus: Vec<usize>,
+}
+
+/// A running embedded hub.
+pub(crate) struct Embedded {
+    rt: Option<tokio::runtime::Runtime>,
+    hub: wshub::Hub,
+    shutdown: Option<tokio::sync::oneshot::Sender<()>>,
+    served: Option<tokio::task::JoinHandle<std::io::Result<()>>>,
+    /// Where it listens.
+    pub(crate) addr: SocketAddr,
+}
+
+impl Embedded {
+    /// Starts a hub that lets clients publish, serving `/ws` on 127.0.0.1 at a free port.
+    pub(crate) fn start(opts: &HubOptions) -> Result<Embedded, String> {
+        let cpus = opts.cpus.clone();
+        let mut b = tokio::runtime::Builder::new_multi_thread();
+        b.enable_all().thread_name("wshub-hub").on_thread_start(move || {
+            // Threads the hub starts from here (shards on OS threads, if any) inherit the pinning.
+            let _ = sys::pin_current_thread(&cpus);
+        });
+        if let Some(n) = opts.threads {
+            b.worker_threads(n);
+        }
+        let rt = b.build().map_err(|e| format!("cannot start the hub's runtime: {e}"))?;
+        let mut builder = wshub::HubConfig::builder().publish_policy(wshub::PublishPolicy::AllowAll);
+        if let Some(n) = opts.shards {
+            builder = builder.shards(n);
+        }
+        let config = builder.build().map_err(|e| format!("bad hub configuration: {e}"))?;
+        // Created on a hub thread, so that whatever threads it starts are pinned like it.
+        let (hub, listener) = rt
+            .block_on(async {
+                tokio::spawn(async move {
+                    let hub = wshub::Hub::with_config(config);
+                    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await;
+                    (hub, listener)
+                })
+                .await
+            })
+            .map_err(|e| format!("the hub's runtime failed: {e}"))?;
+        let listener = listener.map_err(|e| format!("cannot listen on 127.0.0.1: {e}"))?;
+        let addr = listener.local_addr().map_err(|e| format!("no local address: {e}"))?;
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let served = rt.spawn(wshub::serve(listener, hub.clone(), async move {
+            let _ = rx.await;
+        }));
+        Ok(Embedded { rt: Some(rt), hub, shutdown: Some(tx), served: Some(served), addr })
+    }
+
+    /// The hub's counters now.
+    pub(crate) fn snapshot(&self) -> HubSnapshot {
+        let s = self.hub.stats();
+        HubSnapshot {
+            clients: s.clients as u64,
+            channels: s.channels as u64,
+            published: s.published,
+            delivered: s.delivered,
+            dropped: s.dropped,
+            slow_consumer_disconnects: s.slow_consumer_disconnects,
+            queued_bytes: s.queued_bytes,
+            shard_clients: s.shard_clients.iter().map(|&n| n as u64).collect(),
+        }
+    }
+
+    /// Shuts the hub down gracefully (within a few seconds) and stops its threads.
+    pub(crate) fn stop(mut self) {
+        self.stop_inner();
+    }
+
+    fn stop_inner(&mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        if let (Some(rt), Some(served)) = (self.rt.as_ref(), self.served.take()) {
+            let _ = rt.block_on(async { tokio::time::timeout(Duration::from_secs(5), served).await });
+        }
+        if let Some(rt) = self.rt.take() {
+            rt.shutdown_timeout(Duration::from_secs(1));
+        }
+    }
+}
+
+impl Drop for Embedded {
+    fn drop(&mut self) {
+        self.stop_inner();
+    }
+}

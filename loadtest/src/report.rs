@@ -1,0 +1,383 @@
+//! The report: one [`StepReport`] per measured step, printed as a table and written as JSON.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::time::Duration;
+
+use serde::Serialize;
+
+use crate::engine::{ChurnCounts, Load, SlowSeen, Step, StepOutcome};
+use crate::stats::{Counts, HistogramJson, Latency};
+
+/// The hub's counters, as the report shows them.
+#[derive(Debug, Clone, Default, Serialize)]
+pub(crate) struct HubSnapshot {
+    /// Clients connected.
+    pub(crate) clients: u64,
+    /// Channels with a subscriber.
+    pub(crate) channels: u64,
+    /// Messages published (counter).
+    pub(crate) published: u64,
+    /// Frames handed to connections (counter).
+    pub(crate) delivered: u64,
+    /// Frames a client was meant to get and did not (counter).
+    pub(crate) dropped: u64,
+    /// Clients closed as slow consumers (counter).
+    pub(crate) slow_consumer_disconnects: u64,
+    /// Bytes queued for clients now.
+    pub(crate) queued_bytes: u64,
+    /// Clients per shard now.
+    pub(crate) shard_clients: Vec<u64>,
+}
+
+impl HubSnapshot {
+    /// Counters as differences from `before`; gauges as now.
+    pub(crate) fn since(&self, before: &HubSnapshot) -> HubSnapshot {
+        HubSnapshot {
+            published: self.published.saturating_sub(before.published),
+            delivered: self.delivered.saturating_sub(before.delivered),
+            dropped: self.dropped.saturating_sub(before.dropped),
+            slow_consumer_disconnects: self.slow_consumer_disconnects.saturating_sub(before.slow_consumer_disconnects),
+            ..self.clone()
+        }
+    }
+}
+
+/// How a step published, in JSON.
+#[derive(Debug, Clone, Serialize)]
+pub(crate) struct LoadJson {
+    /// `closed`, `open` or `idle`.
+    pub(crate) mode: &'static str,
+    /// Closed loop: messages in flight per channel.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) window: Option<u32>,
+    /// Open loop: publishes per second.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) rate: Option<f64>,
+}
+
+impl From<Load> for LoadJson {
+    fn from(l: Load) -> Self {
+        match l {
+            Load::Closed { window } => LoadJson { mode: "closed", window: Some(window), rate: None },
+            Load::Open { rate } => LoadJson { mode: "open", window: None, rate: Some(rate) },
+            Load::Idle => LoadJson { mode: "idle", window: None, rate: None },
+        }
+    }
+}
+
+/// One reporting interval.
+#[derive(Debug, Clone, Serialize)]
+pub(crate) struct IntervalReport {
+    /// Seconds since the step began, at the interval's end.
+    pub(crate) t: f64,
+    /// Measured deliveries in the interval.
+    pub(crate) delivered: u64,
+    /// Of them per second.
+    pub(crate) delivered_per_s: f64,
+    /// Messages found lost in the interval.
+    pub(crate) lost: u64,
+    /// Duplicates in the interval.
+    pub(crate) duplicated: u64,
+    /// Latency of the interval's deliveries.
+    pub(crate) latency: Latency,
+    /// Errors in the interval.
+    pub(crate) errors: BTreeMap<String, u64>,
+}
+
+/// What the hub did to the slow clients.
+#[derive(Debug, Clone, Serialize)]
+pub(crate) struct SlowReport {
+    /// What the slow clients saw.
+    #[serde(flatten)]
+    pub(crate) seen: SlowSeen,
+    /// Messages the slow clients were sent in the step but did not get (publishes x slow
+    /// clients, less what they had received).
+    pub(crate) lost: u64,
+}
+
+/// Everything measured in one step.
+#[derive(Debug, Clone, Serialize)]
+pub(crate) struct StepReport {
+    /// The step's name.
+    pub(crate) label: String,
+    /// How it published.
+    pub(crate) load: LoadJson,
+    /// Measured seconds.
+    pub(crate) seconds: f64,
+    /// Measured subscribers (the slow ones not included).
+    pub(crate) subscribers: u64,
+    /// Connections open at the end (measured ones; slow and churning ones not included).
+    pub(crate) connections_held: u64,
+    /// Publishes.
+    pub(crate) published: u64,
+    /// Publishes per second.
+    pub(crate) published_per_s: f64,
+    /// Deliveries to measured subscribers.
+    pub(crate) delivered: u64,
+    /// Deliveries per second.
+    pub(crate) delivered_per_s: f64,
+    /// Deliveries if nothing were lost: publishes x subscribers of each channel.
+    pub(crate) expected_deliveries: u64,
+    /// Messages never received.
+    pub(crate) lost: u64,
+    /// Messages received more than once (or out of order).
+    pub(crate) duplicated: u64,
+    /// `message` frames this run did not publish in this step.
+    pub(crate) other_messages: u64,
+    /// Open loop: publishes the generator could not send on schedule.
+    pub(crate) behind_schedule: u64,
+    /// Closed loop: rounds completed.
+    pub(crate) rounds: u64,
+    /// Publish-to-receive latency.
+    pub(crate) latency: Latency,
+    /// Errors by kind.
+    pub(crate) errors: BTreeMap<String, u64>,
+    /// CPU seconds of the load generator (its threads and the main thread).
+    pub(crate) generator_cpu_seconds: f64,
+    /// The same as a share of one core (100 = one core busy).
+    pub(crate) generator_cpu_percent: f64,
+    /// CPU seconds of the hub (embedded: the process less the generator; --target: with --pid).
+    pub(crate) hub_cpu_seconds: Option<f64>,
+    /// The same as a share of one core.
+    pub(crate) hub_cpu_percent: Option<f64>,
+    /// Resident memory at the end (embedded: the whole process, generator included).
+    pub(crate) rss_bytes: Option<u64>,
+    /// The hub's counters over the step (embedded only).
+    pub(crate) hub: Option<HubSnapshot>,
+    /// What the slow clients got (slow scenario, disturbed step).
+    pub(crate) slow: Option<SlowReport>,
+    /// What churn did (churn scenario, disturbed step).
+    pub(crate) churn: Option<ChurnCounts>,
+    /// Per interval.
+    pub(crate) intervals: Vec<IntervalReport>,
+    /// The whole latency histogram.
+    pub(crate) histogram: HistogramJson,
+}
+
+/// What the server side measured around a step.
+#[derive(Debug, Default)]
+pub(crate) struct ServerSide {
+    /// The hub's CPU time over the step, when known.
+    pub(crate) cpu: Option<Duration>,
+    /// Resident memory at the end.
+    pub(crate) rss: Option<u64>,
+    /// Counter differences.
+    pub(crate) hub: Option<HubSnapshot>,
+}
+
+impl StepReport {
+    /// Builds the report of `step` from what the engine measured.
+    pub(crate) fn build(step: &Step, o: StepOutcome, subscribers: u64, slow_clients: u64, server: ServerSide) -> StepReport {
+        let secs = o.seconds.max(1e-9);
+        let intervals = o
+            .intervals
+            .iter()
+            .scan(0.0, |prev, (t, c): &(f64, Counts)| {
+                let dt = (t - *prev).max(1e-9);
+                *prev = *t;
+                Some(IntervalReport {
+                    t: *t,
+                    delivered: c.delivered,
+                    delivered_per_s: c.delivered as f64 / dt,
+                    lost: c.lost,
+                    duplicated: c.duplicated,
+                    latency: Latency::of(&c.hist),
+                    errors: c.errors.clone(),
+                })
+            })
+            .collect();
+        let gen = o.generator_cpu.as_secs_f64();
+        let hub_cpu = server.cpu.map(|d| d.as_secs_f64());
+        let slow = (step.disturb && slow_clients > 0).then(|| SlowReport {
+            lost: (o.published * slow_clients).saturating_sub(o.slow.received),
+            seen: o.slow.clone(),
+        });
+        let churn = (step.disturb && (o.churn.connects + o.churn.connect_failures + o.churn.subscribes) > 0).then(|| o.churn.clone());
+        StepReport {
+            label: step.label.clone(),
+            load: step.load.into(),
+            seconds: o.seconds,
+            subscribers,
+            connections_held: o.connections,
+            published: o.published,
+            published_per_s: o.published as f64 / secs,
+            delivered: o.counts.delivered,
+            delivered_per_s: o.counts.delivered as f64 / secs,
+            expected_deliveries: o.expected,
+            lost: o.counts.lost,
+            duplicated: o.counts.duplicated,
+            other_messages: o.counts.other,
+            behind_schedule: o.counts.behind,
+            rounds: o.counts.rounds,
+            latency: Latency::of(&o.counts.hist),
+            errors: o.counts.errors.clone(),
+            generator_cpu_seconds: gen,
+            generator_cpu_percent: gen / secs * 100.0,
+            hub_cpu_seconds: hub_cpu,
+            hub_cpu_percent: hub_cpu.map(|c| c / secs * 100.0),
+            rss_bytes: server.rss,
+            hub: server.hub,
+            slow,
+            churn,
+            intervals,
+            histogram: HistogramJson::of(&o.counts.hist),
+        }
+    }
+
+    /// The step as a readable table.
+    pub(crate) fn text(&self, embedded: bool) -> String {
+        let mut s = String::new();
+        let load = match (self.load.window, self.load.rate) {
+            (Some(w), _) => format!("closed loop, {w} in flight per channel"),
+            (_, Some(r)) => format!("open loop, {} publishes/s", count(r as u64)),
+            _ => "idle".into(),
+        };
+        let _ = writeln!(s, "\n== {} ({load}), measured {:.1} s", self.label, self.seconds);
+        let row = |s: &mut String, k: &str, v: String| {
+            let _ = writeln!(s, "  {k:<18}{v}");
+        };
+        if self.load.mode != "idle" {
+            row(&mut s, "published", format!("{:>15}   {:>12}/s", count(self.published), rate(self.published_per_s)));
+            row(&mut s, "delivered", format!("{:>15}   {:>12}/s", count(self.delivered), rate(self.delivered_per_s)));
+            row(&mut s, "expected", format!("{:>15}   (published x subscribers)", count(self.expected_deliveries)));
+            row(&mut s, "lost", format!("{:>15}", count(self.lost)));
+            row(&mut s, "duplicated", format!("{:>15}", count(self.duplicated)));
+            if self.behind_schedule > 0 {
+                row(&mut s, "behind schedule", format!("{:>15}   (publishes the generator could not send in time)", count(self.behind_schedule)));
+            }
+            let l = &self.latency;
+            row(
+                &mut s,
+                "latency",
+                format!("p50 {}  p90 {}  p99 {}  p99.9 {}  max {}", dur(l.p50_us), dur(l.p90_us), dur(l.p99_us), dur(l.p999_us), dur(l.max_us)),
+            );
+        }
+        row(&mut s, "connections held", format!("{} of {} subscribers", count(self.connections_held), count(self.subscribers)));
+        if self.errors.is_empty() {
+            row(&mut s, "errors", "none".into());
+        } else {
+            let e: Vec<String> = self.errors.iter().map(|(k, v)| format!("{v} {k}")).collect();
+            row(&mut s, "errors", e.join(", "));
+        }
+        row(&mut s, "generator CPU", format!("{:.1} s ({:.0}% of one core)", self.generator_cpu_seconds, self.generator_cpu_percent));
+        if let (Some(c), Some(p)) = (self.hub_cpu_seconds, self.hub_cpu_percent) {
+            row(&mut s, "hub CPU", format!("{c:.1} s ({p:.0}% of one core)"));
+        }
+        if let Some(r) = self.rss_bytes {
+            let note = if embedded { " (the whole process: hub and generator)" } else { " (the server process)" };
+            row(&mut s, "memory (RSS)", format!("{}{note}", bytes(r)));
+        }
+        if let Some(h) = &self.hub {
+            row(
+                &mut s,
+                "hub counters",
+                format!(
+                    "published {}, delivered {}, dropped {}, slow-consumer disconnects {}, clients {}",
+                    count(h.published),
+                    count(h.delivered),
+                    count(h.dropped),
+                    count(h.slow_consumer_disconnects),
+                    count(h.clients)
+                ),
+            );
+        }
+        if let Some(sl) = &self.slow {
+            let codes: Vec<String> = sl.seen.close_codes.iter().map(|(k, v)| format!("{v} with {k}")).collect();
+            row(
+                &mut s,
+                "slow clients",
+                format!(
+                    "{}: {} closed by the server{}; they got {} of the step's messages, missed {}",
+                    sl.seen.clients,
+                    sl.seen.closed_by_server,
+                    if codes.is_empty() { String::new() } else { format!(" ({})", codes.join(", ")) },
+                    count(sl.seen.received),
+                    count(sl.lost)
+                ),
+            );
+        }
+        if let Some(c) = &self.churn {
+            row(
+                &mut s,
+                "churn",
+                format!(
+                    "{} connects ({} failed), {} disconnects, {} subscribes, {} unsubscribes",
+                    count(c.connects),
+                    count(c.connect_failures),
+                    count(c.disconnects),
+                    count(c.subscribes),
+                    count(c.unsubscribes)
+                ),
+            );
+        }
+        s
+    }
+}
+
+/// `1234567` as `1,234,567`.
+pub(crate) fn count(n: u64) -> String {
+    let d = n.to_string();
+    let mut out = String::new();
+    for (i, ch) in d.chars().enumerate() {
+        if i > 0 && (d.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(ch);
+    }
+    out
+}
+
+/// A rate as `4.39M`, `207k` or `12.0`.
+pub(crate) fn rate(r: f64) -> String {
+    if r >= 1e6 {
+        format!("{:.2}M", r / 1e6)
+    } else if r >= 1e4 {
+        format!("{:.0}k", r / 1e3)
+    } else if r >= 1e3 {
+        format!("{:.1}k", r / 1e3)
+    } else {
+        format!("{r:.1}")
+    }
+}
+
+/// Microseconds as `850 µs`, `1.23 ms` or `2.1 s`.
+pub(crate) fn dur(us: f64) -> String {
+    if us >= 1e6 {
+        format!("{:.2} s", us / 1e6)
+    } else if us >= 1e3 {
+        format!("{:.2} ms", us / 1e3)
+    } else {
+        format!("{us:.0} µs")
+    }
+}
+
+/// Bytes as `12.3 MB`.
+pub(crate) fn bytes(b: u64) -> String {
+    let b = b as f64;
+    if b >= 1e9 {
+        format!("{:.2} GB", b / 1e9)
+    } else if b >= 1e6 {
+        format!("{:.1} MB", b / 1e6)
+    } else if b >= 1e3 {
+        format!("{:.1} kB", b / 1e3)
+    } else {
+        format!("{b:.0} B")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn formats() {
+        assert_eq!(count(0), "0");
+        assert_eq!(count(1234567), "1,234,567");
+        assert_eq!(count(123), "123");
+        assert_eq!(rate(4_390_000.0), "4.39M");
+        assert_eq!(rate(207_000.0), "207k");
+        assert_eq!(dur(850.0), "850 µs");
+        assert_eq!(dur(1230.0), "1.23 ms");
+    }
+}

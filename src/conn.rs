@@ -1,0 +1,463 @@
+//! One client's connection as the shard and the connection task share it: the socket, the
+//! outbound queue, and the write path.
+//!
+//! # The write path (hot)
+//!
+//! A shard hands a client every frame of one batch at once ([`Conn::send`]). When nothing is
+//! queued, they are written straight from the shard with one vectored `write` (one syscall for
+//! the whole batch, the coalescing that `DESIGN.md` measured as the difference between about
+//! 200 thousand and millions of deliveries per second per core). Only what the socket does not
+//! take is queued, and the connection task is woken to finish the job when the socket becomes
+//! writable. So an idle or keeping-up client holds no queue memory and costs the shard no
+//! wake-up of another task.
+//!
+//! # Slow clients
+//!
+//! The queue is bounded in bytes ([`HubConfigBuilder::outbound_queue_bytes`]). A frame that
+//! takes it over the bound applies the slow-consumer policy at once: close with 4000 (what was
+//! queued is discarded; only a frame already partly written is finished first, since the
+//! stream would be corrupt otherwise) or drop the oldest frames. A client whose queue has not
+//! moved for the write timeout is closed with 4000 as well. Every frame lost this way is
+//! counted in [`HubStats::dropped`]; no other client waits for a slow one.
+//!
+//! [`HubConfigBuilder::outbound_queue_bytes`]: crate::HubConfigBuilder::outbound_queue_bytes
+//! [`HubStats::dropped`]: crate::HubStats::dropped
+
+use std::collections::VecDeque;
+use std::io::{self, IoSlice};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use bytes::{Buf, Bytes};
+use smallvec::SmallVec;
+use tokio::net::TcpStream;
+use tokio::sync::Notify;
+
+use crate::client::ClientInfo;
+use crate::config::SlowConsumerPolicy;
+use crate::frame::{self, close_code};
+use crate::hub::Shared;
+
+/// Frames per `writev`. Linux allows 1,024; a batch rarely has more than a few dozen frames,
+/// and 64 keeps the slice array on the stack small.
+const MAX_IOV: usize = 64;
+
+/// How long a client closed for being slow gets to take its close frame.
+const SLOW_CLOSE_GRACE: Duration = Duration::from_secs(1);
+
+/// Where a connection's bytes go.
+pub(crate) enum Socket {
+    Tcp(TcpStream),
+    /// Swallows every byte at once: the in-process benchmarks' clients, with no kernel in the way.
+    Null,
+}
+
+impl Socket {
+    fn try_write_vectored(&self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
+        match self {
+            Socket::Tcp(stream) => stream.try_write_vectored(bufs),
+            Socket::Null => Ok(bufs.iter().map(|b| b.len()).sum()),
+        }
+    }
+
+    pub(crate) fn tcp(&self) -> Option<&TcpStream> {
+        match self {
+            Socket::Tcp(stream) => Some(stream),
+            Socket::Null => None,
+        }
+    }
+}
+
+/// The state of a connection's outbound side.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum WriteState {
+    /// Nothing queued: frames are written as they come.
+    Open,
+    /// The socket did not take everything; the queue holds the rest since `since`, and the
+    /// connection task is writing it as the socket allows.
+    Blocked { since: Instant },
+    /// A close frame is queued last; once it is written (or at `deadline`) the connection ends.
+    Closing { deadline: Instant },
+    /// Nothing more is written; the connection task drops the socket.
+    Closed,
+}
+
+/// How to close.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum CloseMode {
+    /// After what is already queued, within the deadline (shutdown, `Hub::disconnect`).
+    AfterQueued(Instant),
+    /// Discard what is queued and send the close frame now (slow consumer, protocol error).
+    Now,
+}
+
+/// What became of a send.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Sent {
+    /// Written, or queued behind earlier frames.
+    Ok,
+    /// The client was closed with 4000 as a slow consumer by this send.
+    SlowConsumer,
+    /// The connection is closing or closed; the frames were dropped.
+    Closed,
+}
+
+struct Outbound {
+    frames: VecDeque<Bytes>,
+    /// Bytes in `frames`.
+    bytes: usize,
+    /// The front frame was partly written: it must be finished before anything else.
+    front_partial: bool,
+    state: WriteState,
+}
+
+/// A client connection, shared by its shard (which writes to it) and its connection task
+/// (which reads from it and finishes writes the socket could not take at once).
+pub(crate) struct Conn {
+    pub(crate) info: ClientInfo,
+    pub(crate) socket: Socket,
+    out: Mutex<Outbound>,
+    /// Wakes the connection task: the outbound side blocked or began closing.
+    pub(crate) wake: Notify,
+    /// When the client was last heard from, in milliseconds of the hub's clock.
+    last_seen_ms: AtomicU64,
+}
+
+/// What a write attempt did.
+struct Progress {
+    /// Frames written whole.
+    whole: usize,
+    /// The next frame was partly written (and advanced past that part).
+    partial: bool,
+}
+
+/// Writes as much of `frames` as the socket takes without blocking, with one vectored write
+/// per `MAX_IOV` frames.
+fn write_some(socket: &Socket, frames: &mut [Bytes]) -> io::Result<Progress> {
+    let mut progress = Progress {
+        whole: 0,
+        partial: false,
+    };
+    while progress.whole < frames.len() {
+        let result = {
+            let slices: SmallVec<[IoSlice<'_>; MAX_IOV]> = frames[progress.whole..]
+                .iter()
+                .take(MAX_IOV)
+                .map(|f| IoSlice::new(f))
+                .collect();
+            socket.try_write_vectored(&slices)
+        };
+        let mut written = match result {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => n,
+            Err(err) if err.kind() == io::ErrorKind::WouldBlock => return Ok(progress),
+            Err(err) => return Err(err),
+        };
+        progress.partial = false;
+        while written > 0 {
+            let front = &mut frames[progress.whole];
+            if written >= front.len() {
+                written -= front.len();
+                progress.whole += 1;
+            } else {
+                front.advance(written);
+                progress.partial = true;
+                written = 0;
+            }
+        }
+        if progress.partial {
+            // The socket took less than offered: it is full.
+            return Ok(progress);
+        }
+    }
+    Ok(progress)
+}
+
+impl Outbound {
+    fn push(&mut self, frame: Bytes) {
+        self.bytes += frame.len();
+        self.frames.push_back(frame);
+    }
+
+    /// Drops every queued frame but a partly written front one; returns how many it dropped.
+    fn discard(&mut self) -> usize {
+        let keep = usize::from(self.front_partial);
+        let dropped = self.frames.len().saturating_sub(keep);
+        for frame in self.frames.drain(keep..) {
+            self.bytes -= frame.len();
+        }
+        dropped
+    }
+
+    /// Drops the oldest whole frames until the queue is within `bound`; returns how many.
+    fn drop_oldest(&mut self, bound: usize) -> usize {
+        let first = usize::from(self.front_partial);
+        let mut dropped = 0;
+        while self.bytes > bound && self.frames.len() > first {
+            if let Some(frame) = self.frames.remove(first) {
+                self.bytes -= frame.len();
+                dropped += 1;
+            }
+        }
+        dropped
+    }
+
+    /// Writes what is queued; returns whether the queue is now empty.
+    fn flush(&mut self, socket: &Socket) -> io::Result<bool> {
+        let progress = write_some(socket, self.frames.make_contiguous())?;
+        for frame in self.frames.drain(..progress.whole) {
+            self.bytes -= frame.len();
+        }
+        if progress.partial {
+            // `advance` shortened the front frame in place.
+            self.bytes = self.frames.iter().map(Bytes::len).sum();
+        }
+        self.front_partial = progress.partial;
+        Ok(self.frames.is_empty())
+    }
+}
+
+impl Conn {
+    pub(crate) fn new(info: ClientInfo, socket: Socket, now_ms: u64) -> Self {
+        Conn {
+            info,
+            socket,
+            out: Mutex::new(Outbound {
+                frames: VecDeque::new(),
+                bytes: 0,
+                front_partial: false,
+                state: WriteState::Open,
+            }),
+            wake: Notify::new(),
+            last_seen_ms: AtomicU64::new(now_ms),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Outbound> {
+        // The queue is consistent between statements, so a panic elsewhere cannot poison it
+        // half-way; keep serving rather than propagate.
+        self.out.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    pub(crate) fn write_state(&self) -> WriteState {
+        self.lock().state
+    }
+
+    pub(crate) fn touch(&self, now_ms: u64) {
+        self.last_seen_ms.store(now_ms, Ordering::Relaxed);
+    }
+
+    pub(crate) fn last_seen_ms(&self) -> u64 {
+        self.last_seen_ms.load(Ordering::Relaxed)
+    }
+
+    /// Sends `batch` in order, after anything already queued, and empties it. This is the hot
+    /// path: one lock and, when nothing is queued, one `writev` for the whole batch.
+    pub(crate) fn send(&self, batch: &mut Vec<Bytes>, shared: &Shared) -> Sent {
+        let mut out = self.lock();
+        let before = out.bytes;
+        let sent = match out.state {
+            WriteState::Open => match write_some(&self.socket, batch) {
+                Ok(progress) if progress.whole == batch.len() => Sent::Ok,
+                Ok(progress) => {
+                    out.front_partial = progress.partial;
+                    for frame in batch.drain(progress.whole..) {
+                        out.push(frame);
+                    }
+                    out.state = WriteState::Blocked {
+                        since: Instant::now(),
+                    };
+                    self.wake.notify_one();
+                    self.enforce_bound(&mut out, shared)
+                }
+                Err(_) => {
+                    self.abort_locked(&mut out);
+                    Sent::Closed
+                }
+            },
+            WriteState::Blocked { .. } => {
+                for frame in batch.drain(..) {
+                    out.push(frame);
+                }
+                self.enforce_bound(&mut out, shared)
+            }
+            WriteState::Closing { .. } | WriteState::Closed => {
+                shared.counters.dropped.fetch_add(batch.len() as u64, Ordering::Relaxed);
+                Sent::Closed
+            }
+        };
+        batch.clear();
+        account_queued(shared, before, out.bytes);
+        sent
+    }
+
+    /// Sends one frame; see [`send`](Self::send).
+    pub(crate) fn send_one(&self, frame: Bytes, shared: &Shared) -> Sent {
+        let mut batch = vec![frame];
+        self.send(&mut batch, shared)
+    }
+
+    /// Sends a control frame (a pong) ahead of queued data: it only waits for a frame already
+    /// partly written. Dropped if the connection is closing.
+    pub(crate) fn send_control(&self, frame: Bytes, shared: &Shared) {
+        let mut out = self.lock();
+        match out.state {
+            WriteState::Open => {
+                drop(out);
+                self.send_one(frame, shared);
+            }
+            WriteState::Blocked { .. } => {
+                let at = usize::from(out.front_partial);
+                let len = frame.len();
+                out.bytes += len;
+                out.frames.insert(at, frame);
+                account_queued(shared, 0, len);
+            }
+            WriteState::Closing { .. } | WriteState::Closed => {}
+        }
+    }
+
+    /// Applies the slow-consumer policy if the queue is over its bound.
+    fn enforce_bound(&self, out: &mut Outbound, shared: &Shared) -> Sent {
+        let bound = shared.config.outbound_queue_bytes;
+        if out.bytes <= bound {
+            return Sent::Ok;
+        }
+        match shared.config.slow_consumer {
+            SlowConsumerPolicy::Disconnect => {
+                self.close_slow_locked(out, shared);
+                Sent::SlowConsumer
+            }
+            SlowConsumerPolicy::DropOldest => {
+                let dropped = out.drop_oldest(bound);
+                shared
+                    .counters
+                    .dropped
+                    .fetch_add(dropped as u64, Ordering::Relaxed);
+                Sent::Ok
+            }
+        }
+    }
+
+    fn close_slow_locked(&self, out: &mut Outbound, shared: &Shared) {
+        let dropped = out.discard();
+        shared
+            .counters
+            .dropped
+            .fetch_add(dropped as u64, Ordering::Relaxed);
+        shared
+            .counters
+            .slow_consumer_disconnects
+            .fetch_add(1, Ordering::Relaxed);
+        out.push(frame::close_frame(close_code::SLOW_CONSUMER, "slow consumer"));
+        out.state = WriteState::Closing {
+            deadline: Instant::now() + SLOW_CLOSE_GRACE,
+        };
+        self.wake.notify_one();
+    }
+
+    /// Closes as a slow consumer (the write timed out). Returns false if it was already closing.
+    pub(crate) fn close_slow(&self, shared: &Shared) -> bool {
+        let mut out = self.lock();
+        if matches!(out.state, WriteState::Closing { .. } | WriteState::Closed) {
+            return false;
+        }
+        let before = out.bytes;
+        self.close_slow_locked(&mut out, shared);
+        account_queued(shared, before, out.bytes);
+        true
+    }
+
+    /// Begins the close handshake with `code` and `reason`. Returns false if the connection
+    /// was already closing, in which case nothing changes.
+    pub(crate) fn close(&self, code: u16, reason: &str, mode: CloseMode, shared: &Shared) -> bool {
+        let mut out = self.lock();
+        if matches!(out.state, WriteState::Closing { .. } | WriteState::Closed) {
+            return false;
+        }
+        let before = out.bytes;
+        let deadline = match mode {
+            CloseMode::AfterQueued(deadline) => deadline,
+            CloseMode::Now => {
+                let dropped = out.discard();
+                shared
+                    .counters
+                    .dropped
+                    .fetch_add(dropped as u64, Ordering::Relaxed);
+                Instant::now() + SLOW_CLOSE_GRACE
+            }
+        };
+        out.push(frame::close_frame(code, reason));
+        out.state = WriteState::Closing { deadline };
+        account_queued(shared, before, out.bytes);
+        drop(out);
+        self.wake.notify_one();
+        true
+    }
+
+    /// Stops all writing at once (the peer is gone or silent); queued frames are dropped.
+    pub(crate) fn abort(&self, shared: &Shared) {
+        let mut out = self.lock();
+        let before = out.bytes;
+        if !matches!(out.state, WriteState::Closed) {
+            let dropped = out.frames.len();
+            shared
+                .counters
+                .dropped
+                .fetch_add(dropped as u64, Ordering::Relaxed);
+        }
+        self.abort_locked(&mut out);
+        account_queued(shared, before, out.bytes);
+    }
+
+    fn abort_locked(&self, out: &mut Outbound) {
+        out.frames = VecDeque::new();
+        out.bytes = 0;
+        out.front_partial = false;
+        out.state = WriteState::Closed;
+        self.wake.notify_one();
+    }
+
+    /// Writes what is queued, for the connection task once the socket is writable. Returns the
+    /// state after it: `Open` once the queue is empty (its memory is freed), or `Closed` when
+    /// a close frame went out or the socket failed.
+    pub(crate) fn flush_queued(&self, shared: &Shared) -> WriteState {
+        let mut out = self.lock();
+        let before = out.bytes;
+        match out.state {
+            WriteState::Open | WriteState::Closed => {}
+            WriteState::Blocked { .. } | WriteState::Closing { .. } => match out.flush(&self.socket)
+            {
+                Ok(true) => {
+                    out.frames = VecDeque::new();
+                    out.state = match out.state {
+                        WriteState::Closing { .. } => WriteState::Closed,
+                        _ => WriteState::Open,
+                    };
+                }
+                Ok(false) => {
+                    // Progress: the write timeout counts from the last write that moved.
+                    if before != out.bytes && matches!(out.state, WriteState::Blocked { .. }) {
+                        out.state = WriteState::Blocked {
+                            since: Instant::now(),
+                        };
+                    }
+                }
+                Err(_) => self.abort_locked(&mut out),
+            },
+        }
+        account_queued(shared, before, out.bytes);
+        out.state
+    }
+}
+
+/// Keeps the hub-wide count of queued bytes in step with one queue's change.
+fn account_queued(shared: &Shared, before: usize, after: usize) {
+    let counter = &shared.counters.queued_bytes;
+    if after > before {
+        counter.fetch_add((after - before) as u64, Ordering::Relaxed);
+    } else if before > after {
+        counter.fetch_sub((before - after) as u64, Ordering::Relaxed);
+    }
+}

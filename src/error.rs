@@ -1,0 +1,129 @@
+//! The crate's one error type.
+
+use std::fmt;
+
+/// Why a call into wshub did not do what was asked.
+///
+/// One opaque type for the whole crate, in the style of `hyper::Error`: ask what happened with
+/// the `is_*` methods and show it with `Display`. Messages are lower-case, without a trailing
+/// period, and the type is `Send + Sync + 'static`, so it fits in `Box<dyn std::error::Error>`.
+///
+/// ```
+/// let err = wshub::HubConfig::builder().shards(0).build().unwrap_err();
+/// assert!(err.is_config());
+/// assert_eq!(err.to_string(), "invalid configuration: shards must be at least 1");
+/// ```
+pub struct Error {
+    kind: Kind,
+}
+
+#[derive(Debug)]
+enum Kind {
+    /// The hub was shut down (or every handle to it was dropped): nothing was sent.
+    Closed,
+    /// The message could not be encoded as JSON.
+    Encode(serde_json::Error),
+    /// A `HubConfig` setting, or a combination of them, is invalid.
+    Config(String),
+    /// An argument was invalid: an empty channel name, a close code a server may not send.
+    InvalidArgument(String),
+}
+
+impl Error {
+    pub(crate) fn closed() -> Self {
+        Error { kind: Kind::Closed }
+    }
+
+    pub(crate) fn encode(err: serde_json::Error) -> Self {
+        Error {
+            kind: Kind::Encode(err),
+        }
+    }
+
+    pub(crate) fn config(why: impl Into<String>) -> Self {
+        Error {
+            kind: Kind::Config(why.into()),
+        }
+    }
+
+    pub(crate) fn invalid_argument(why: impl Into<String>) -> Self {
+        Error {
+            kind: Kind::InvalidArgument(why.into()),
+        }
+    }
+
+    /// The hub has shut down (or every [`Hub`](crate::Hub) handle was dropped), so nothing was
+    /// sent.
+    pub fn is_closed(&self) -> bool {
+        matches!(self.kind, Kind::Closed)
+    }
+
+    /// The message's `data` could not be serialized to JSON, so nothing was sent.
+    pub fn is_encode(&self) -> bool {
+        matches!(self.kind, Kind::Encode(_))
+    }
+
+    /// A configuration was refused by [`HubConfigBuilder::build`](crate::HubConfigBuilder::build).
+    pub fn is_config(&self) -> bool {
+        matches!(self.kind, Kind::Config(_))
+    }
+
+    /// An argument was invalid, such as an empty channel name or a close code servers may not
+    /// send.
+    pub fn is_invalid_argument(&self) -> bool {
+        matches!(self.kind, Kind::InvalidArgument(_))
+    }
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.kind {
+            Kind::Closed => f.write_str("hub is shut down"),
+            Kind::Encode(err) => write!(f, "message not encodable: {err}"),
+            Kind::Config(why) => write!(f, "invalid configuration: {why}"),
+            Kind::InvalidArgument(why) => write!(f, "invalid argument: {why}"),
+        }
+    }
+}
+
+impl fmt::Debug for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_tuple("wshub::Error").field(&self.kind).finish()
+    }
+}
+
+impl std::error::Error for Error {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match &self.kind {
+            Kind::Encode(err) => Some(err),
+            _ => None,
+        }
+    }
+}
+
+/// A `Result` whose error is wshub's [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn error_is_send_sync_static() {
+        fn assert_bounds<T: Send + Sync + 'static>() {}
+        assert_bounds::<Error>();
+    }
+
+    #[test]
+    fn display_is_lower_case_without_period() {
+        for err in [
+            Error::closed(),
+            Error::config("x"),
+            Error::invalid_argument("y"),
+        ] {
+            let text = err.to_string();
+            assert!(text.chars().next().unwrap().is_lowercase(), "{text}");
+            assert!(!text.ends_with('.'), "{text}");
+        }
+    }
+}

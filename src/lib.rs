@@ -1,0 +1,89 @@
+//! # wshub
+//!
+//! A multi-threaded, sharded WebSocket hub for high fan-out, speaking the JSON protocol of
+//! [go-ws](https://forge.lthn.ai/core/go-ws): channel subscriptions, broadcast, process-output
+//! streaming, keep-alive, graceful shutdown, stats and authentication.
+//!
+//! ## Quick start
+//!
+//! ```no_run
+//! use wshub::{Hub, Message};
+//!
+//! #[tokio::main]
+//! async fn main() -> std::io::Result<()> {
+//!     let hub = Hub::new();
+//!     let listener = tokio::net::TcpListener::bind("127.0.0.1:8080").await?;
+//!
+//!     let publisher = hub.clone();
+//!     tokio::spawn(async move {
+//!         for i in 0.. {
+//!             let _ = publisher.send_process_output("build-1", &format!("line {i}"));
+//!             tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+//!         }
+//!     });
+//!
+//!     // Serves ws://127.0.0.1:8080/ws until Ctrl-C, then closes every client with 1001.
+//!     wshub::serve(listener, hub, async { let _ = tokio::signal::ctrl_c().await; }).await
+//! }
+//! ```
+//!
+//! A browser subscribes with `{"type":"subscribe","data":"process:build-1"}` and then receives
+//! `{"type":"process_output","channel":"process:build-1","processId":"build-1","data":"line 0",
+//! "timestamp":"…"}`. The whole protocol is in `PROTOCOL.md`.
+//!
+//! ## How it works
+//!
+//! Clients are hashed by id across N shard actors (default: one per core). A shard owns its
+//! clients' outbound queues and its part of the channel index, so publishing takes no global
+//! lock. A publish is encoded once into a complete WebSocket frame (`Bytes`) and handed to the
+//! shards that have subscribers; each shard gives every subscriber a reference to the same
+//! bytes and writes all of a client's frames of a batch with one vectored write.
+//!
+//! | module | what |
+//! |---|---|
+//! | `protocol` | the JSON envelope, encoding, decoding: no IO |
+//! | `frame` | WebSocket framing, the client frame decoder: no IO |
+//! | `hub` | the [`Hub`] handle and routing |
+//! | `shard` | the shard actor: the hot path |
+//! | `conn` | a connection's outbound queue and write path |
+//! | `session` | the connection task: reading, requests, keep-alive, close |
+//! | `server` | [`serve`], [`Hub::handler`], the upgrade |
+//! | `config`, `auth`, `stats` | [`HubConfig`], authenticators and origins, [`HubStats`] |
+
+#![deny(missing_docs)]
+#![warn(unreachable_pub)]
+
+mod auth;
+mod channels;
+mod client;
+mod config;
+mod conn;
+mod error;
+mod frame;
+mod hub;
+mod protocol;
+mod server;
+mod session;
+mod shard;
+mod stats;
+mod sys;
+
+pub use auth::{
+    bearer_token, query_param, ApiKeyAuth, AuthError, AuthRequest, Authenticator,
+    BearerTokenAuth, Identity, QueryTokenAuth,
+};
+pub use client::{ChannelSnapshot, ClientId, ClientInfo, ClientSnapshot};
+pub use config::{
+    ChannelPolicyFn, HubConfig, HubConfigBuilder, PublishPolicy, SlowConsumerPolicy, MAX_SHARDS,
+};
+pub use error::{Error, Result};
+pub use frame::{apply_mask, close_code};
+pub use hub::{Hub, SHARD_BACKLOG_BYTES};
+pub use protocol::{
+    process_channel, ErrorReason, Message, PROCESS_CHANNEL_PREFIX, TYPE_ERROR, TYPE_EVENT,
+    TYPE_MESSAGE, TYPE_PONG, TYPE_PROCESS_OUTPUT, TYPE_PROCESS_STATUS, TYPE_SUBSCRIBED,
+    TYPE_UNSUBSCRIBED,
+};
+pub use server::{serve, Body, HubService};
+pub use stats::HubStats;
+pub use sys::raise_fd_limit;

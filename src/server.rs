@@ -1,0 +1,299 @@
+//! Accepting connections and upgrading them: [`serve`], [`Hub::handler`] and
+//! [`Hub::handle_websocket`].
+//!
+//! The upgrade is checked in this order, each refusal counted in
+//! [`HubStats::upgrades_refused`](crate::HubStats::upgrades_refused) where it is a 401, 403 or
+//! 503: shutting down (503), not a WebSocket upgrade (400), origin not allowed (403),
+//! connection limit reached (503), authenticator refuses (401). fastwebsockets answers the
+//! handshake; then the raw `TcpStream` is taken back from hyper so the hub can write whole
+//! pre-encoded frames with vectored writes and read without a buffer per idle connection.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+use http::{header, HeaderMap, Request, Response, StatusCode};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::net::{TcpListener, TcpStream};
+
+use crate::auth::{origin_allowed, AuthRequest, Identity};
+use crate::client::ClientInfo;
+use crate::conn::{Conn, Socket};
+use crate::hub::{Hub, Shared};
+use crate::session::{self, TaskGuard};
+
+/// The body of every answer the hub gives over plain HTTP.
+pub type Body = Full<Bytes>;
+
+/// How long the accept loop pauses when the process is out of file descriptors, rather than
+/// spinning on the error.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
+
+/// The peer address, put in the request's extensions by [`serve`] for authenticators and
+/// logs.
+#[derive(Clone, Copy, Debug)]
+struct RemoteAddr(SocketAddr);
+
+/// Accepts connections on `listener` and serves `hub` on its configured path (`/ws` by
+/// default; other paths answer 404) until `shutdown` completes; then shuts the hub down
+/// gracefully and returns.
+///
+/// ```no_run
+/// # async fn example() -> std::io::Result<()> {
+/// let listener = tokio::net::TcpListener::bind("127.0.0.1:8080").await?;
+/// let hub = wshub::Hub::new();
+/// wshub::serve(listener, hub, async { let _ = tokio::signal::ctrl_c().await; }).await
+/// # }
+/// ```
+///
+/// # Errors
+///
+/// None today: accept errors (such as running out of file descriptors) are logged and
+/// retried after a pause. The `Result` leaves room for listener failures.
+pub async fn serve(
+    listener: TcpListener,
+    hub: Hub,
+    shutdown: impl Future<Output = ()>,
+) -> io::Result<()> {
+    hub.ensure_started();
+    let accept = tokio::spawn(accept_loop(listener, hub.clone()));
+    hub.run(shutdown).await;
+    accept.abort();
+    Ok(())
+}
+
+async fn accept_loop(listener: TcpListener, hub: Hub) {
+    let mut shutting_down = hub.shared().shutting_down.subscribe();
+    loop {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            _ = shutting_down.wait_for(|down| *down) => return,
+        };
+        match accepted {
+            Ok((stream, peer)) => {
+                tokio::spawn(serve_connection(stream, peer, hub.clone()));
+            }
+            Err(err) => {
+                tracing::warn!(%err, "accept failed");
+                tokio::time::sleep(ACCEPT_BACKOFF).await;
+            }
+        }
+    }
+}
+
+async fn serve_connection(stream: TcpStream, peer: SocketAddr, hub: Hub) {
+    let _ = stream.set_nodelay(true);
+    let handshake_timeout = hub.config().handshake_timeout;
+    let service = hyper::service::service_fn(move |mut request: Request<Incoming>| {
+        request.extensions_mut().insert(RemoteAddr(peer));
+        let response = hub.route(request);
+        async move { Ok::<_, Infallible>(response) }
+    });
+    let connection = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(handshake_timeout)
+        .keep_alive(false)
+        .serve_connection(TokioIo::new(stream), service)
+        .with_upgrades();
+    if let Err(err) = connection.await {
+        tracing::debug!(%err, %peer, "http connection ended with an error");
+    }
+}
+
+/// A hyper `Service` that serves a hub on its configured path, from [`Hub::handler`].
+#[derive(Clone, Debug)]
+pub struct HubService {
+    hub: Hub,
+}
+
+impl hyper::service::Service<Request<Incoming>> for HubService {
+    type Response = Response<Body>;
+    type Error = Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<Response<Body>, Infallible>> + Send>>;
+
+    fn call(&self, request: Request<Incoming>) -> Self::Future {
+        let response = self.hub.route(request);
+        Box::pin(async move { Ok(response) })
+    }
+}
+
+fn answer(status: StatusCode, text: &'static str) -> Response<Body> {
+    let mut response = Response::new(Full::new(Bytes::from_static(text.as_bytes())));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    response
+}
+
+fn is_websocket_upgrade(headers: &HeaderMap) -> bool {
+    let has_token = |name: header::HeaderName, token: &str| {
+        headers.get_all(name).iter().any(|value| {
+            value.to_str().is_ok_and(|v| {
+                v.split(',')
+                    .any(|part| part.trim().eq_ignore_ascii_case(token))
+            })
+        })
+    };
+    has_token(header::CONNECTION, "upgrade") && has_token(header::UPGRADE, "websocket")
+}
+
+impl Hub {
+    /// A hyper 1 service for this hub: upgrades requests on the configured path (`/ws` by
+    /// default) and answers 404 elsewhere. Serve it with hyper's `http1` builder and
+    /// `.with_upgrades()`, and call [`run`](Hub::run) beside it.
+    ///
+    /// ```no_run
+    /// use hyper_util::rt::TokioIo;
+    ///
+    /// # async fn example() -> std::io::Result<()> {
+    /// let hub = wshub::Hub::new();
+    /// tokio::spawn({
+    ///     let hub = hub.clone();
+    ///     async move { hub.run(std::future::pending()).await }
+    /// });
+    /// let listener = tokio::net::TcpListener::bind("127.0.0.1:8080").await?;
+    /// loop {
+    ///     let (stream, _) = listener.accept().await?;
+    ///     let service = hub.handler();
+    ///     tokio::spawn(async move {
+    ///         let _ = hyper::server::conn::http1::Builder::new()
+    ///             .serve_connection(TokioIo::new(stream), service)
+    ///             .with_upgrades()
+    ///             .await;
+    ///     });
+    /// }
+    /// # }
+    /// ```
+    ///
+    /// The connection must be served over a `tokio::net::TcpStream` (hyper's `TokioIo`): the
+    /// hub takes the socket back after the upgrade. Terminate TLS in a proxy in front.
+    pub fn handler(&self) -> HubService {
+        HubService { hub: self.clone() }
+    }
+
+    fn route(&self, request: Request<Incoming>) -> Response<Body> {
+        if request.uri().path() != self.config().path {
+            return answer(StatusCode::NOT_FOUND, "not found\n");
+        }
+        self.handle_websocket(request)
+    }
+
+    /// Upgrades one request to a client of this hub, whatever its path, and returns the
+    /// response to send: `101 Switching Protocols`, or the refusal (400, 401, 403 or 503; see
+    /// `PROTOCOL.md`). The connection runs on a task of its own once hyper hands it over.
+    pub fn handle_websocket<B>(&self, mut request: Request<B>) -> Response<Body> {
+        let shared = self.shared();
+        self.ensure_started();
+        let refuse = |status, text| {
+            shared.counters.upgrades_refused.fetch_add(1, Ordering::Relaxed);
+            answer(status, text)
+        };
+        if !shared.is_running() || *shared.shutting_down.borrow() {
+            return refuse(StatusCode::SERVICE_UNAVAILABLE, "shutting down\n");
+        }
+        if !is_websocket_upgrade(request.headers()) {
+            return answer(StatusCode::BAD_REQUEST, "expected a WebSocket upgrade\n");
+        }
+        let origin = request.headers().get(header::ORIGIN).map(|v| v.as_bytes());
+        if !origin_allowed(&shared.config.allowed_origins, origin) {
+            return refuse(StatusCode::FORBIDDEN, "origin not allowed\n");
+        }
+        let guard = TaskGuard::new(shared);
+        if shared.counters.connection_tasks.load(Ordering::Acquire) > shared.config.max_connections {
+            drop(guard);
+            return refuse(StatusCode::SERVICE_UNAVAILABLE, "too many connections\n");
+        }
+        let remote_addr = request.extensions().get::<RemoteAddr>().map(|r| r.0);
+        let identity = match &shared.config.authenticator {
+            None => None,
+            Some(auth) => {
+                let auth_request = AuthRequest {
+                    headers: request.headers(),
+                    uri: request.uri(),
+                    remote_addr,
+                };
+                match auth.authenticate(&auth_request) {
+                    Ok(identity) => Some(identity),
+                    Err(err) => {
+                        if let Some(on_failure) = &shared.config.on_auth_failure {
+                            on_failure(remote_addr, &err);
+                        }
+                        return refuse(StatusCode::UNAUTHORIZED, "unauthorized\n");
+                    }
+                }
+            }
+        };
+        let headers = shared
+            .config
+            .on_connect
+            .as_ref()
+            .map(|_| request.headers().clone());
+        let (response, upgrade) = match fastwebsockets::upgrade::upgrade(&mut request) {
+            Ok(parts) => parts,
+            Err(err) => {
+                tracing::debug!(%err, "bad upgrade request");
+                return answer(StatusCode::BAD_REQUEST, "bad WebSocket upgrade request\n");
+            }
+        };
+        let shared = Arc::clone(shared);
+        tokio::spawn(async move {
+            let upgraded = match upgrade.await {
+                Ok(ws) => ws.into_inner().into_inner(),
+                Err(err) => {
+                    tracing::debug!(%err, "upgrade failed");
+                    return;
+                }
+            };
+            let parts = match upgraded.downcast::<TokioIo<TcpStream>>() {
+                Ok(parts) => parts,
+                Err(_) => {
+                    tracing::error!(
+                        "wshub needs the connection to be a tokio TcpStream; terminate TLS in a proxy"
+                    );
+                    return;
+                }
+            };
+            let stream = parts.io.into_inner();
+            start_client(shared, stream, parts.read_buf, identity, headers, guard).await;
+        });
+        let (head, _) = response.into_parts();
+        Response::from_parts(head, Full::new(Bytes::new()))
+    }
+}
+
+async fn start_client(
+    shared: Arc<Shared>,
+    stream: TcpStream,
+    early: Bytes,
+    identity: Option<Identity>,
+    headers: Option<HeaderMap>,
+    guard: TaskGuard,
+) {
+    let _ = stream.set_nodelay(true);
+    let (user_id, claims) = match identity {
+        Some(identity) => (Some(identity.user_id), identity.claims),
+        None => (None, serde_json::Value::Null),
+    };
+    let info = ClientInfo {
+        id: shared.next_client_id(),
+        remote_addr: stream.peer_addr().ok(),
+        user_id,
+        claims,
+        connected_at: SystemTime::now(),
+    };
+    if let (Some(on_connect), Some(headers)) = (&shared.config.on_connect, headers) {
+        on_connect(&info, &headers);
+    }
+    let conn = Arc::new(Conn::new(info, Socket::Tcp(stream), shared.now_ms()));
+    session::run(shared, conn, early, guard).await;
+}

@@ -1,0 +1,383 @@
+//! The connection task: one per client, from the upgrade to the close.
+//!
+//! It reads and decodes the client's frames and answers them; it finishes writes that the
+//! shard could not complete at once (the socket was full), under the write timeout; and it
+//! runs the close handshake. While a client is idle the task holds no buffer: it waits for
+//! readiness, then reads into a per-thread scratch buffer, and only the tail of a frame still
+//! arriving is copied into a buffer of the connection's own, freed once the frame is whole.
+
+use std::cell::RefCell;
+use std::io;
+use std::ops::ControlFlow;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use tokio::net::TcpStream;
+use tokio::sync::oneshot;
+
+use crate::conn::{CloseMode, Conn, WriteState};
+use crate::frame::{self, close_code, Decoder, Event, Violation, OPCODE_PONG};
+use crate::hub::Shared;
+use crate::protocol::{self, ClientRequest, Envelope, ErrorReason, TYPE_PONG};
+use crate::shard::Command;
+
+/// The per-thread read buffer. 64 KiB takes a burst of small frames in one `read`.
+const SCRATCH_LEN: usize = 64 * 1024;
+
+/// Reads per readiness wake-up before the task yields, so one flooding client cannot hold a
+/// worker thread.
+const READS_PER_WAKE: usize = 16;
+
+/// After sending a close frame, how long to wait for the client's before dropping the socket.
+const CLOSE_LINGER: Duration = Duration::from_secs(2);
+
+thread_local! {
+    static SCRATCH: RefCell<Vec<u8>> = RefCell::new(vec![0; SCRATCH_LEN]);
+}
+
+/// Counts a connection task from the moment its upgrade is accepted (so the connection limit
+/// sees it) to its end, and wakes a waiting shutdown when the last one ends.
+pub(crate) struct TaskGuard(Arc<Shared>);
+
+impl TaskGuard {
+    pub(crate) fn new(shared: &Arc<Shared>) -> Self {
+        shared.task_started();
+        TaskGuard(Arc::clone(shared))
+    }
+}
+
+impl Drop for TaskGuard {
+    fn drop(&mut self) {
+        self.0.task_ended();
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Flow {
+    Open,
+    /// A close frame is queued (by either side); finish the handshake.
+    Closing { peer_closed: bool },
+    /// The peer is gone or the socket failed: nothing more can be written.
+    Gone,
+}
+
+/// Decoder state and the tail of a frame still arriving.
+struct Reader {
+    decoder: Decoder,
+    pending: Vec<u8>,
+}
+
+impl Reader {
+    /// Decodes `input` (after any pending tail) and keeps what is left of an incomplete frame.
+    fn feed(
+        &mut self,
+        input: &mut [u8],
+        on_event: impl FnMut(Event<'_>) -> ControlFlow<()>,
+    ) -> Result<(), Violation> {
+        if self.pending.is_empty() {
+            let consumed = self.decoder.decode(input, on_event)?;
+            self.pending.extend_from_slice(&input[consumed..]);
+        } else {
+            self.pending.extend_from_slice(input);
+            let consumed = self.decoder.decode(&mut self.pending, on_event)?;
+            self.pending.drain(..consumed);
+            if self.pending.is_empty() {
+                // Free the tail's buffer: an idle connection holds none.
+                self.pending = Vec::new();
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads what the socket has, up to `READS_PER_WAKE` times, and feeds it. Returns `None`
+    /// when the socket has nothing more for now; `Some(Err)` on end of stream or error.
+    fn read_available(
+        &mut self,
+        tcp: &TcpStream,
+        mut on_bytes: impl FnMut(&mut Reader, &mut [u8]) -> ControlFlow<()>,
+    ) -> io::Result<ControlFlow<()>> {
+        SCRATCH.with(|scratch| {
+            let mut scratch = scratch.borrow_mut();
+            for _ in 0..READS_PER_WAKE {
+                let n = match tcp.try_read(&mut scratch) {
+                    Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
+                    Ok(n) => n,
+                    Err(err) if err.kind() == io::ErrorKind::WouldBlock => {
+                        return Ok(ControlFlow::Continue(()))
+                    }
+                    Err(err) => return Err(err),
+                };
+                if on_bytes(self, &mut scratch[..n]).is_break() {
+                    return Ok(ControlFlow::Break(()));
+                }
+                if n < scratch.len() {
+                    break;
+                }
+            }
+            Ok(ControlFlow::Continue(()))
+        })
+    }
+}
+
+/// Answers the client's frames.
+struct Responder<'a> {
+    shared: &'a Arc<Shared>,
+    conn: &'a Arc<Conn>,
+}
+
+impl Responder<'_> {
+    /// Feeds freshly read bytes; the flow after them.
+    fn on_bytes(&self, reader: &mut Reader, input: &mut [u8]) -> Flow {
+        self.conn.touch(self.shared.now_ms());
+        let mut flow = Flow::Open;
+        let result = reader.feed(input, |event| self.on_event(event, &mut flow));
+        if let Err(violation) = result {
+            self.conn
+                .close(violation.code, violation.reason, CloseMode::Now, self.shared);
+            return Flow::Closing { peer_closed: false };
+        }
+        flow
+    }
+
+    fn on_event(&self, event: Event<'_>, flow: &mut Flow) -> ControlFlow<()> {
+        match event {
+            Event::Message(payload) => self.handle_request(payload),
+            Event::Ping(payload) => self.conn.send_control(
+                frame::control_frame(OPCODE_PONG, payload),
+                self.shared,
+            ),
+            Event::Pong => {}
+            Event::Close(code) => {
+                let code = code.unwrap_or(close_code::NORMAL);
+                self.conn.close(code, "", CloseMode::Now, self.shared);
+                *flow = Flow::Closing { peer_closed: true };
+                return ControlFlow::Break(());
+            }
+        }
+        ControlFlow::Continue(())
+    }
+
+    fn handle_request(&self, payload: &[u8]) {
+        let config = &self.shared.config;
+        let client = &self.conn.info;
+        match protocol::decode_request(payload) {
+            Ok(ClientRequest::Subscribe(channel)) => {
+                if channel.len() > config.max_channel_len {
+                    return self.reply_error(ErrorReason::InvalidChannel, Some(&channel));
+                }
+                if let Some(allow) = &config.subscribe_policy {
+                    if !allow(client, &channel) {
+                        return self.reply_error(ErrorReason::SubscriptionRefused, Some(&channel));
+                    }
+                }
+                self.to_shard(Command::Subscribe {
+                    client: client.id,
+                    channel: channel.into(),
+                    from_client: true,
+                });
+            }
+            Ok(ClientRequest::Unsubscribe(channel)) => {
+                if channel.len() > config.max_channel_len {
+                    return self.reply_error(ErrorReason::InvalidChannel, Some(&channel));
+                }
+                self.to_shard(Command::Unsubscribe {
+                    client: client.id,
+                    channel: channel.into(),
+                });
+            }
+            Ok(ClientRequest::Ping) => {
+                let pong = Envelope::bare(TYPE_PONG, None);
+                if let Ok(frame) = protocol::encode_frame(&pong, std::time::SystemTime::now()) {
+                    self.to_shard(Command::Reply {
+                        client: client.id,
+                        frame,
+                    });
+                }
+            }
+            Ok(ClientRequest::Publish { channel, data }) => {
+                if channel.len() > config.max_channel_len {
+                    return self.reply_error(ErrorReason::InvalidChannel, Some(&channel));
+                }
+                if !config.publish_policy.allows(client, &channel) {
+                    return self.reply_error(ErrorReason::PublishRefused, Some(&channel));
+                }
+                // Fails only when the hub is shutting down; the client is about to get 1001.
+                let _ = self.shared.publish_from_client(&channel, data);
+            }
+            Err(err) => self.reply_error(err.reason, err.channel.as_deref()),
+        }
+    }
+
+    /// Replies go through the client's shard, so they reach the client in the order of its
+    /// requests, acknowledgements included.
+    fn reply_error(&self, reason: ErrorReason, channel: Option<&str>) {
+        if let Some(frame) = self.shared.error_frame(reason, channel) {
+            self.to_shard(Command::Reply {
+                client: self.conn.info.id,
+                frame,
+            });
+        }
+    }
+
+    fn to_shard(&self, command: Command) {
+        // Fails only once the shards have stopped, when this connection is being dropped.
+        let _ = self.shared.to_client_shard(self.conn.info.id, command);
+    }
+}
+
+/// Runs one client's connection to its end. `early` holds bytes the HTTP layer read past the
+/// upgrade request (a client may send its first frame right behind it).
+pub(crate) async fn run(shared: Arc<Shared>, conn: Arc<Conn>, early: Bytes, guard: TaskGuard) {
+    let id = conn.info.id;
+    if shared
+        .to_client_shard(id, Command::Register(Arc::clone(&conn)))
+        .is_ok()
+    {
+        if let Some(tcp) = conn.socket.tcp() {
+            serve_client(&shared, &conn, tcp, early).await;
+        }
+        let (done, removed) = oneshot::channel();
+        let remove = Command::Remove {
+            client: id,
+            done: Some(done),
+        };
+        if shared.to_client_shard(id, remove).is_ok() {
+            let _ = removed.await;
+        }
+    }
+    if let Some(on_disconnect) = &shared.config.on_disconnect {
+        on_disconnect(&conn.info);
+    }
+    drop(guard);
+}
+
+async fn serve_client(shared: &Arc<Shared>, conn: &Arc<Conn>, tcp: &TcpStream, early: Bytes) {
+    let responder = Responder { shared, conn };
+    let mut reader = Reader {
+        decoder: Decoder::new(shared.config.max_message_size),
+        pending: Vec::new(),
+    };
+    let mut flow = Flow::Open;
+    if !early.is_empty() {
+        flow = responder.on_bytes(&mut reader, &mut early.to_vec());
+    }
+    while flow == Flow::Open {
+        match conn.write_state() {
+            WriteState::Open => {
+                tokio::select! {
+                    biased;
+                    () = conn.wake.notified() => {}
+                    ready = tcp.readable() => {
+                        flow = match ready {
+                            Ok(()) => read_requests(&responder, &mut reader, tcp),
+                            Err(_) => Flow::Gone,
+                        };
+                    }
+                }
+            }
+            WriteState::Blocked { since } => {
+                // The client is not reading: finish the shard's write, or give up on it at
+                // the write timeout. Its requests wait meanwhile (back-pressure).
+                let deadline = since + shared.config.write_timeout;
+                tokio::select! {
+                    biased;
+                    () = conn.wake.notified() => {}
+                    ready = tcp.writable() => match ready {
+                        Ok(()) => { conn.flush_queued(shared); }
+                        Err(_) => flow = Flow::Gone,
+                    },
+                    () = tokio::time::sleep_until(deadline.into()) => {
+                        if conn.close_slow(shared) {
+                            tracing::debug!(client = %conn.info.id, "write timed out: slow consumer");
+                        }
+                    }
+                }
+            }
+            WriteState::Closing { .. } => flow = Flow::Closing { peer_closed: false },
+            WriteState::Closed => flow = Flow::Gone,
+        }
+    }
+    match flow {
+        Flow::Closing { peer_closed } => finish_close(shared, conn, tcp, &mut reader, peer_closed).await,
+        Flow::Gone | Flow::Open => conn.abort(shared),
+    }
+}
+
+fn read_requests(responder: &Responder<'_>, reader: &mut Reader, tcp: &TcpStream) -> Flow {
+    let mut flow = Flow::Open;
+    let read = reader.read_available(tcp, |reader, input| {
+        flow = responder.on_bytes(reader, input);
+        if flow == Flow::Open {
+            ControlFlow::Continue(())
+        } else {
+            ControlFlow::Break(())
+        }
+    });
+    match read {
+        Ok(_) => flow,
+        Err(_) => Flow::Gone,
+    }
+}
+
+/// Writes what is left through the close frame (by the close deadline), then, unless the
+/// client closed first, waits briefly for its close frame so that the server drops the TCP
+/// connection after the handshake, as RFC 6455 asks.
+async fn finish_close(
+    shared: &Arc<Shared>,
+    conn: &Arc<Conn>,
+    tcp: &TcpStream,
+    reader: &mut Reader,
+    peer_closed: bool,
+) {
+    let deadline = match conn.write_state() {
+        WriteState::Closing { deadline } => deadline,
+        _ => Instant::now(),
+    };
+    let flushed = tokio::time::timeout_at(deadline.into(), async {
+        loop {
+            match conn.flush_queued(shared) {
+                WriteState::Closed => return true,
+                WriteState::Closing { .. } => {}
+                WriteState::Open | WriteState::Blocked { .. } => return false,
+            }
+            if tcp.writable().await.is_err() {
+                return false;
+            }
+        }
+    })
+    .await;
+    if flushed != Ok(true) {
+        conn.abort(shared);
+        return;
+    }
+    if peer_closed {
+        return;
+    }
+    let _ = tokio::time::timeout(CLOSE_LINGER, async {
+        loop {
+            if tcp.readable().await.is_err() {
+                return;
+            }
+            let mut seen_close = false;
+            let read = reader.read_available(tcp, |reader, input| {
+                let result = reader.feed(input, |event| match event {
+                    Event::Close(_) => {
+                        seen_close = true;
+                        ControlFlow::Break(())
+                    }
+                    _ => ControlFlow::Continue(()),
+                });
+                if result.is_err() || seen_close {
+                    ControlFlow::Break(())
+                } else {
+                    ControlFlow::Continue(())
+                }
+            });
+            if seen_close || !matches!(read, Ok(ControlFlow::Continue(()))) {
+                return;
+            }
+        }
+    })
+    .await;
+}

@@ -1,0 +1,629 @@
+//! The shard actor: owns a subset of the clients and their entries in the channel index.
+//!
+//! One task, one loop ([`Shard::run`]): take every command waiting in the inbox (up to
+//! [`BATCH`]), apply each with its `handle_*` function, then [flush](Shard::flush): every client
+//! that got frames in the batch gets them in one vectored write. A publish costs the shard, per
+//! subscriber, a reference-count increment and a push onto a staging list; no allocation, no
+//! copy, no JSON, no lock. Nothing else touches a shard's tables, so they need no lock either.
+//!
+//! Shards are tokio tasks rather than OS threads with a crossbeam inbox: a task shares the
+//! runtime's worker threads with the connection tasks, so a 2-core machine runs 2 threads
+//! rather than 4 that preempt each other, and a publish from a connection task wakes the shard
+//! on the same worker (tokio's LIFO slot) after the reader has queued every publish of its
+//! read, which makes batches large.
+
+use std::collections::HashMap;
+use std::ops::ControlFlow;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use smallvec::SmallVec;
+use tokio::sync::{mpsc, oneshot};
+
+use crate::channels::ChannelEntry;
+use crate::client::{ClientId, ClientSnapshot};
+use crate::conn::{CloseMode, Conn, Sent};
+use crate::frame::{self, close_code};
+use crate::hub::Shared;
+use crate::protocol::{self, ErrorReason, TYPE_SUBSCRIBED, TYPE_UNSUBSCRIBED};
+
+/// The most commands taken from the inbox before flushing. Large enough that a reader's burst
+/// of publishes lands in one batch (so each subscriber gets one write for all of them), small
+/// enough that a flood cannot hold frames back from the sockets for long.
+pub(crate) const BATCH: usize = 256;
+
+/// What a shard can be asked to do.
+pub(crate) enum Command {
+    Register(Arc<Conn>),
+    Remove {
+        client: ClientId,
+        done: Option<oneshot::Sender<()>>,
+    },
+    Subscribe {
+        client: ClientId,
+        channel: Box<str>,
+        /// A client's own request: the subscription limit applies.
+        from_client: bool,
+    },
+    Unsubscribe {
+        client: ClientId,
+        channel: Box<str>,
+    },
+    Publish {
+        channel: Arc<ChannelEntry>,
+        frame: Bytes,
+    },
+    Broadcast(Bytes),
+    SendToClient {
+        client: ClientId,
+        frame: Bytes,
+    },
+    SendToUser {
+        user: Arc<str>,
+        frame: Bytes,
+    },
+    /// An error reply that must follow the client's earlier requests (e.g. a refused
+    /// subscribe), so it goes through the shard like the acknowledgements.
+    Reply {
+        client: ClientId,
+        frame: Bytes,
+    },
+    Disconnect {
+        client: ClientId,
+        code: u16,
+        reason: Box<str>,
+    },
+    Snapshot(oneshot::Sender<Vec<ClientSnapshot>>),
+    /// Close every client with 1001 after what is queued, by `deadline`; refuse new ones.
+    Shutdown {
+        deadline: Instant,
+    },
+    /// End the loop; whatever clients remain are dropped.
+    Stop,
+}
+
+/// No staged frame: the end of a client's staging list.
+const NONE: u32 = u32::MAX;
+
+/// One of the client's subscriptions: which local channel, and where the client sits in that
+/// channel's member array (so leaving is O(1), by swap-remove).
+#[derive(Clone, Copy)]
+struct Subscription {
+    channel: u32,
+    position: u32,
+}
+
+struct ShardClient {
+    conn: Arc<Conn>,
+    subscriptions: SmallVec<[Subscription; 2]>,
+    /// Frames staged for this client in the current batch, as a list through `Shard::staged`.
+    staged_head: u32,
+    staged_tail: u32,
+}
+
+/// A channel as one shard sees it: its members are contiguous client slots, the fastest
+/// thing to walk on a publish.
+struct LocalChannel {
+    entry: Arc<ChannelEntry>,
+    members: Vec<u32>,
+}
+
+struct Staged {
+    frame: Bytes,
+    next: u32,
+}
+
+pub(crate) struct Shard {
+    index: usize,
+    shared: Arc<Shared>,
+    clients: Vec<Option<ShardClient>>,
+    free_clients: Vec<u32>,
+    by_id: HashMap<ClientId, u32, ahash::RandomState>,
+    by_user: HashMap<Arc<str>, SmallVec<[u32; 1]>, ahash::RandomState>,
+    channels: Vec<Option<LocalChannel>>,
+    free_channels: Vec<u32>,
+    /// Local channel by the address of its directory entry, which the channel keeps alive.
+    channel_by_entry: HashMap<usize, u32, ahash::RandomState>,
+    staged: Vec<Staged>,
+    /// Clients with staged frames, in the order they got their first one.
+    dirty: Vec<u32>,
+    /// Reused for each client's frames in `flush`.
+    batch: Vec<Bytes>,
+    delivered: u64,
+    shutting_down: bool,
+    last_ping: Instant,
+}
+
+/// Appends `frame` to `slot`'s staging list. A free function so that callers can walk a
+/// channel's members while staging.
+fn stage(
+    clients: &mut [Option<ShardClient>],
+    staged: &mut Vec<Staged>,
+    dirty: &mut Vec<u32>,
+    slot: u32,
+    frame: Bytes,
+) {
+    let Some(client) = clients[slot as usize].as_mut() else {
+        return;
+    };
+    let index = staged.len() as u32;
+    staged.push(Staged { frame, next: NONE });
+    if client.staged_tail == NONE {
+        client.staged_head = index;
+        dirty.push(slot);
+    } else {
+        staged[client.staged_tail as usize].next = index;
+    }
+    client.staged_tail = index;
+}
+
+impl Shard {
+    pub(crate) fn new(index: usize, shared: Arc<Shared>) -> Self {
+        Shard {
+            index,
+            shared,
+            clients: Vec::new(),
+            free_clients: Vec::new(),
+            by_id: HashMap::default(),
+            by_user: HashMap::default(),
+            channels: Vec::new(),
+            free_channels: Vec::new(),
+            channel_by_entry: HashMap::default(),
+            staged: Vec::new(),
+            dirty: Vec::new(),
+            batch: Vec::new(),
+            delivered: 0,
+            shutting_down: false,
+            last_ping: Instant::now(),
+        }
+    }
+
+    /// The shard's loop: batches of commands, each followed by a flush; and a tick for
+    /// keep-alive. Ends on [`Command::Stop`] or when every sender is gone.
+    pub(crate) async fn run(mut self, mut inbox: mpsc::UnboundedReceiver<Command>) {
+        let mut commands = Vec::with_capacity(BATCH);
+        let mut tick = tokio::time::interval(self.tick_period());
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                biased;
+                received = inbox.recv_many(&mut commands, BATCH) => {
+                    if received == 0 {
+                        break;
+                    }
+                    let mut stop = false;
+                    for command in commands.drain(..) {
+                        stop |= self.handle(command).is_break();
+                    }
+                    self.flush();
+                    if stop {
+                        break;
+                    }
+                }
+                _ = tick.tick() => {
+                    self.handle_tick();
+                    self.flush();
+                }
+            }
+        }
+        self.drop_all_clients();
+    }
+
+    /// The keep-alive tick: a quarter of the heartbeat, so a silent client is noticed within
+    /// a quarter heartbeat of its pong timeout.
+    fn tick_period(&self) -> Duration {
+        (self.shared.config.heartbeat / 4).max(Duration::from_millis(10))
+    }
+
+    fn handle(&mut self, command: Command) -> ControlFlow<()> {
+        match command {
+            Command::Register(conn) => self.handle_register(conn),
+            Command::Remove { client, done } => {
+                if let Some(&slot) = self.by_id.get(&client) {
+                    self.remove_client(slot);
+                }
+                if let Some(done) = done {
+                    let _ = done.send(());
+                }
+            }
+            Command::Subscribe {
+                client,
+                channel,
+                from_client,
+            } => self.handle_subscribe(client, &channel, from_client),
+            Command::Unsubscribe { client, channel } => self.handle_unsubscribe(client, &channel),
+            Command::Publish { channel, frame } => self.handle_publish(&channel, frame),
+            Command::Broadcast(frame) => self.handle_broadcast(frame),
+            Command::SendToClient { client, frame } | Command::Reply { client, frame } => {
+                if let Some(&slot) = self.by_id.get(&client) {
+                    self.stage(slot, frame);
+                }
+            }
+            Command::SendToUser { user, frame } => self.handle_send_to_user(&user, frame),
+            Command::Disconnect {
+                client,
+                code,
+                reason,
+            } => self.handle_disconnect(client, code, &reason),
+            Command::Snapshot(reply) => {
+                let _ = reply.send(self.snapshot());
+            }
+            Command::Shutdown { deadline } => self.handle_shutdown(deadline),
+            Command::Stop => return ControlFlow::Break(()),
+        }
+        ControlFlow::Continue(())
+    }
+
+    fn stage(&mut self, slot: u32, frame: Bytes) {
+        stage(&mut self.clients, &mut self.staged, &mut self.dirty, slot, frame);
+    }
+
+    /// The hot path's end: each client with staged frames gets them in one `Conn::send`.
+    fn flush(&mut self) {
+        let mut slow = SmallVec::<[u32; 4]>::new();
+        for slot in self.dirty.drain(..) {
+            let Some(client) = self.clients[slot as usize].as_mut() else {
+                continue;
+            };
+            let mut next = client.staged_head;
+            while next != NONE {
+                let staged = &mut self.staged[next as usize];
+                self.batch.push(std::mem::take(&mut staged.frame));
+                next = staged.next;
+            }
+            client.staged_head = NONE;
+            client.staged_tail = NONE;
+            if self.batch.is_empty() {
+                continue;
+            }
+            let frames = self.batch.len() as u64;
+            match client.conn.send(&mut self.batch, &self.shared) {
+                Sent::Ok => self.delivered += frames,
+                Sent::SlowConsumer => slow.push(slot),
+                Sent::Closed => {}
+            }
+        }
+        self.staged.clear();
+        for slot in slow {
+            self.remove_client(slot);
+        }
+        if self.delivered > 0 {
+            self.shared
+                .counters
+                .delivered
+                .fetch_add(self.delivered, Ordering::Relaxed);
+            self.delivered = 0;
+        }
+    }
+
+    fn handle_register(&mut self, conn: Arc<Conn>) {
+        if self.shutting_down {
+            conn.close(
+                close_code::GOING_AWAY,
+                "server shutting down",
+                CloseMode::AfterQueued(Instant::now()),
+                &self.shared,
+            );
+            return;
+        }
+        let id = conn.info.id;
+        let user = conn.info.user_id.as_deref().map(Arc::<str>::from);
+        let client = ShardClient {
+            conn,
+            subscriptions: SmallVec::new(),
+            staged_head: NONE,
+            staged_tail: NONE,
+        };
+        let slot = match self.free_clients.pop() {
+            Some(slot) => {
+                self.clients[slot as usize] = Some(client);
+                slot
+            }
+            None => {
+                self.clients.push(Some(client));
+                (self.clients.len() - 1) as u32
+            }
+        };
+        self.by_id.insert(id, slot);
+        if let Some(user) = user {
+            self.by_user.entry(user).or_default().push(slot);
+        }
+        self.shared.counters.clients.fetch_add(1, Ordering::Relaxed);
+        self.shared.counters.shard_clients[self.index].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Takes the client out of every table; its connection is left as it is (the caller
+    /// closes it, or it is already closing).
+    fn remove_client(&mut self, slot: u32) {
+        let subscriptions = match self.clients[slot as usize].as_mut() {
+            Some(client) => std::mem::take(&mut client.subscriptions),
+            None => return,
+        };
+        for subscription in subscriptions {
+            self.leave_channel(slot, subscription);
+        }
+        let Some(client) = self.clients[slot as usize].take() else {
+            return;
+        };
+        self.free_clients.push(slot);
+        self.by_id.remove(&client.conn.info.id);
+        if let Some(user) = client.conn.info.user_id.as_deref() {
+            if let Some(slots) = self.by_user.get_mut(user) {
+                slots.retain(|s| *s != slot);
+                if slots.is_empty() {
+                    self.by_user.remove(user);
+                }
+            }
+        }
+        self.shared.counters.clients.fetch_sub(1, Ordering::Relaxed);
+        self.shared.counters.shard_clients[self.index].fetch_sub(1, Ordering::Relaxed);
+    }
+
+    fn handle_subscribe(&mut self, client: ClientId, channel: &str, from_client: bool) {
+        let Some(&slot) = self.by_id.get(&client) else {
+            return;
+        };
+        let Some(state) = self.clients[slot as usize].as_ref() else {
+            return;
+        };
+        let already = state.subscriptions.iter().any(|s| {
+            self.channels[s.channel as usize]
+                .as_ref()
+                .is_some_and(|c| &*c.entry.name == channel)
+        });
+        if !already {
+            if from_client && state.subscriptions.len() >= self.shared.config.max_subscriptions {
+                self.reply_error(slot, ErrorReason::TooManySubscriptions, channel);
+                return;
+            }
+            self.join_channel(slot, channel);
+        }
+        self.acknowledge(slot, TYPE_SUBSCRIBED, channel);
+    }
+
+    fn handle_unsubscribe(&mut self, client: ClientId, channel: &str) {
+        let Some(&slot) = self.by_id.get(&client) else {
+            return;
+        };
+        let Some(state) = self.clients[slot as usize].as_mut() else {
+            return;
+        };
+        let channels = &self.channels;
+        let found = state.subscriptions.iter().position(|s| {
+            channels[s.channel as usize]
+                .as_ref()
+                .is_some_and(|c| &*c.entry.name == channel)
+        });
+        if let Some(i) = found {
+            let subscription = state.subscriptions.swap_remove(i);
+            self.leave_channel(slot, subscription);
+        }
+        self.acknowledge(slot, TYPE_UNSUBSCRIBED, channel);
+    }
+
+    fn join_channel(&mut self, slot: u32, name: &str) {
+        let directory = &self.shared.channels;
+        let existing = directory.get(name).and_then(|entry| {
+            let local = *self.channel_by_entry.get(&entry_key(&entry))?;
+            entry.add_subscriber();
+            Some(local)
+        });
+        let local = match existing {
+            Some(local) => local,
+            None => {
+                let entry = directory.join(name, self.index);
+                let key = entry_key(&entry);
+                let channel = LocalChannel {
+                    entry,
+                    members: Vec::new(),
+                };
+                let local = match self.free_channels.pop() {
+                    Some(local) => {
+                        self.channels[local as usize] = Some(channel);
+                        local
+                    }
+                    None => {
+                        self.channels.push(Some(channel));
+                        (self.channels.len() - 1) as u32
+                    }
+                };
+                self.channel_by_entry.insert(key, local);
+                local
+            }
+        };
+        let Some(channel) = self.channels[local as usize].as_mut() else {
+            return;
+        };
+        let position = channel.members.len() as u32;
+        channel.members.push(slot);
+        if let Some(client) = self.clients[slot as usize].as_mut() {
+            client.subscriptions.push(Subscription {
+                channel: local,
+                position,
+            });
+        }
+    }
+
+    /// Removes `slot` from a channel's members (the subscription is already out of the
+    /// client's list). The member moved into its place gets its position updated.
+    fn leave_channel(&mut self, slot: u32, subscription: Subscription) {
+        let Some(channel) = self.channels[subscription.channel as usize].as_mut() else {
+            return;
+        };
+        let position = subscription.position as usize;
+        debug_assert_eq!(channel.members.get(position), Some(&slot));
+        channel.members.swap_remove(position);
+        if let Some(&moved) = channel.members.get(position) {
+            if let Some(client) = self.clients[moved as usize].as_mut() {
+                for s in client.subscriptions.iter_mut() {
+                    if s.channel == subscription.channel {
+                        s.position = position as u32;
+                    }
+                }
+            }
+        }
+        if channel.members.is_empty() {
+            let Some(channel) = self.channels[subscription.channel as usize].take() else {
+                return;
+            };
+            self.free_channels.push(subscription.channel);
+            self.channel_by_entry.remove(&entry_key(&channel.entry));
+            self.shared.channels.leave(&channel.entry, self.index);
+        } else {
+            channel.entry.remove_subscriber();
+        }
+    }
+
+    fn handle_publish(&mut self, entry: &Arc<ChannelEntry>, frame: Bytes) {
+        self.shared.shard_done_with(self.index, frame.len());
+        let Some(&local) = self.channel_by_entry.get(&entry_key(entry)) else {
+            return;
+        };
+        let Some(channel) = self.channels[local as usize].as_ref() else {
+            return;
+        };
+        for &slot in &channel.members {
+            stage(
+                &mut self.clients,
+                &mut self.staged,
+                &mut self.dirty,
+                slot,
+                frame.clone(),
+            );
+        }
+    }
+
+    fn handle_broadcast(&mut self, frame: Bytes) {
+        self.shared.shard_done_with(self.index, frame.len());
+        for slot in 0..self.clients.len() as u32 {
+            stage(
+                &mut self.clients,
+                &mut self.staged,
+                &mut self.dirty,
+                slot,
+                frame.clone(),
+            );
+        }
+    }
+
+    fn handle_send_to_user(&mut self, user: &str, frame: Bytes) {
+        let Some(slots) = self.by_user.get(user) else {
+            return;
+        };
+        for &slot in slots {
+            stage(
+                &mut self.clients,
+                &mut self.staged,
+                &mut self.dirty,
+                slot,
+                frame.clone(),
+            );
+        }
+    }
+
+    fn handle_disconnect(&mut self, client: ClientId, code: u16, reason: &str) {
+        let Some(&slot) = self.by_id.get(&client) else {
+            return;
+        };
+        // What was sent to the client before the disconnect goes out before its close frame.
+        self.flush();
+        if let Some(state) = self.clients[slot as usize].as_ref() {
+            let deadline = Instant::now() + self.shared.config.write_timeout;
+            state
+                .conn
+                .close(code, reason, CloseMode::AfterQueued(deadline), &self.shared);
+        }
+        self.remove_client(slot);
+    }
+
+    fn handle_shutdown(&mut self, deadline: Instant) {
+        self.flush();
+        self.shutting_down = true;
+        for slot in 0..self.clients.len() as u32 {
+            if let Some(client) = self.clients[slot as usize].as_ref() {
+                client.conn.close(
+                    close_code::GOING_AWAY,
+                    "server shutting down",
+                    CloseMode::AfterQueued(deadline),
+                    &self.shared,
+                );
+                self.remove_client(slot);
+            }
+        }
+    }
+
+    /// Keep-alive: pings every client each heartbeat, and drops clients silent for longer
+    /// than the pong timeout (they cannot answer a close handshake, so none is attempted).
+    fn handle_tick(&mut self) {
+        let now = Instant::now();
+        let now_ms = self.shared.now_ms();
+        let timeout_ms = self.shared.config.pong_timeout.as_millis() as u64;
+        let ping = now.duration_since(self.last_ping) >= self.shared.config.heartbeat;
+        if ping {
+            self.last_ping = now;
+        }
+        let mut silent = SmallVec::<[u32; 8]>::new();
+        for slot in 0..self.clients.len() as u32 {
+            let Some(client) = self.clients[slot as usize].as_ref() else {
+                continue;
+            };
+            if now_ms.saturating_sub(client.conn.last_seen_ms()) > timeout_ms {
+                client.conn.abort(&self.shared);
+                silent.push(slot);
+            } else if ping {
+                self.stage(slot, frame::ping_frame());
+            }
+        }
+        for slot in silent {
+            self.remove_client(slot);
+        }
+    }
+
+    fn acknowledge(&mut self, slot: u32, kind: &str, channel: &str) {
+        if self.shared.config.strict_go_ws {
+            return;
+        }
+        let envelope = protocol::Envelope::bare(kind, Some(channel));
+        if let Ok(frame) = protocol::encode_frame(&envelope, std::time::SystemTime::now()) {
+            self.stage(slot, frame);
+        }
+    }
+
+    fn reply_error(&mut self, slot: u32, reason: ErrorReason, channel: &str) {
+        if let Some(frame) = self.shared.error_frame(reason, Some(channel)) {
+            self.stage(slot, frame);
+        }
+    }
+
+    fn snapshot(&self) -> Vec<ClientSnapshot> {
+        self.clients
+            .iter()
+            .flatten()
+            .map(|client| ClientSnapshot {
+                info: client.conn.info.clone(),
+                subscriptions: client
+                    .subscriptions
+                    .iter()
+                    .filter_map(|s| self.channels[s.channel as usize].as_ref())
+                    .map(|c| c.entry.name.to_string())
+                    .collect(),
+            })
+            .collect()
+    }
+
+    fn drop_all_clients(&mut self) {
+        for slot in 0..self.clients.len() as u32 {
+            if let Some(client) = self.clients[slot as usize].as_ref() {
+                client.conn.abort(&self.shared);
+                self.remove_client(slot);
+            }
+        }
+    }
+}
+
+/// A directory entry's identity: its address, stable while the local channel holds it.
+fn entry_key(entry: &Arc<ChannelEntry>) -> usize {
+    Arc::as_ptr(entry) as usize
+}
