@@ -180,8 +180,8 @@ impl ApiKeyAuth {
 
 impl Authenticator for ApiKeyAuth {
     fn authenticate(&self, request: &AuthRequest<'_>) -> Result<Identity, AuthError> {
-        let key = bearer_token(request.headers)
-            .ok_or_else(|| AuthError::new("missing bearer token"))?;
+        let key =
+            bearer_token(request.headers).ok_or_else(|| AuthError::new("missing bearer token"))?;
         let user = self
             .keys
             .get(key)
@@ -211,8 +211,8 @@ impl BearerTokenAuth {
 
 impl Authenticator for BearerTokenAuth {
     fn authenticate(&self, request: &AuthRequest<'_>) -> Result<Identity, AuthError> {
-        let token = bearer_token(request.headers)
-            .ok_or_else(|| AuthError::new("missing bearer token"))?;
+        let token =
+            bearer_token(request.headers).ok_or_else(|| AuthError::new("missing bearer token"))?;
         (self.validate)(token)
     }
 }
@@ -360,7 +360,10 @@ mod tests {
         assert_eq!(query_param(&uri, "token").as_deref(), Some("x+y z"));
         assert_eq!(query_param(&uri, "b"), None);
         assert_eq!(query_param(&"/ws".parse().unwrap(), "token"), None);
-        assert_eq!(query_param(&"/ws?token=%zz".parse().unwrap(), "token"), None);
+        assert_eq!(
+            query_param(&"/ws?token=%zz".parse().unwrap(), "token"),
+            None
+        );
     }
 
     #[test]

@@ -124,12 +124,20 @@ impl ChannelDirectory {
 
 // A panic while holding a bucket lock cannot leave a map half-updated (each update is one
 // insert or remove), so a poisoned lock is safe to keep using.
-fn read(bucket: &Bucket) -> std::sync::RwLockReadGuard<'_, HashMap<Box<str>, Arc<ChannelEntry>, ahash::RandomState>> {
-    bucket.read().unwrap_or_else(|poisoned| poisoned.into_inner())
+fn read(
+    bucket: &Bucket,
+) -> std::sync::RwLockReadGuard<'_, HashMap<Box<str>, Arc<ChannelEntry>, ahash::RandomState>> {
+    bucket
+        .read()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
-fn write(bucket: &Bucket) -> std::sync::RwLockWriteGuard<'_, HashMap<Box<str>, Arc<ChannelEntry>, ahash::RandomState>> {
-    bucket.write().unwrap_or_else(|poisoned| poisoned.into_inner())
+fn write(
+    bucket: &Bucket,
+) -> std::sync::RwLockWriteGuard<'_, HashMap<Box<str>, Arc<ChannelEntry>, ahash::RandomState>> {
+    bucket
+        .write()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 #[cfg(test)]

@@ -300,7 +300,10 @@ impl HubConfigBuilder {
     /// every origin, as go-ws: unsafe for a hub that browsers reach with cookies, since any
     /// web page could then open a connection in its visitor's name (cross-site WebSocket
     /// hijacking). Requests without an `Origin` header (not browsers) are always allowed.
-    pub fn allowed_origins<S: Into<String>>(mut self, origins: impl IntoIterator<Item = S>) -> Self {
+    pub fn allowed_origins<S: Into<String>>(
+        mut self,
+        origins: impl IntoIterator<Item = S>,
+    ) -> Self {
         self.origins = origins.into_iter().map(Into::into).collect();
         self
     }
@@ -345,7 +348,10 @@ impl HubConfigBuilder {
 
     /// Called once per client after the upgrade, with the request headers, before the client
     /// can receive anything. Runs on the connection's task: keep it quick. Default: none.
-    pub fn on_connect(mut self, f: impl Fn(&ClientInfo, &HeaderMap) + Send + Sync + 'static) -> Self {
+    pub fn on_connect(
+        mut self,
+        f: impl Fn(&ClientInfo, &HeaderMap) + Send + Sync + 'static,
+    ) -> Self {
         self.config.on_connect = Some(Arc::new(f));
         self
     }
@@ -383,7 +389,9 @@ impl HubConfigBuilder {
             return Err(Error::config("shards must be at least 1"));
         }
         if c.shards > MAX_SHARDS {
-            return Err(Error::config(format!("shards must be at most {MAX_SHARDS}")));
+            return Err(Error::config(format!(
+                "shards must be at most {MAX_SHARDS}"
+            )));
         }
         if c.heartbeat.is_zero() {
             return Err(Error::config("heartbeat must be above zero"));
@@ -408,7 +416,10 @@ impl HubConfigBuilder {
             }
         }
         if !c.path.starts_with('/') {
-            return Err(Error::config(format!("path {:?} must start with '/'", c.path)));
+            return Err(Error::config(format!(
+                "path {:?} must start with '/'",
+                c.path
+            )));
         }
         config.allowed_origins = self
             .origins
@@ -449,11 +460,9 @@ mod tests {
             "invalid configuration: shards must be at least 1"
         );
         assert!(err(HubConfig::builder().shards(65)).contains("at most 64"));
-        assert!(err(
-            HubConfig::builder()
-                .heartbeat(Duration::from_secs(10))
-                .pong_timeout(Duration::from_secs(10))
-        )
+        assert!(err(HubConfig::builder()
+            .heartbeat(Duration::from_secs(10))
+            .pong_timeout(Duration::from_secs(10)))
         .contains("must be above the heartbeat"));
         assert!(err(HubConfig::builder().max_message_size(0)).contains("max message size"));
         assert!(err(HubConfig::builder().path("ws")).contains("must start with '/'"));

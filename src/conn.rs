@@ -49,22 +49,26 @@ const SLOW_CLOSE_GRACE: Duration = Duration::from_secs(1);
 /// Where a connection's bytes go.
 pub(crate) enum Socket {
     Tcp(TcpStream),
-    /// Swallows every byte at once: the in-process benchmarks' clients, with no kernel in the way.
-    Null,
+    /// Takes every frame at once and counts them: the in-process benchmarks' and fuzz
+    /// targets' clients, with no kernel in the way.
+    Null(AtomicU64),
 }
 
 impl Socket {
     fn try_write_vectored(&self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
         match self {
             Socket::Tcp(stream) => stream.try_write_vectored(bufs),
-            Socket::Null => Ok(bufs.iter().map(|b| b.len()).sum()),
+            Socket::Null(frames) => {
+                frames.fetch_add(bufs.len() as u64, Ordering::Relaxed);
+                Ok(bufs.iter().map(|b| b.len()).sum())
+            }
         }
     }
 
     pub(crate) fn tcp(&self) -> Option<&TcpStream> {
         match self {
             Socket::Tcp(stream) => Some(stream),
-            Socket::Null => None,
+            Socket::Null(_) => None,
         }
     }
 }
@@ -237,7 +241,9 @@ impl Conn {
     fn lock(&self) -> MutexGuard<'_, Outbound> {
         // The queue is consistent between statements, so a panic elsewhere cannot poison it
         // half-way; keep serving rather than propagate.
-        self.out.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.out
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     pub(crate) fn write_state(&self) -> WriteState {
@@ -283,7 +289,10 @@ impl Conn {
                 self.enforce_bound(&mut out, shared)
             }
             WriteState::Closing { .. } | WriteState::Closed => {
-                shared.counters.dropped.fetch_add(batch.len() as u64, Ordering::Relaxed);
+                shared
+                    .counters
+                    .dropped
+                    .fetch_add(batch.len() as u64, Ordering::Relaxed);
                 Sent::Closed
             }
         };
@@ -350,7 +359,10 @@ impl Conn {
             .counters
             .slow_consumer_disconnects
             .fetch_add(1, Ordering::Relaxed);
-        out.push(frame::close_frame(close_code::SLOW_CONSUMER, "slow consumer"));
+        out.push(frame::close_frame(
+            close_code::SLOW_CONSUMER,
+            "slow consumer",
+        ));
         out.state = WriteState::Closing {
             deadline: Instant::now() + SLOW_CLOSE_GRACE,
         };
@@ -427,25 +439,26 @@ impl Conn {
         let before = out.bytes;
         match out.state {
             WriteState::Open | WriteState::Closed => {}
-            WriteState::Blocked { .. } | WriteState::Closing { .. } => match out.flush(&self.socket)
-            {
-                Ok(true) => {
-                    out.frames = VecDeque::new();
-                    out.state = match out.state {
-                        WriteState::Closing { .. } => WriteState::Closed,
-                        _ => WriteState::Open,
-                    };
-                }
-                Ok(false) => {
-                    // Progress: the write timeout counts from the last write that moved.
-                    if before != out.bytes && matches!(out.state, WriteState::Blocked { .. }) {
-                        out.state = WriteState::Blocked {
-                            since: Instant::now(),
+            WriteState::Blocked { .. } | WriteState::Closing { .. } => {
+                match out.flush(&self.socket) {
+                    Ok(true) => {
+                        out.frames = VecDeque::new();
+                        out.state = match out.state {
+                            WriteState::Closing { .. } => WriteState::Closed,
+                            _ => WriteState::Open,
                         };
                     }
+                    Ok(false) => {
+                        // Progress: the write timeout counts from the last write that moved.
+                        if before != out.bytes && matches!(out.state, WriteState::Blocked { .. }) {
+                            out.state = WriteState::Blocked {
+                                since: Instant::now(),
+                            };
+                        }
+                    }
+                    Err(_) => self.abort_locked(&mut out),
                 }
-                Err(_) => self.abort_locked(&mut out),
-            },
+            }
         }
         account_queued(shared, before, out.bytes);
         out.state

@@ -415,8 +415,11 @@ mod tests {
             let original: Vec<u8> = (0..len as u8).collect();
             let mut data = original.clone();
             apply_mask(&mut data, MASK);
-            let expected: Vec<u8> =
-                original.iter().enumerate().map(|(i, b)| b ^ MASK[i % 4]).collect();
+            let expected: Vec<u8> = original
+                .iter()
+                .enumerate()
+                .map(|(i, b)| b ^ MASK[i % 4])
+                .collect();
             assert_eq!(data, expected);
             apply_mask(&mut data, MASK);
             assert_eq!(data, original);
@@ -467,25 +470,56 @@ mod tests {
 
     #[test]
     fn protocol_violations_close_with_1002() {
-        assert_eq!(violation(&client_frame(0x89, &[0; 126], MASK)), 1002, "big ping");
+        assert_eq!(
+            violation(&client_frame(0x89, &[0; 126], MASK)),
+            1002,
+            "big ping"
+        );
         let mut big_close = vec![b'x'; 126];
         big_close[..2].copy_from_slice(&1000u16.to_be_bytes());
-        assert_eq!(violation(&client_frame(0x88, &big_close, MASK)), 1002, "big close");
-        assert_eq!(violation(&client_frame(0x8A, &[0; 126], MASK)), 1002, "big pong");
-        assert_eq!(violation(&client_frame(0x09, b"", MASK)), 1002, "fragmented ping");
+        assert_eq!(
+            violation(&client_frame(0x88, &big_close, MASK)),
+            1002,
+            "big close"
+        );
+        assert_eq!(
+            violation(&client_frame(0x8A, &[0; 126], MASK)),
+            1002,
+            "big pong"
+        );
+        assert_eq!(
+            violation(&client_frame(0x09, b"", MASK)),
+            1002,
+            "fragmented ping"
+        );
         assert_eq!(violation(&client_frame(0xC1, b"x", MASK)), 1002, "rsv1");
         assert_eq!(violation(&client_frame(0x83, b"x", MASK)), 1002, "opcode 3");
-        assert_eq!(violation(&client_frame(0x8B, b"x", MASK)), 1002, "opcode 11");
-        assert_eq!(violation(&client_frame(0x80, b"x", MASK)), 1002, "lone continuation");
+        assert_eq!(
+            violation(&client_frame(0x8B, b"x", MASK)),
+            1002,
+            "opcode 11"
+        );
+        assert_eq!(
+            violation(&client_frame(0x80, b"x", MASK)),
+            1002,
+            "lone continuation"
+        );
         assert_eq!(violation(&[0x81, 0x01, b'x']), 1002, "unmasked");
         let mut input = client_frame(0x01, b"a", MASK);
         input.extend(client_frame(0x81, b"b", MASK));
-        assert_eq!(violation(&input), 1002, "new message inside a fragmented one");
+        assert_eq!(
+            violation(&input),
+            1002,
+            "new message inside a fragmented one"
+        );
     }
 
     #[test]
     fn invalid_utf8_closes_with_1007_and_fails_fast_when_fragmented() {
-        assert_eq!(violation(&client_frame(0x81, &[0xce, 0xba, 0xff], MASK)), 1007);
+        assert_eq!(
+            violation(&client_frame(0x81, &[0xce, 0xba, 0xff], MASK)),
+            1007
+        );
         // A character split across fragments is fine.
         let mut input = client_frame(0x01, &[0xce], MASK);
         input.extend(client_frame(0x80, &[0xba], MASK));
@@ -494,7 +528,12 @@ mod tests {
         let input = client_frame(0x01, &[b'a', 0xff], MASK);
         assert_eq!(violation(&input), 1007);
         // Binary messages are not checked.
-        assert_eq!(decode_all(&mut Decoder::new(64), &client_frame(0x82, &[0xff], MASK)).0.len(), 1);
+        assert_eq!(
+            decode_all(&mut Decoder::new(64), &client_frame(0x82, &[0xff], MASK))
+                .0
+                .len(),
+            1
+        );
     }
 
     #[test]
@@ -503,20 +542,38 @@ mod tests {
         input.extend(client_frame(0x81, b"after", MASK));
         let (events, _) = decode_all(&mut Decoder::new(64), &input);
         assert_eq!(events, ["close:Some(1000)"]);
-        assert_eq!(decode_all(&mut Decoder::new(64), &client_frame(0x88, b"", MASK)).0, ["close:None"]);
+        assert_eq!(
+            decode_all(&mut Decoder::new(64), &client_frame(0x88, b"", MASK)).0,
+            ["close:None"]
+        );
         assert_eq!(violation(&client_frame(0x88, &[0x03], MASK)), 1002);
-        assert_eq!(violation(&client_frame(0x88, &1005u16.to_be_bytes(), MASK)), 1002);
-        assert_eq!(violation(&client_frame(0x88, &999u16.to_be_bytes(), MASK)), 1002);
-        assert_eq!(violation(&client_frame(0x88, &[0x03, 0xe8, 0xff], MASK)), 1007);
+        assert_eq!(
+            violation(&client_frame(0x88, &1005u16.to_be_bytes(), MASK)),
+            1002
+        );
+        assert_eq!(
+            violation(&client_frame(0x88, &999u16.to_be_bytes(), MASK)),
+            1002
+        );
+        assert_eq!(
+            violation(&client_frame(0x88, &[0x03, 0xe8, 0xff], MASK)),
+            1007
+        );
     }
 
     #[test]
     fn server_frames() {
-        assert_eq!(&close_frame(1001, "bye")[..], &[0x88, 5, 0x03, 0xe9, b'b', b'y', b'e']);
+        assert_eq!(
+            &close_frame(1001, "bye")[..],
+            &[0x88, 5, 0x03, 0xe9, b'b', b'y', b'e']
+        );
         let long = "é".repeat(100);
         let frame = close_frame(4000, &long);
         assert!(frame.len() <= 127);
-        assert!(std::str::from_utf8(&frame[4..]).is_ok(), "cut at a char boundary");
+        assert!(
+            std::str::from_utf8(&frame[4..]).is_ok(),
+            "cut at a char boundary"
+        );
         assert_eq!(&ping_frame()[..], &[0x89, 0]);
         assert_eq!(server_header(OPCODE_TEXT, 125).1, 2);
         assert_eq!(server_header(OPCODE_TEXT, 126).1, 4);

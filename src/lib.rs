@@ -54,6 +54,8 @@
 #![warn(unreachable_pub)]
 
 mod auth;
+#[doc(hidden)]
+pub mod bench_support;
 mod channels;
 mod client;
 mod config;
@@ -69,8 +71,8 @@ mod stats;
 mod sys;
 
 pub use auth::{
-    bearer_token, query_param, ApiKeyAuth, AuthError, AuthRequest, Authenticator,
-    BearerTokenAuth, Identity, QueryTokenAuth,
+    bearer_token, query_param, ApiKeyAuth, AuthError, AuthRequest, Authenticator, BearerTokenAuth,
+    Identity, QueryTokenAuth,
 };
 pub use client::{ChannelSnapshot, ClientId, ClientInfo, ClientSnapshot};
 pub use config::{

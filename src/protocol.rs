@@ -230,10 +230,13 @@ struct RawRequest<'a> {
 /// Nesting deeper than serde_json's recursion limit (128) is malformed, so hostile input
 /// cannot overflow the stack.
 pub(crate) fn decode_request(payload: &[u8]) -> Result<ClientRequest<'_>, RequestError<'_>> {
-    let raw: RawRequest<'_> = serde_json::from_slice(payload)
-        .map_err(|_| RequestError::new(ErrorReason::Malformed))?;
+    let raw: RawRequest<'_> =
+        serde_json::from_slice(payload).map_err(|_| RequestError::new(ErrorReason::Malformed))?;
     // A client's `"data": null` counts as absent.
     let data = raw.data.filter(|d| d.get() != "null");
+    if data.is_some_and(|d| too_deep(d.get())) {
+        return Err(RequestError::new(ErrorReason::Malformed));
+    }
     match raw.kind.as_ref() {
         "subscribe" => Ok(ClientRequest::Subscribe(channel_from(data)?)),
         "unsubscribe" => Ok(ClientRequest::Unsubscribe(channel_from(data)?)),
@@ -244,6 +247,41 @@ pub(crate) fn decode_request(payload: &[u8]) -> Result<ClientRequest<'_>, Reques
         }),
         _ => Err(RequestError::new(ErrorReason::UnknownType)),
     }
+}
+
+/// The deepest nesting of arrays and objects a client's `data` may have: serde_json's own
+/// recursion limit, which the raw value (copied, never parsed into a tree) does not enforce.
+/// Deeper data would be relayed to every subscriber's parser.
+const MAX_DEPTH: usize = 128;
+
+/// Whether raw JSON nests deeper than [`MAX_DEPTH`]: one pass over the bytes, skipping strings.
+fn too_deep(json: &str) -> bool {
+    let mut depth = 0usize;
+    let mut in_string = false;
+    let mut escaped = false;
+    for byte in json.bytes() {
+        if in_string {
+            match byte {
+                _ if escaped => escaped = false,
+                b'\\' => escaped = true,
+                b'"' => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        match byte {
+            b'"' => in_string = true,
+            b'[' | b'{' => {
+                depth += 1;
+                if depth > MAX_DEPTH {
+                    return true;
+                }
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    false
 }
 
 /// A channel name from a raw JSON value: it must be a non-empty string.
@@ -369,9 +407,7 @@ pub(crate) fn encode_frame<D: Serialize + ?Sized>(
 
 impl<D: ?Sized> Envelope<'_, D> {
     fn size_hint(&self) -> usize {
-        self.kind.len()
-            + self.channel.map_or(0, str::len)
-            + self.process_id.map_or(0, str::len)
+        self.kind.len() + self.channel.map_or(0, str::len) + self.process_id.map_or(0, str::len)
     }
 }
 
@@ -400,15 +436,24 @@ mod tests {
 
     #[test]
     fn timestamps_are_rfc3339_utc_with_nanoseconds() {
-        assert_eq!(&format_timestamp(at(0, 0)), b"1970-01-01T00:00:00.000000000Z");
+        assert_eq!(
+            &format_timestamp(at(0, 0)),
+            b"1970-01-01T00:00:00.000000000Z"
+        );
         // 2026-11-27T06:12:03.123456789Z
         assert_eq!(
             &format_timestamp(at(1_795_759_923, 123_456_789)),
             b"2026-11-27T06:12:03.123456789Z"
         );
         // A leap day and the last second of a year.
-        assert_eq!(&format_timestamp(at(951_782_400, 5)), b"2000-02-29T00:00:00.000000005Z");
-        assert_eq!(&format_timestamp(at(1_735_689_599, 0)), b"2024-12-31T23:59:59.000000000Z");
+        assert_eq!(
+            &format_timestamp(at(951_782_400, 5)),
+            b"2000-02-29T00:00:00.000000005Z"
+        );
+        assert_eq!(
+            &format_timestamp(at(1_735_689_599, 0)),
+            b"2024-12-31T23:59:59.000000000Z"
+        );
     }
 
     #[test]
@@ -463,7 +508,10 @@ mod tests {
         let msg = Message::new("t").with_data(Value::from("y".repeat(300)));
         let frame = encode_frame(&Envelope::of(&msg, None), at(0, 0)).unwrap();
         assert_eq!(frame[1], 126);
-        assert_eq!(u16::from_be_bytes([frame[2], frame[3]]) as usize, frame.len() - 4);
+        assert_eq!(
+            u16::from_be_bytes([frame[2], frame[3]]) as usize,
+            frame.len() - 4
+        );
     }
 
     #[test]
@@ -521,11 +569,26 @@ mod tests {
         assert_eq!(reason(br#"{"type":5}"#), ErrorReason::Malformed);
         assert_eq!(reason(&[0xff, 0xfe]), ErrorReason::Malformed);
         assert_eq!(reason(br#"{"type":"dance"}"#), ErrorReason::UnknownType);
-        assert_eq!(reason(br#"{"type":"subscribe"}"#), ErrorReason::InvalidChannel);
-        assert_eq!(reason(br#"{"type":"subscribe","data":7}"#), ErrorReason::InvalidChannel);
-        assert_eq!(reason(br#"{"type":"subscribe","data":""}"#), ErrorReason::InvalidChannel);
-        assert_eq!(reason(br#"{"type":"subscribe","data":null}"#), ErrorReason::InvalidChannel);
-        assert_eq!(reason(br#"{"type":"publish","data":"x"}"#), ErrorReason::InvalidChannel);
+        assert_eq!(
+            reason(br#"{"type":"subscribe"}"#),
+            ErrorReason::InvalidChannel
+        );
+        assert_eq!(
+            reason(br#"{"type":"subscribe","data":7}"#),
+            ErrorReason::InvalidChannel
+        );
+        assert_eq!(
+            reason(br#"{"type":"subscribe","data":""}"#),
+            ErrorReason::InvalidChannel
+        );
+        assert_eq!(
+            reason(br#"{"type":"subscribe","data":null}"#),
+            ErrorReason::InvalidChannel
+        );
+        assert_eq!(
+            reason(br#"{"type":"publish","data":"x"}"#),
+            ErrorReason::InvalidChannel
+        );
         assert_eq!(
             reason(br#"{"type":"publish","channel":["x"],"data":"x"}"#),
             ErrorReason::InvalidChannel
@@ -543,6 +606,16 @@ mod tests {
             decode_request(deep.as_bytes()).unwrap_err().reason,
             ErrorReason::Malformed
         );
+    }
+
+    #[test]
+    fn nesting_up_to_the_limit_is_accepted_and_strings_do_not_count() {
+        let ok = format!("{}{}", "[".repeat(MAX_DEPTH), "]".repeat(MAX_DEPTH));
+        assert!(!too_deep(&ok));
+        let deep = format!("{}{}", "[".repeat(MAX_DEPTH + 1), "]".repeat(MAX_DEPTH + 1));
+        assert!(too_deep(&deep));
+        let string = format!("\"{}\\\"\"", "[".repeat(1000));
+        assert!(!too_deep(&string));
     }
 
     #[test]

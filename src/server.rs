@@ -100,7 +100,9 @@ async fn serve_connection(stream: TcpStream, peer: SocketAddr, hub: Hub) {
     let connection = hyper::server::conn::http1::Builder::new()
         .timer(TokioTimer::new())
         .header_read_timeout(handshake_timeout)
-        .keep_alive(false)
+        // Keep-alive stays on: with it off, hyper appends `close` to the 101's `Connection:
+        // upgrade` header, and strict clients (tungstenite) then refuse the handshake.
+        // Refusals end the connection through their own `Connection: close` (see `answer`).
         .serve_connection(TokioIo::new(stream), service)
         .with_upgrades();
     if let Err(err) = connection.await {
@@ -131,6 +133,11 @@ fn answer(status: StatusCode, text: &'static str) -> Response<Body> {
     response.headers_mut().insert(
         header::CONTENT_TYPE,
         header::HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    // One request per connection: a refused client reconnects to try again.
+    response.headers_mut().insert(
+        header::CONNECTION,
+        header::HeaderValue::from_static("close"),
     );
     response
 }
@@ -195,7 +202,10 @@ impl Hub {
         let shared = self.shared();
         self.ensure_started();
         let refuse = |status, text| {
-            shared.counters.upgrades_refused.fetch_add(1, Ordering::Relaxed);
+            shared
+                .counters
+                .upgrades_refused
+                .fetch_add(1, Ordering::Relaxed);
             answer(status, text)
         };
         if !shared.is_running() || *shared.shutting_down.borrow() {
@@ -209,7 +219,8 @@ impl Hub {
             return refuse(StatusCode::FORBIDDEN, "origin not allowed\n");
         }
         let guard = TaskGuard::new(shared);
-        if shared.counters.connection_tasks.load(Ordering::Acquire) > shared.config.max_connections {
+        if shared.counters.connection_tasks.load(Ordering::Acquire) > shared.config.max_connections
+        {
             drop(guard);
             return refuse(StatusCode::SERVICE_UNAVAILABLE, "too many connections\n");
         }

@@ -57,7 +57,9 @@ impl Drop for TaskGuard {
 enum Flow {
     Open,
     /// A close frame is queued (by either side); finish the handshake.
-    Closing { peer_closed: bool },
+    Closing {
+        peer_closed: bool,
+    },
     /// The peer is gone or the socket failed: nothing more can be written.
     Gone,
 }
@@ -133,8 +135,12 @@ impl Responder<'_> {
         let mut flow = Flow::Open;
         let result = reader.feed(input, |event| self.on_event(event, &mut flow));
         if let Err(violation) = result {
-            self.conn
-                .close(violation.code, violation.reason, CloseMode::Now, self.shared);
+            self.conn.close(
+                violation.code,
+                violation.reason,
+                CloseMode::Now,
+                self.shared,
+            );
             return Flow::Closing { peer_closed: false };
         }
         flow
@@ -143,10 +149,9 @@ impl Responder<'_> {
     fn on_event(&self, event: Event<'_>, flow: &mut Flow) -> ControlFlow<()> {
         match event {
             Event::Message(payload) => self.handle_request(payload),
-            Event::Ping(payload) => self.conn.send_control(
-                frame::control_frame(OPCODE_PONG, payload),
-                self.shared,
-            ),
+            Event::Ping(payload) => self
+                .conn
+                .send_control(frame::control_frame(OPCODE_PONG, payload), self.shared),
             Event::Pong => {}
             Event::Close(code) => {
                 let code = code.unwrap_or(close_code::NORMAL);
@@ -299,7 +304,9 @@ async fn serve_client(shared: &Arc<Shared>, conn: &Arc<Conn>, tcp: &TcpStream, e
         }
     }
     match flow {
-        Flow::Closing { peer_closed } => finish_close(shared, conn, tcp, &mut reader, peer_closed).await,
+        Flow::Closing { peer_closed } => {
+            finish_close(shared, conn, tcp, &mut reader, peer_closed).await
+        }
         Flow::Gone | Flow::Open => conn.abort(shared),
     }
 }

@@ -217,7 +217,7 @@ impl Shard {
         (self.shared.config.heartbeat / 4).max(Duration::from_millis(10))
     }
 
-    fn handle(&mut self, command: Command) -> ControlFlow<()> {
+    pub(crate) fn handle(&mut self, command: Command) -> ControlFlow<()> {
         match command {
             Command::Register(conn) => self.handle_register(conn),
             Command::Remove { client, done } => {
@@ -257,11 +257,17 @@ impl Shard {
     }
 
     fn stage(&mut self, slot: u32, frame: Bytes) {
-        stage(&mut self.clients, &mut self.staged, &mut self.dirty, slot, frame);
+        stage(
+            &mut self.clients,
+            &mut self.staged,
+            &mut self.dirty,
+            slot,
+            frame,
+        );
     }
 
     /// The hot path's end: each client with staged frames gets them in one `Conn::send`.
-    fn flush(&mut self) {
+    pub(crate) fn flush(&mut self) {
         let mut slow = SmallVec::<[u32; 4]>::new();
         for slot in self.dirty.drain(..) {
             let Some(client) = self.clients[slot as usize].as_mut() else {

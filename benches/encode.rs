@@ -1,0 +1,26 @@
+//! Encoding a message into a complete frame: the one serialization each publish pays.
+
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use wshub::bench_support::encode;
+use wshub::Message;
+
+fn encode_frame(c: &mut Criterion) {
+    let mut group = c.benchmark_group("encode");
+    for size in [16usize, 256, 4096, 65_536] {
+        let message = Message::new("message")
+            .with_channel("room:42")
+            .with_data("x".repeat(size));
+        let frame_len = encode(&message).len();
+        group.throughput(Throughput::Bytes(frame_len as u64));
+        group.bench_with_input(BenchmarkId::new("string_data", size), &message, |b, m| {
+            b.iter(|| encode(m))
+        });
+    }
+    let object = Message::process_status("build-1", "exited", 0);
+    group.throughput(Throughput::Bytes(encode(&object).len() as u64));
+    group.bench_function("process_status", |b| b.iter(|| encode(&object)));
+    group.finish();
+}
+
+criterion_group!(benches, encode_frame);
+criterion_main!(benches);

@@ -1,0 +1,200 @@
+//! Internals opened to the benchmarks (`benches/`) and fuzz targets (`fuzz/`). Hidden from
+//! the docs and outside any semver promise: applications must not use it.
+//!
+//! Clients here are "null" clients: their socket takes every frame at once and counts it, so
+//! a benchmark measures the hub's own work (routing, staging, the write path) without the
+//! kernel's.
+
+use std::ops::ControlFlow;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use bytes::Bytes;
+
+use crate::client::{ClientId, ClientInfo};
+use crate::config::HubConfig;
+use crate::conn::{Conn, Socket};
+use crate::frame::{Decoder, Event};
+use crate::hub::{Hub, Shared};
+use crate::protocol::{self, Envelope, Message};
+use crate::shard::{Command, Shard};
+
+/// Encodes `message` into a complete frame, as every publish does once.
+pub fn encode(message: &Message) -> Bytes {
+    protocol::encode_frame(&Envelope::of(message, None), SystemTime::now())
+        .expect("a Message always encodes")
+}
+
+/// Decodes client frames from `input` with a limit of `max_message` bytes, as a connection
+/// does; returns the number of events, or the close code of the violation. For fuzzing.
+pub fn decode_frames(input: &mut [u8], max_message: usize) -> Result<usize, u16> {
+    let mut decoder = Decoder::new(max_message);
+    let mut events = 0;
+    decoder
+        .decode(input, |event| {
+            events += 1;
+            if matches!(event, Event::Close(_)) {
+                ControlFlow::Break(())
+            } else {
+                ControlFlow::Continue(())
+            }
+        })
+        .map(|_| events)
+        .map_err(|v| v.code)
+}
+
+/// Decodes one client request, as a connection does; `Ok` with its kind or `Err` with the
+/// reason the client would be told. For fuzzing.
+pub fn decode_request(payload: &[u8]) -> Result<&'static str, &'static str> {
+    use protocol::ClientRequest;
+    match protocol::decode_request(payload) {
+        Ok(ClientRequest::Subscribe(_)) => Ok("subscribe"),
+        Ok(ClientRequest::Unsubscribe(_)) => Ok("unsubscribe"),
+        Ok(ClientRequest::Ping) => Ok("ping"),
+        Ok(ClientRequest::Publish { .. }) => Ok("publish"),
+        Err(err) => Err(err.reason.as_str()),
+    }
+}
+
+fn null_conn(shared: &Shared) -> Arc<Conn> {
+    let info = ClientInfo {
+        id: shared.next_client_id(),
+        remote_addr: None,
+        user_id: None,
+        claims: serde_json::Value::Null,
+        connected_at: SystemTime::now(),
+    };
+    Arc::new(Conn::new(
+        info,
+        Socket::Null(AtomicU64::new(0)),
+        shared.now_ms(),
+    ))
+}
+
+/// Frames a null client has been given.
+fn frames_of(conn: &Conn) -> u64 {
+    match &conn.socket {
+        Socket::Null(frames) => frames.load(Ordering::Relaxed),
+        Socket::Tcp(_) => 0,
+    }
+}
+
+/// One shard driven synchronously, without a runtime: for benchmarking the channel index
+/// and fuzzing it against a model.
+pub struct ShardHarness {
+    hub: Hub,
+    shard: Shard,
+    conns: Vec<Arc<Conn>>,
+}
+
+impl ShardHarness {
+    /// A harness whose shard 0 runs under `config` (use `shards(1)`).
+    pub fn new(config: HubConfig) -> Self {
+        let hub = Hub::with_config(config);
+        let shard = Shard::new(0, Arc::clone(hub.shared()));
+        ShardHarness {
+            hub,
+            shard,
+            conns: Vec::new(),
+        }
+    }
+
+    fn run(&mut self, command: Command) {
+        let _ = self.shard.handle(command);
+    }
+
+    /// Connects a null client.
+    pub fn connect(&mut self) -> ClientId {
+        let conn = null_conn(self.hub.shared());
+        let id = conn.info.id;
+        self.conns.push(Arc::clone(&conn));
+        self.run(Command::Register(conn));
+        id
+    }
+
+    /// Subscribes a client as its own request would.
+    pub fn subscribe(&mut self, client: ClientId, channel: &str) {
+        self.run(Command::Subscribe {
+            client,
+            channel: channel.into(),
+            from_client: true,
+        });
+    }
+
+    /// Unsubscribes a client.
+    pub fn unsubscribe(&mut self, client: ClientId, channel: &str) {
+        self.run(Command::Unsubscribe {
+            client,
+            channel: channel.into(),
+        });
+    }
+
+    /// Disconnects a client, as when its connection ends.
+    pub fn disconnect(&mut self, client: ClientId) {
+        self.run(Command::Remove { client, done: None });
+    }
+
+    /// Publishes `frame` to `channel` through the directory, as the hub does; returns whether
+    /// the channel had subscribers on this shard.
+    pub fn publish(&mut self, channel: &str, frame: Bytes) -> bool {
+        let Some(entry) = self.hub.shared().channels.get(channel) else {
+            return false;
+        };
+        if entry.shard_mask() & 1 == 0 {
+            return false;
+        }
+        self.hub.shared().shard_backlog_added(0, frame.len());
+        self.run(Command::Publish {
+            channel: entry,
+            frame,
+        });
+        true
+    }
+
+    /// Writes every staged frame, as the end of a batch does.
+    pub fn flush(&mut self) {
+        self.shard.flush();
+    }
+
+    /// Frames client `client` has been given (acknowledgements included).
+    pub fn frames_received(&self, client: ClientId) -> u64 {
+        self.conns
+            .iter()
+            .find(|c| c.info.id == client)
+            .map_or(0, |c| frames_of(c))
+    }
+
+    /// The hub's view: subscribers of `channel`.
+    pub fn subscriber_count(&self, channel: &str) -> usize {
+        self.hub.channel_subscriber_count(channel)
+    }
+
+    /// The hub's view: channels with subscribers.
+    pub fn channel_count(&self) -> usize {
+        self.hub.channel_count()
+    }
+
+    /// The hub's view: clients connected.
+    pub fn client_count(&self) -> usize {
+        self.hub.client_count()
+    }
+}
+
+/// Connects a null client to a running `hub` (its shards started) and subscribes it to
+/// `channel` from the server side; the client counts the frames it is given.
+pub fn attach_null_client(hub: &Hub, channel: &str) -> ClientId {
+    hub.ensure_started();
+    let shared = hub.shared();
+    let conn = null_conn(shared);
+    let id = conn.info.id;
+    let _ = shared.to_client_shard(id, Command::Register(conn));
+    let _ = hub.subscribe(id, channel);
+    id
+}
+
+/// Frames the hub has handed to clients so far (its `delivered` counter), without building a
+/// whole stats snapshot.
+pub fn delivered(hub: &Hub) -> u64 {
+    hub.shared().counters.delivered.load(Ordering::Relaxed)
+}
