@@ -217,7 +217,10 @@ impl Outbound {
             // `advance` shortened the front frame in place.
             self.bytes = self.frames.iter().map(Bytes::len).sum();
         }
-        self.front_partial = progress.partial;
+        // A flush that wrote nothing leaves a partly written front frame partly written:
+        // forgetting it let `discard`/`drop_oldest` drop its rest (or a pong go in front of
+        // it), corrupting the stream (found by tests/slow_consumer.rs).
+        self.front_partial = progress.partial || (progress.whole == 0 && self.front_partial);
         Ok(self.frames.is_empty())
     }
 }
