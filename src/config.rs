@@ -105,6 +105,7 @@ pub struct HubConfig {
     pub(crate) publish_policy: PublishPolicy,
     pub(crate) subscribe_policy: Option<Arc<ChannelPolicyFn>>,
     pub(crate) strict_go_ws: bool,
+    pub(crate) echo: bool,
     pub(crate) path: String,
     pub(crate) authenticator: Option<Arc<dyn Authenticator>>,
     pub(crate) on_connect: Option<Arc<OnConnect>>,
@@ -131,6 +132,7 @@ impl Default for HubConfig {
             publish_policy: PublishPolicy::Refuse,
             subscribe_policy: None,
             strict_go_ws: false,
+            echo: false,
             path: "/ws".to_owned(),
             authenticator: None,
             on_connect: None,
@@ -329,6 +331,16 @@ impl HubConfigBuilder {
     /// `error` messages, exactly what a go-ws client has seen. Default: off.
     pub fn strict_go_ws(mut self, strict: bool) -> Self {
         self.config.strict_go_ws = strict;
+        self
+    }
+
+    /// Echo mode, for `examples/autobahn_echo` only: every client message is sent back as it
+    /// came (text or binary) instead of being read as the JSON protocol, so that the
+    /// Autobahn conformance suite exercises the hub's own reader, writer, limits and close
+    /// handshake. Not a feature for applications.
+    #[doc(hidden)]
+    pub fn echo_for_conformance_tests(mut self, echo: bool) -> Self {
+        self.config.echo = echo;
         self
     }
 

@@ -118,7 +118,7 @@ pub fn apply_mask(payload: &mut [u8], mask: [u8; 4]) {
 #[derive(Debug, PartialEq)]
 pub(crate) enum Event<'a> {
     /// A whole message, text (valid UTF-8) or binary: wshub reads both as JSON.
-    Message(&'a [u8]),
+    Message { text: bool, payload: &'a [u8] },
     /// A ping, to be answered with a pong carrying the same payload.
     Ping(&'a [u8]),
     /// A pong (an answer to the server's keep-alive ping).
@@ -207,12 +207,18 @@ impl Decoder {
             let flow = match header.opcode {
                 OPCODE_TEXT | OPCODE_BINARY | OPCODE_CONTINUATION => {
                     match self.data_frame(&header, payload)? {
-                        Some(message) => on_event(Event::Message(message)),
-                        None if header.fin => {
-                            let done = self.fragmented.take().expect("a fragmented message ended");
-                            let flow = on_event(Event::Message(&done.data));
-                            flow
-                        }
+                        Some(message) => on_event(Event::Message {
+                            text: header.opcode == OPCODE_TEXT,
+                            payload: message,
+                        }),
+                        // A final continuation: the fragmented message is whole.
+                        None if header.fin => match self.fragmented.take() {
+                            Some(done) => on_event(Event::Message {
+                                text: done.text,
+                                payload: &done.data,
+                            }),
+                            None => ControlFlow::Continue(()),
+                        },
                         None => ControlFlow::Continue(()),
                     }
                 }
@@ -395,7 +401,9 @@ mod tests {
         let mut events = Vec::new();
         let result = decoder.decode(&mut buf, |event| {
             events.push(match event {
-                Event::Message(m) => format!("msg:{}", String::from_utf8_lossy(m)),
+                Event::Message { payload, .. } => {
+                    format!("msg:{}", String::from_utf8_lossy(payload))
+                }
                 Event::Ping(p) => format!("ping:{}", String::from_utf8_lossy(p)),
                 Event::Pong => "pong".to_string(),
                 Event::Close(code) => format!("close:{code:?}"),

@@ -17,7 +17,9 @@ use tokio::net::TcpStream;
 use tokio::sync::oneshot;
 
 use crate::conn::{CloseMode, Conn, WriteState};
-use crate::frame::{self, close_code, Decoder, Event, Violation, OPCODE_PONG};
+use crate::frame::{
+    self, close_code, Decoder, Event, Violation, OPCODE_BINARY, OPCODE_PONG, OPCODE_TEXT,
+};
 use crate::hub::Shared;
 use crate::protocol::{self, ClientRequest, Envelope, ErrorReason, TYPE_PONG};
 use crate::shard::Command;
@@ -148,7 +150,13 @@ impl Responder<'_> {
 
     fn on_event(&self, event: Event<'_>, flow: &mut Flow) -> ControlFlow<()> {
         match event {
-            Event::Message(payload) => self.handle_request(payload),
+            Event::Message { text, payload } => {
+                if self.shared.config.echo {
+                    self.echo(text, payload);
+                } else {
+                    self.handle_request(payload);
+                }
+            }
             Event::Ping(payload) => self
                 .conn
                 .send_control(frame::control_frame(OPCODE_PONG, payload), self.shared),
@@ -161,6 +169,16 @@ impl Responder<'_> {
             }
         }
         ControlFlow::Continue(())
+    }
+
+    /// Sends the message back as it came: the conformance-test endpoint's whole behaviour.
+    fn echo(&self, text: bool, payload: &[u8]) {
+        let opcode = if text { OPCODE_TEXT } else { OPCODE_BINARY };
+        let (header, header_len) = frame::server_header(opcode, payload.len());
+        let mut frame = Vec::with_capacity(header_len + payload.len());
+        frame.extend_from_slice(&header[..header_len]);
+        frame.extend_from_slice(payload);
+        self.conn.send_one(Bytes::from(frame), self.shared);
     }
 
     fn handle_request(&self, payload: &[u8]) {
