@@ -15,6 +15,7 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 
+use crate::broker::Broker;
 use crate::client::ChannelSnapshot;
 
 /// 64 buckets keep write contention between shards low without costing much memory.
@@ -48,14 +49,17 @@ impl ChannelEntry {
 type Bucket = RwLock<HashMap<Box<str>, Arc<ChannelEntry>, ahash::RandomState>>;
 
 pub(crate) struct ChannelDirectory {
+    /// Told when a channel gains its first subscriber on this node and loses its last.
+    broker: Option<Arc<dyn Broker>>,
     hasher: ahash::RandomState,
     buckets: Box<[Bucket]>,
     count: AtomicUsize,
 }
 
 impl ChannelDirectory {
-    pub(crate) fn new() -> Self {
+    pub(crate) fn new(broker: Option<Arc<dyn Broker>>) -> Self {
         ChannelDirectory {
+            broker,
             hasher: ahash::RandomState::new(),
             buckets: (0..BUCKETS).map(|_| Bucket::default()).collect(),
             count: AtomicUsize::new(0),
@@ -77,6 +81,9 @@ impl ChannelDirectory {
         let mut bucket = write(self.bucket(channel));
         let entry = bucket.entry(channel.into()).or_insert_with(|| {
             self.count.fetch_add(1, Ordering::Relaxed);
+            if let Some(broker) = &self.broker {
+                broker.channel_active(channel);
+            }
             Arc::new(ChannelEntry {
                 name: channel.into(),
                 shards: AtomicU64::new(0),
@@ -97,6 +104,9 @@ impl ChannelDirectory {
         if left == 0 {
             bucket.remove(&entry.name);
             self.count.fetch_sub(1, Ordering::Relaxed);
+            if let Some(broker) = &self.broker {
+                broker.channel_inactive(&entry.name);
+            }
         }
     }
 
@@ -146,7 +156,7 @@ mod tests {
 
     #[test]
     fn masks_and_counts_follow_joins_and_leaves() {
-        let dir = ChannelDirectory::new();
+        let dir = ChannelDirectory::new(None);
         assert!(dir.get("a").is_none());
         let e0 = dir.join("a", 0);
         e0.add_subscriber();
@@ -167,7 +177,7 @@ mod tests {
 
     #[test]
     fn snapshot_lists_channels_by_name() {
-        let dir = ChannelDirectory::new();
+        let dir = ChannelDirectory::new(None);
         for name in ["b", "a", "c"] {
             dir.join(name, 1);
         }

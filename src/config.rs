@@ -7,6 +7,7 @@ use std::time::Duration;
 use http::HeaderMap;
 
 use crate::auth::{AuthError, Authenticator, Origin};
+use crate::broker::Broker;
 use crate::client::ClientInfo;
 use crate::error::{Error, Result};
 
@@ -108,6 +109,7 @@ pub struct HubConfig {
     pub(crate) echo: bool,
     pub(crate) path: String,
     pub(crate) authenticator: Option<Arc<dyn Authenticator>>,
+    pub(crate) broker: Option<Arc<dyn Broker>>,
     pub(crate) on_connect: Option<Arc<OnConnect>>,
     pub(crate) on_disconnect: Option<Arc<OnDisconnect>>,
     pub(crate) on_auth_failure: Option<Arc<OnAuthFailure>>,
@@ -135,6 +137,7 @@ impl Default for HubConfig {
             echo: false,
             path: "/ws".to_owned(),
             authenticator: None,
+            broker: None,
             on_connect: None,
             on_disconnect: None,
             on_auth_failure: None,
@@ -204,6 +207,7 @@ impl fmt::Debug for HubConfig {
             .field("strict_go_ws", &self.strict_go_ws)
             .field("path", &self.path)
             .field("authenticator", &self.authenticator.is_some())
+            .field("broker", &self.broker.is_some())
             .finish_non_exhaustive()
     }
 }
@@ -355,6 +359,13 @@ impl HubConfigBuilder {
     /// connects, anonymous).
     pub fn authenticator(mut self, authenticator: impl Authenticator) -> Self {
         self.config.authenticator = Some(Arc::new(authenticator));
+        self
+    }
+
+    /// Joins this hub to others through a broker (several nodes; see [`Broker`]). Default:
+    /// none, a single node.
+    pub fn broker(mut self, broker: impl Broker) -> Self {
+        self.config.broker = Some(Arc::new(broker));
         self
     }
 

@@ -10,6 +10,7 @@ use serde::Serialize;
 use serde_json::value::RawValue;
 use tokio::sync::{mpsc, oneshot, watch, Notify};
 
+use crate::broker::{Broker, Inbound, Target};
 use crate::channels::ChannelDirectory;
 use crate::client::{ChannelSnapshot, ClientId, ClientSnapshot};
 use crate::config::HubConfig;
@@ -113,20 +114,38 @@ impl Shared {
         }
     }
 
-    /// Publishes to `channel` the frame `encode` makes, encoding only when some shard has
-    /// subscribers: a publish to a channel nobody listens to costs one map lookup.
+    /// Publishes to `channel` the frame `encode` makes: to the local shards with subscribers,
+    /// then to the broker. Without a broker, a publish to a channel nobody here listens to
+    /// costs one map lookup and is never encoded.
     pub(crate) fn publish_with(
         &self,
         channel: &str,
         encode: impl FnOnce() -> Result<Bytes>,
     ) -> Result<()> {
         self.check_running()?;
-        let Some(entry) = self.channels.get(channel) else {
+        if self.broker().is_none() && self.channels.get(channel).is_none() {
             self.counters.published.fetch_add(1, Ordering::Relaxed);
             return Ok(());
-        };
+        }
         let frame = encode()?;
         self.counters.published.fetch_add(1, Ordering::Relaxed);
+        let payload = self.broker().map(|_| protocol::frame_payload(&frame));
+        self.fan_out_to_channel(channel, frame);
+        if let (Some(broker), Some(payload)) = (self.broker(), payload) {
+            broker.publish(Target::Channel(channel), payload);
+        }
+        Ok(())
+    }
+
+    pub(crate) fn broker(&self) -> Option<&Arc<dyn Broker>> {
+        self.config.broker.as_ref()
+    }
+
+    /// Hands `frame` to the local shards that have subscribers to `channel`.
+    pub(crate) fn fan_out_to_channel(&self, channel: &str, frame: Bytes) {
+        let Some(entry) = self.channels.get(channel) else {
+            return;
+        };
         let mut mask = entry.shard_mask();
         while mask != 0 {
             let index = mask.trailing_zeros() as usize;
@@ -137,11 +156,19 @@ impl Shared {
             };
             self.publish_to_shard(index, frame.len(), command);
         }
-        Ok(())
     }
 
     fn broadcast_frame(&self, frame: Bytes) {
         self.counters.published.fetch_add(1, Ordering::Relaxed);
+        let payload = self.broker().map(|_| protocol::frame_payload(&frame));
+        self.fan_out_to_all(frame);
+        if let (Some(broker), Some(payload)) = (self.broker(), payload) {
+            broker.publish(Target::Broadcast, payload);
+        }
+    }
+
+    /// Hands `frame` to every local shard, for all its clients.
+    pub(crate) fn fan_out_to_all(&self, frame: Bytes) {
         let last = self.shards.len() - 1;
         for index in 0..self.shards.len() {
             let command = Command::Broadcast(frame_for_shard(&frame, index == last));
@@ -221,6 +248,9 @@ impl Drop for Inner {
     fn drop(&mut self) {
         for shard in self.shared.shards.iter() {
             let _ = shard.inbox.send(Command::Stop);
+        }
+        if let Some(broker) = self.shared.broker() {
+            broker.shutdown();
         }
     }
 }
@@ -309,10 +339,11 @@ impl Hub {
                 backlog: AtomicUsize::new(0),
             })
             .collect();
+        let broker = config.broker.clone();
         let shared = Arc::new(Shared {
             counters: Counters::new(config.shards),
             config,
-            channels: ChannelDirectory::new(),
+            channels: ChannelDirectory::new(broker),
             shards,
             epoch: Instant::now(),
             next_client: AtomicU64::new(1),
@@ -360,6 +391,9 @@ impl Hub {
                 .shard_tasks
                 .lock()
                 .unwrap_or_else(|p| p.into_inner()) = tasks;
+            if let Some(broker) = self.inner.shared.broker() {
+                broker.start(Inbound::new(&self.inner.shared));
+            }
         }
     }
 
@@ -419,6 +453,9 @@ impl Hub {
         );
         for task in tasks {
             let _ = task.await;
+        }
+        if let Some(broker) = shared.broker() {
+            broker.shutdown();
         }
     }
 
@@ -654,7 +691,9 @@ impl Hub {
     /// The hub's counters.
     pub fn stats(&self) -> HubStats {
         let shared = &self.inner.shared;
-        shared.counters.snapshot(shared.channels.channel_count())
+        let mut stats = shared.counters.snapshot(shared.channels.channel_count());
+        stats.broker = shared.broker().map(|b| b.stats());
+        stats
     }
 
     /// Every channel with subscribers and their count, sorted by name.

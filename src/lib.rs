@@ -56,6 +56,7 @@
 mod auth;
 #[doc(hidden)]
 pub mod bench_support;
+mod broker;
 mod channels;
 mod client;
 mod config;
@@ -74,6 +75,7 @@ pub use auth::{
     bearer_token, query_param, ApiKeyAuth, AuthError, AuthRequest, Authenticator, BearerTokenAuth,
     Identity, QueryTokenAuth,
 };
+pub use broker::{Broker, BrokerStats, Inbound, Target};
 pub use client::{ChannelSnapshot, ClientId, ClientInfo, ClientSnapshot};
 pub use config::{
     ChannelPolicyFn, HubConfig, HubConfigBuilder, PublishPolicy, SlowConsumerPolicy, MAX_SHARDS,

@@ -377,6 +377,22 @@ pub(crate) fn encode_frame<D: Serialize + ?Sized>(
     envelope: &Envelope<'_, D>,
     time: SystemTime,
 ) -> Result<Bytes, serde_json::Error> {
+    encode_frame_stamped(envelope, Stamp::At(time))
+}
+
+/// The `timestamp` a frame gets.
+pub(crate) enum Stamp<'a> {
+    /// This time, formatted.
+    At(SystemTime),
+    /// A JSON value as another node sent it (kept, not stamped again).
+    Raw(&'a RawValue),
+}
+
+/// [`encode_frame`] with the timestamp given.
+pub(crate) fn encode_frame_stamped<D: Serialize + ?Sized>(
+    envelope: &Envelope<'_, D>,
+    stamp: Stamp<'_>,
+) -> Result<Bytes, serde_json::Error> {
     let mut buf = Vec::with_capacity(MAX_HEADER_LEN + 96 + envelope.size_hint());
     buf.resize(MAX_HEADER_LEN, 0);
     buf.extend_from_slice(b"{\"type\":");
@@ -393,16 +409,90 @@ pub(crate) fn encode_frame<D: Serialize + ?Sized>(
         buf.extend_from_slice(b",\"data\":");
         serde_json::to_writer(&mut buf, data)?;
     }
-    buf.extend_from_slice(b",\"timestamp\":\"");
-    buf.extend_from_slice(&format_timestamp(time));
-    buf.extend_from_slice(b"\"}");
+    match stamp {
+        Stamp::At(time) => {
+            buf.extend_from_slice(b",\"timestamp\":\"");
+            buf.extend_from_slice(&format_timestamp(time));
+            buf.extend_from_slice(b"\"}");
+        }
+        Stamp::Raw(raw) => {
+            buf.extend_from_slice(b",\"timestamp\":");
+            buf.extend_from_slice(raw.get().as_bytes());
+            buf.push(b'}');
+        }
+    }
+    Ok(finish_frame(buf))
+}
 
+/// Writes the header in front of the JSON in `buf` (which starts with `MAX_HEADER_LEN` bytes
+/// of room) and returns the frame.
+fn finish_frame(mut buf: Vec<u8>) -> Bytes {
     let (header, header_len) = frame::server_header(OPCODE_TEXT, buf.len() - MAX_HEADER_LEN);
     let start = MAX_HEADER_LEN - header_len;
     buf[start..MAX_HEADER_LEN].copy_from_slice(&header[..header_len]);
     let mut frame = Bytes::from(buf);
     frame.advance(start);
-    Ok(frame)
+    frame
+}
+
+/// A text frame carrying `json` as it is: for a message another node encoded already.
+pub(crate) fn frame_json(json: &[u8]) -> Bytes {
+    let mut buf = Vec::with_capacity(MAX_HEADER_LEN + json.len());
+    buf.resize(MAX_HEADER_LEN, 0);
+    buf.extend_from_slice(json);
+    finish_frame(buf)
+}
+
+/// The JSON payload of a frame this module encoded: the same bytes, without the header.
+pub(crate) fn frame_payload(frame: &Bytes) -> Bytes {
+    let header_len = match frame.get(1) {
+        Some(126) => 4,
+        Some(127) => 10,
+        _ => 2,
+    };
+    frame.slice(header_len.min(frame.len())..)
+}
+
+/// A message as another node sent it, borrowed: checked and framed without a full parse.
+#[derive(Deserialize)]
+struct RemoteMessage<'a> {
+    #[serde(rename = "type", borrow)]
+    kind: Cow<'a, str>,
+    #[serde(default, borrow)]
+    channel: Option<Cow<'a, str>>,
+    #[serde(default, rename = "processId", borrow)]
+    process_id: Option<Cow<'a, str>>,
+    #[serde(default, borrow)]
+    data: Option<&'a RawValue>,
+    #[serde(default, borrow)]
+    timestamp: Option<&'a RawValue>,
+}
+
+/// Frames a message another node published to `channel` (or to everyone, when `None`).
+///
+/// When the message already names `channel` (or is a broadcast), its JSON is framed as it
+/// came, byte for byte: the encode-once property holds across nodes. Otherwise (a go-ws node
+/// may leave `channel` out) it is encoded again with `channel` set, keeping the sender's
+/// timestamp. `None` when it is not a JSON object with a string `type`.
+pub(crate) fn frame_remote(channel: Option<&str>, json: &[u8]) -> Option<Bytes> {
+    let message: RemoteMessage<'_> = serde_json::from_slice(json).ok()?;
+    let Some(channel) = channel else {
+        return Some(frame_json(json));
+    };
+    if message.channel.as_deref() == Some(channel) {
+        return Some(frame_json(json));
+    }
+    let envelope = Envelope {
+        kind: &message.kind,
+        channel: Some(channel),
+        process_id: message.process_id.as_deref(),
+        data: message.data,
+    };
+    let stamp = match message.timestamp {
+        Some(raw) => Stamp::Raw(raw),
+        None => Stamp::At(SystemTime::now()),
+    };
+    encode_frame_stamped(&envelope, stamp).ok()
 }
 
 impl<D: ?Sized> Envelope<'_, D> {
@@ -616,6 +706,28 @@ mod tests {
         assert!(too_deep(&deep));
         let string = format!("\"{}\\\"\"", "[".repeat(1000));
         assert!(!too_deep(&string));
+    }
+
+    #[test]
+    fn remote_messages_with_the_right_channel_are_framed_as_they_came() {
+        let json = br#"{"type":"message","channel":"room","data":{"b":1, "a":2},"timestamp":"T"}"#;
+        let frame = frame_remote(Some("room"), json).unwrap();
+        assert_eq!(&frame[2..], &json[..]);
+        assert_eq!(&frame_payload(&frame)[..], &json[..]);
+        let broadcast = frame_remote(None, br#"{"type":"event"}"#).unwrap();
+        assert_eq!(payload(&broadcast), r#"{"type":"event"}"#);
+    }
+
+    #[test]
+    fn remote_messages_without_the_channel_are_encoded_again_keeping_their_timestamp() {
+        let json = br#"{"type":"process_output","processId":"b1","data":"x","timestamp":"2026-01-01T00:00:00Z"}"#;
+        let frame = frame_remote(Some("process:b1"), json).unwrap();
+        assert_eq!(
+            payload(&frame),
+            r#"{"type":"process_output","channel":"process:b1","processId":"b1","data":"x","timestamp":"2026-01-01T00:00:00Z"}"#
+        );
+        assert!(frame_remote(Some("c"), b"not json").is_none());
+        assert!(frame_remote(Some("c"), br#"{"data":1}"#).is_none());
     }
 
     #[test]

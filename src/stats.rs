@@ -39,6 +39,8 @@ pub struct HubStats {
     pub backlog_refused: u64,
     /// Clients per shard, indexed by shard.
     pub shard_clients: Vec<usize>,
+    /// The broker's counters, when the hub has one (several nodes).
+    pub broker: Option<crate::BrokerStats>,
 }
 
 /// The hub's shared counters.
@@ -84,6 +86,7 @@ impl Counters {
             upgrades_refused: self.upgrades_refused.load(Relaxed),
             backlog_refused: self.backlog_refused.load(Relaxed),
             shard_clients: self.shard_clients.iter().map(|c| c.load(Relaxed)).collect(),
+            broker: None,
         }
     }
 }

@@ -1,0 +1,147 @@
+//! Several nodes: the [`Broker`] trait that carries messages between hubs.
+//!
+//! A hub without a broker is a single node and pays nothing for this. With one, every
+//! `send_to_channel`, `broadcast` and helper built on them is delivered locally first, then
+//! handed to the broker for the other nodes; and the broker is told when this node gains its
+//! first subscriber to a channel and loses its last, so that it listens only to channels that
+//! have local subscribers. Messages from other nodes come back in through [`Inbound`].
+//!
+//! The Redis backend ([`RedisBroker`](crate::RedisBroker), cargo feature `redis`) speaks
+//! go-ws's own bridge format, so Go and Rust nodes can serve one cluster.
+
+use std::fmt;
+use std::sync::{Arc, Weak};
+
+use bytes::Bytes;
+
+use crate::hub::Shared;
+use crate::protocol;
+
+#[cfg(feature = "redis")]
+pub(crate) mod redis;
+
+/// Where a message goes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Target<'a> {
+    /// The subscribers of one channel.
+    Channel(&'a str),
+    /// Every client.
+    Broadcast,
+}
+
+/// A broker's counters, in [`HubStats::broker`](crate::HubStats::broker).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct BrokerStats {
+    /// Whether the broker is connected to its server now.
+    pub connected: bool,
+    /// Connections made after the first (each one after a loss).
+    pub reconnects: u64,
+    /// Messages sent to other nodes.
+    pub sent: u64,
+    /// Messages received from other nodes and delivered here (own messages not counted).
+    pub received: u64,
+    /// Messages that could not be sent: the server was away or the send queue was full.
+    pub send_dropped: u64,
+    /// Messages received that could not be read (not the bridge format) and were dropped.
+    pub receive_dropped: u64,
+    /// Channels this node listens to now.
+    pub channels: usize,
+}
+
+impl BrokerStats {
+    /// Counters for a broker that does nothing.
+    pub fn new(connected: bool) -> Self {
+        BrokerStats {
+            connected,
+            ..BrokerStats::default()
+        }
+    }
+}
+
+/// Carries messages between the hubs of several nodes.
+///
+/// Every method is called from the hub's hot paths (publishers, shards) and must return at
+/// once: queue the work for a task of the broker's own, and count what cannot be queued
+/// rather than wait or grow without bound.
+pub trait Broker: Send + Sync + 'static {
+    /// Starts the broker, on the hub's tokio runtime: messages from other nodes are to be
+    /// handed to `inbound`. Called once, when the hub starts.
+    fn start(&self, inbound: Inbound);
+
+    /// Sends a message published on this node to the other nodes. `message` is the
+    /// envelope's JSON, already encoded (the same bytes local clients get).
+    fn publish(&self, target: Target<'_>, message: Bytes);
+
+    /// This node has its first subscriber to `channel`.
+    fn channel_active(&self, channel: &str);
+
+    /// This node's last subscriber to `channel` has gone.
+    fn channel_inactive(&self, channel: &str);
+
+    /// The broker's counters.
+    fn stats(&self) -> BrokerStats;
+
+    /// The hub has shut down: stop, dropping what is queued. Must not block.
+    fn shutdown(&self);
+}
+
+/// Delivers messages from other nodes to this hub's clients: the broker's way in.
+#[derive(Clone)]
+pub struct Inbound {
+    shared: Weak<Shared>,
+}
+
+impl fmt::Debug for Inbound {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Inbound")
+    }
+}
+
+impl Inbound {
+    pub(crate) fn new(shared: &Arc<Shared>) -> Self {
+        Inbound {
+            shared: Arc::downgrade(shared),
+        }
+    }
+
+    /// Delivers `message` (the envelope's JSON, as another node encoded it) to this node's
+    /// subscribers of the target, without sending it back to the broker. The JSON is framed
+    /// as it came when it already names the channel; otherwise it is encoded again with the
+    /// channel set, keeping its timestamp.
+    ///
+    /// Returns false when the message is not a JSON object with a string `type`, or the hub
+    /// is gone; nothing is delivered then.
+    pub fn deliver(&self, target: Target<'_>, message: &[u8]) -> bool {
+        let Some(shared) = self.shared.upgrade() else {
+            return false;
+        };
+        let channel = match target {
+            Target::Channel(channel) => Some(channel),
+            Target::Broadcast => None,
+        };
+        let Some(frame) = protocol::frame_remote(channel, message) else {
+            return false;
+        };
+        match channel {
+            Some(channel) => shared.fan_out_to_channel(channel, frame),
+            None => shared.fan_out_to_all(frame),
+        }
+        true
+    }
+
+    /// Whether this node has subscribers to `channel` now.
+    pub fn has_subscribers(&self, channel: &str) -> bool {
+        self.shared
+            .upgrade()
+            .is_some_and(|s| s.channels.get(channel).is_some())
+    }
+
+    /// Every channel this node has subscribers to now: what a broker listens to again after
+    /// it reconnects.
+    pub fn active_channels(&self) -> Vec<String> {
+        self.shared.upgrade().map_or_else(Vec::new, |s| {
+            s.channels.snapshot().into_iter().map(|c| c.name).collect()
+        })
+    }
+}

@@ -1,0 +1,1 @@
+//! The Redis broker (in progress).
