@@ -68,6 +68,16 @@ impl fmt::Debug for PublishPolicy {
     }
 }
 
+/// A limit on how fast one client may send messages: a token bucket of `burst` messages,
+/// refilled at `per_second`. Set with [`HubConfigBuilder::message_rate_limit`].
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct RateLimit {
+    /// Messages per second, sustained.
+    pub per_second: u32,
+    /// Messages a client may send at once after a quiet spell.
+    pub burst: u32,
+}
+
 pub(crate) type OnConnect = dyn Fn(&ClientInfo, &HeaderMap) + Send + Sync;
 pub(crate) type OnDisconnect = dyn Fn(&ClientInfo) + Send + Sync;
 pub(crate) type OnAuthFailure = dyn Fn(Option<std::net::SocketAddr>, &AuthError) + Send + Sync;
@@ -106,6 +116,7 @@ pub struct HubConfig {
     pub(crate) publish_policy: PublishPolicy,
     pub(crate) subscribe_policy: Option<Arc<ChannelPolicyFn>>,
     pub(crate) strict_go_ws: bool,
+    pub(crate) rate_limit: Option<RateLimit>,
     pub(crate) echo: bool,
     pub(crate) path: String,
     pub(crate) authenticator: Option<Arc<dyn Authenticator>>,
@@ -134,6 +145,7 @@ impl Default for HubConfig {
             publish_policy: PublishPolicy::Refuse,
             subscribe_policy: None,
             strict_go_ws: false,
+            rate_limit: None,
             echo: false,
             path: "/ws".to_owned(),
             authenticator: None,
@@ -205,6 +217,7 @@ impl fmt::Debug for HubConfig {
             .field("allowed_origins", &self.allowed_origins)
             .field("publish_policy", &self.publish_policy)
             .field("strict_go_ws", &self.strict_go_ws)
+            .field("rate_limit", &self.rate_limit)
             .field("path", &self.path)
             .field("authenticator", &self.authenticator.is_some())
             .field("broker", &self.broker.is_some())
@@ -331,6 +344,14 @@ impl HubConfigBuilder {
         self
     }
 
+    /// Limits each client to `per_second` messages per second with bursts of `burst`; a client
+    /// over it is closed with 1008. Counts data messages (not pings or pongs). Default: off,
+    /// so that a busy publisher is never cut off unasked.
+    pub fn message_rate_limit(mut self, per_second: u32, burst: u32) -> Self {
+        self.config.rate_limit = Some(RateLimit { per_second, burst });
+        self
+    }
+
     /// go-ws strict mode: no `subscribed`/`unsubscribed` acknowledgements and no per-client
     /// `error` messages, exactly what a go-ws client has seen. Default: off.
     pub fn strict_go_ws(mut self, strict: bool) -> Self {
@@ -436,6 +457,13 @@ impl HubConfigBuilder {
         ] {
             if zero {
                 return Err(Error::config(format!("{name} must be above zero")));
+            }
+        }
+        if let Some(limit) = c.rate_limit {
+            if limit.per_second == 0 || limit.burst == 0 {
+                return Err(Error::config(
+                    "message rate limit needs a rate and a burst above zero",
+                ));
             }
         }
         if !c.path.starts_with('/') {

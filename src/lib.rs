@@ -78,7 +78,8 @@ pub use auth::{
 pub use broker::{Broker, BrokerStats, Inbound, Target};
 pub use client::{ChannelSnapshot, ClientId, ClientInfo, ClientSnapshot};
 pub use config::{
-    ChannelPolicyFn, HubConfig, HubConfigBuilder, PublishPolicy, SlowConsumerPolicy, MAX_SHARDS,
+    ChannelPolicyFn, HubConfig, HubConfigBuilder, PublishPolicy, RateLimit, SlowConsumerPolicy,
+    MAX_SHARDS,
 };
 pub use error::{Error, Result};
 pub use frame::{apply_mask, close_code};

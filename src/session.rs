@@ -6,7 +6,7 @@
 //! readiness, then reads into a per-thread scratch buffer, and only the tail of a frame still
 //! arriving is copied into a buffer of the connection's own, freed once the frame is whole.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::io;
 use std::ops::ControlFlow;
 use std::sync::Arc;
@@ -16,6 +16,7 @@ use bytes::Bytes;
 use tokio::net::TcpStream;
 use tokio::sync::oneshot;
 
+use crate::config::RateLimit;
 use crate::conn::{CloseMode, Conn, WriteState};
 use crate::frame::{
     self, close_code, Decoder, Event, Violation, OPCODE_BINARY, OPCODE_PONG, OPCODE_TEXT,
@@ -128,6 +129,38 @@ impl Reader {
 struct Responder<'a> {
     shared: &'a Arc<Shared>,
     conn: &'a Arc<Conn>,
+    /// The client's message budget, when a rate limit is configured.
+    budget: Cell<Option<TokenBucket>>,
+}
+
+/// A token bucket: `burst` messages at once, refilled at `per_second`.
+#[derive(Clone, Copy, Debug)]
+struct TokenBucket {
+    tokens: f64,
+    refilled: Instant,
+}
+
+impl TokenBucket {
+    fn full(burst: u32) -> Self {
+        TokenBucket {
+            tokens: f64::from(burst),
+            refilled: Instant::now(),
+        }
+    }
+
+    /// Takes one token; false when there is none.
+    fn take(&mut self, limit: RateLimit) -> bool {
+        let now = Instant::now();
+        let earned = now.duration_since(self.refilled).as_secs_f64() * f64::from(limit.per_second);
+        self.tokens = (self.tokens + earned).min(f64::from(limit.burst));
+        self.refilled = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
 }
 
 impl Responder<'_> {
@@ -151,6 +184,16 @@ impl Responder<'_> {
     fn on_event(&self, event: Event<'_>, flow: &mut Flow) -> ControlFlow<()> {
         match event {
             Event::Message { text, payload } => {
+                if !self.within_rate_limit() {
+                    self.conn.close(
+                        close_code::POLICY_VIOLATION,
+                        "message rate limit exceeded",
+                        CloseMode::Now,
+                        self.shared,
+                    );
+                    *flow = Flow::Closing { peer_closed: false };
+                    return ControlFlow::Break(());
+                }
                 if self.shared.config.echo {
                     self.echo(text, payload);
                 } else {
@@ -169,6 +212,17 @@ impl Responder<'_> {
             }
         }
         ControlFlow::Continue(())
+    }
+
+    /// Whether the client may send one more message now.
+    fn within_rate_limit(&self) -> bool {
+        let (Some(limit), Some(mut budget)) = (self.shared.config.rate_limit, self.budget.get())
+        else {
+            return true;
+        };
+        let allowed = budget.take(limit);
+        self.budget.set(Some(budget));
+        allowed
     }
 
     /// Sends the message back as it came: the conformance-test endpoint's whole behaviour.
@@ -285,7 +339,11 @@ async fn serve_client(
     tcp: &TcpStream,
     early: Option<Vec<u8>>,
 ) {
-    let responder = Responder { shared, conn };
+    let responder = Responder {
+        shared,
+        conn,
+        budget: Cell::new(shared.config.rate_limit.map(|l| TokenBucket::full(l.burst))),
+    };
     let mut reader = Reader {
         decoder: Decoder::new(shared.config.max_message_size),
         pending: Vec::new(),
@@ -463,5 +521,31 @@ mod tests {
             "{}",
             std::mem::size_of_val(&task)
         );
+    }
+}
+
+#[cfg(test)]
+mod rate_limit_tests {
+    use super::*;
+
+    #[test]
+    fn a_burst_is_allowed_then_the_rate() {
+        let limit = RateLimit {
+            per_second: 10,
+            burst: 3,
+        };
+        let mut bucket = TokenBucket::full(limit.burst);
+        assert!((0..3).all(|_| bucket.take(limit)), "the burst");
+        assert!(!bucket.take(limit), "nothing left");
+        bucket.refilled -= Duration::from_millis(250);
+        assert!(bucket.take(limit), "2.5 tokens earned in 250 ms at 10/s");
+        assert!(bucket.take(limit));
+        assert!(!bucket.take(limit));
+        bucket.refilled -= Duration::from_secs(60);
+        assert!(
+            (0..3).all(|_| bucket.take(limit)),
+            "refills up to the burst only"
+        );
+        assert!(!bucket.take(limit));
     }
 }
