@@ -128,6 +128,39 @@ pub(crate) struct Conn {
     last_seen_ms: AtomicU64,
 }
 
+/// Writes as much of `frames[order[..]]` as the socket takes without blocking, one vectored
+/// write per `MAX_IOV` frames. Returns how many frames were written whole, and how many bytes
+/// of the next one.
+fn write_indexed(socket: &Socket, frames: &[Bytes], order: &[u32]) -> io::Result<(usize, usize)> {
+    let mut whole = 0;
+    while whole < order.len() {
+        let result = {
+            let slices: SmallVec<[IoSlice<'_>; MAX_IOV]> = order[whole..]
+                .iter()
+                .take(MAX_IOV)
+                .map(|&index| IoSlice::new(&frames[index as usize]))
+                .collect();
+            socket.try_write_vectored(&slices)
+        };
+        let mut written = match result {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => n,
+            Err(err) if err.kind() == io::ErrorKind::WouldBlock => return Ok((whole, 0)),
+            Err(err) => return Err(err),
+        };
+        while written > 0 {
+            let len = frames[order[whole] as usize].len();
+            if written < len {
+                // The socket took less than offered: it is full.
+                return Ok((whole, written));
+            }
+            written -= len;
+            whole += 1;
+        }
+    }
+    Ok((whole, 0))
+}
+
 /// What a write attempt did.
 struct Progress {
     /// Frames written whole.
@@ -261,19 +294,25 @@ impl Conn {
         self.last_seen_ms.load(Ordering::Relaxed)
     }
 
-    /// Sends `batch` in order, after anything already queued, and empties it. This is the hot
-    /// path: one lock and, when nothing is queued, one `writev` for the whole batch.
-    pub(crate) fn send(&self, batch: &mut Vec<Bytes>, shared: &Shared) -> Sent {
+    /// Sends `frames[order[0]]`, `frames[order[1]]`, … in that order, after anything already
+    /// queued. This is the hot path: one lock and, when nothing is queued, one `writev` for
+    /// the client's whole batch, straight from the shard's frame table. A frame is cloned
+    /// (a reference-count increment) only when it has to wait in the queue.
+    pub(crate) fn send(&self, frames: &[Bytes], order: &[u32], shared: &Shared) -> Sent {
         let mut out = self.lock();
         let before = out.bytes;
         let sent = match out.state {
-            WriteState::Open => match write_some(&self.socket, batch) {
-                Ok(progress) if progress.whole == batch.len() => Sent::Ok,
-                Ok(progress) => {
-                    out.front_partial = progress.partial;
-                    for frame in batch.drain(progress.whole..) {
+            WriteState::Open => match write_indexed(&self.socket, frames, order) {
+                Ok((whole, _)) if whole == order.len() => Sent::Ok,
+                Ok((whole, partial)) => {
+                    for (k, &index) in order[whole..].iter().enumerate() {
+                        let mut frame = frames[index as usize].clone();
+                        if k == 0 {
+                            frame.advance(partial);
+                        }
                         out.push(frame);
                     }
+                    out.front_partial = partial > 0;
                     out.state = WriteState::Blocked {
                         since: Instant::now(),
                     };
@@ -286,8 +325,8 @@ impl Conn {
                 }
             },
             WriteState::Blocked { .. } => {
-                for frame in batch.drain(..) {
-                    out.push(frame);
+                for &index in order {
+                    out.push(frames[index as usize].clone());
                 }
                 self.enforce_bound(&mut out, shared)
             }
@@ -295,19 +334,17 @@ impl Conn {
                 shared
                     .counters
                     .dropped
-                    .fetch_add(batch.len() as u64, Ordering::Relaxed);
+                    .fetch_add(order.len() as u64, Ordering::Relaxed);
                 Sent::Closed
             }
         };
-        batch.clear();
         account_queued(shared, before, out.bytes);
         sent
     }
 
     /// Sends one frame; see [`send`](Self::send).
     pub(crate) fn send_one(&self, frame: Bytes, shared: &Shared) -> Sent {
-        let mut batch = vec![frame];
-        self.send(&mut batch, shared)
+        self.send(std::slice::from_ref(&frame), &[0], shared)
     }
 
     /// Sends a control frame (a pong) ahead of queued data: it only waits for a frame already
