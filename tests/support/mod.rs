@@ -1,0 +1,646 @@
+//! Helpers shared by the integration tests: a hub served on 127.0.0.1:0, a real WebSocket
+//! client (tokio-tungstenite), and a raw TCP client for what a real client refuses to send.
+//!
+//! Every wait here is bounded by a generous deadline ([`DEADLINE`]); a test that would hang
+//! fails with a message saying what it was waiting for.
+
+#![allow(dead_code, unreachable_pub)]
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use futures_util::{SinkExt, StreamExt};
+use serde_json::Value;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::handshake::client::Response;
+use tokio_tungstenite::tungstenite::http::Request;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::{self, Message as WsMessage};
+use tokio_tungstenite::WebSocketStream;
+use wshub::{Hub, HubConfig};
+
+/// How long any single wait may take before the test fails. Generous: the machine is noisy.
+pub const DEADLINE: Duration = Duration::from_secs(20);
+
+/// A WebSocket client connection.
+pub type Ws = WebSocketStream<TcpStream>;
+
+/// Awaits `future`, failing the test with `what` if it takes longer than [`DEADLINE`].
+pub async fn within<T>(what: &str, future: impl Future<Output = T>) -> T {
+    match tokio::time::timeout(DEADLINE, future).await {
+        Ok(value) => value,
+        Err(_) => panic!("timed out after {DEADLINE:?} waiting for {what}"),
+    }
+}
+
+/// Polls `condition` every 10 ms until it holds, failing after [`DEADLINE`].
+pub async fn wait_until(what: &str, mut condition: impl FnMut() -> bool) {
+    within(what, async {
+        while !condition() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+}
+
+/// A hub served by [`wshub::serve`] on 127.0.0.1 with an ephemeral port.
+pub struct Server {
+    pub hub: Hub,
+    pub addr: SocketAddr,
+    shutdown: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<std::io::Result<()>>>,
+}
+
+impl Server {
+    /// Starts `wshub::serve` with `config`; it runs until [`Server::shutdown`] (or drop).
+    pub async fn start(config: HubConfig) -> Server {
+        let hub = Hub::with_config(config);
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind 127.0.0.1:0");
+        let addr = listener.local_addr().expect("local addr");
+        let (tx, rx) = oneshot::channel::<()>();
+        let task = tokio::spawn(wshub::serve(listener, hub.clone(), async move {
+            let _ = rx.await;
+        }));
+        Server {
+            hub,
+            addr,
+            shutdown: Some(tx),
+            task: Some(task),
+        }
+    }
+
+    /// Starts a hub with the default configuration.
+    pub async fn default_hub() -> Server {
+        Server::start(HubConfig::default()).await
+    }
+
+    /// `ws://ADDR/ws`
+    pub fn url(&self) -> String {
+        format!("ws://{}/ws", self.addr)
+    }
+
+    /// Connects a WebSocket client to `/ws` and waits until the hub counts one more client
+    /// (the upgrade is answered before the hub registers the client, so a test that
+    /// publishes right after connecting could otherwise miss it).
+    pub async fn connect(&self) -> Ws {
+        let before = self.hub.client_count();
+        let ws = connect(self.addr).await;
+        let hub = self.hub.clone();
+        wait_until("the client to be registered", move || {
+            hub.client_count() > before
+        })
+        .await;
+        ws
+    }
+
+    /// The id of the only client, or of the newest one.
+    pub async fn newest_client(&self) -> wshub::ClientId {
+        let clients = self.hub.clients().await;
+        clients.last().expect("a connected client").info.id
+    }
+
+    /// Triggers the shutdown future and waits for `serve` to return.
+    pub async fn shutdown(&mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        if let Some(task) = self.task.take() {
+            within("serve to return after shutdown", task)
+                .await
+                .expect("serve task panicked")
+                .expect("serve returned an error");
+        }
+    }
+
+    /// Triggers the shutdown without waiting for `serve`.
+    pub fn begin_shutdown(&mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+    }
+
+    /// Waits for `serve` to return (after [`Server::begin_shutdown`]).
+    pub async fn wait_stopped(&mut self) {
+        self.shutdown().await
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+    }
+}
+
+/// Connects a WebSocket client to `ws://addr/ws`.
+pub async fn connect(addr: SocketAddr) -> Ws {
+    let request = format!("ws://{addr}/ws")
+        .into_client_request()
+        .expect("a valid request");
+    let (ws, _) = try_connect(addr, request)
+        .await
+        .expect("the WebSocket handshake to succeed");
+    ws
+}
+
+/// Connects a WebSocket client with `request` (its own headers, path, query).
+pub async fn try_connect(
+    addr: SocketAddr,
+    request: Request<()>,
+) -> Result<(Ws, Response), tungstenite::Error> {
+    within("the WebSocket handshake", async {
+        let stream = TcpStream::connect(addr).await.expect("tcp connect");
+        stream.set_nodelay(true).expect("nodelay");
+        tokio_tungstenite::client_async(request, stream).await
+    })
+    .await
+}
+
+/// A request to `ws://addr{path}` to which headers can be added.
+pub fn request(addr: SocketAddr, path: &str) -> Request<()> {
+    format!("ws://{addr}{path}")
+        .into_client_request()
+        .expect("a valid request")
+}
+
+/// The HTTP status of a refused handshake, or panics if it succeeded or failed otherwise.
+pub fn refused_status(result: Result<(Ws, Response), tungstenite::Error>) -> u16 {
+    match result {
+        Ok(_) => panic!("the handshake succeeded; expected a refusal"),
+        Err(tungstenite::Error::Http(response)) => response.status().as_u16(),
+        Err(err) => panic!("the handshake failed without an HTTP answer: {err}"),
+    }
+}
+
+/// What a client can see next on a connection.
+#[derive(Debug)]
+pub enum Seen {
+    Text(String),
+    Binary(Vec<u8>),
+    Ping(Vec<u8>),
+    Pong(Vec<u8>),
+    Close(Option<(u16, String)>),
+    /// The stream ended (or failed) without a close frame.
+    End(Option<String>),
+}
+
+/// The next thing the server sends, pings and pongs included.
+pub async fn next_seen(ws: &mut Ws) -> Seen {
+    let next = within("the next frame from the server", ws.next()).await;
+    match next {
+        None => Seen::End(None),
+        Some(Err(err)) => Seen::End(Some(err.to_string())),
+        Some(Ok(message)) => match message {
+            WsMessage::Text(text) => Seen::Text(text.to_string()),
+            WsMessage::Binary(data) => Seen::Binary(data.to_vec()),
+            WsMessage::Ping(data) => Seen::Ping(data.to_vec()),
+            WsMessage::Pong(data) => Seen::Pong(data.to_vec()),
+            WsMessage::Close(frame) => {
+                Seen::Close(frame.map(|f| (f.code.into(), f.reason.to_string())))
+            }
+            WsMessage::Frame(_) => unreachable!("not produced when reading"),
+        },
+    }
+}
+
+/// The next text message, raw, skipping keep-alive pings and pongs. Panics on anything else.
+pub async fn next_text(ws: &mut Ws) -> String {
+    loop {
+        match next_seen(ws).await {
+            Seen::Text(text) => return text,
+            Seen::Ping(_) | Seen::Pong(_) => continue,
+            other => panic!("expected a text message, got {other:?}"),
+        }
+    }
+}
+
+/// The next text message as JSON, skipping pings and pongs.
+pub async fn next_json(ws: &mut Ws) -> Value {
+    let text = next_text(ws).await;
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("not JSON ({e}): {text}"))
+}
+
+/// Reads messages until one of type `kind` arrives, and returns it; at most `limit` others
+/// are skipped.
+pub async fn read_until_type(ws: &mut Ws, kind: &str) -> Value {
+    for _ in 0..10_000 {
+        let message = next_json(ws).await;
+        if message["type"] == kind {
+            return message;
+        }
+    }
+    panic!("no {kind:?} message in 10,000 messages")
+}
+
+/// Reads until the close frame and returns its code and reason, skipping every message.
+/// Panics if the stream ends without one.
+pub async fn read_until_close(ws: &mut Ws) -> (u16, String) {
+    for _ in 0..1_000_000 {
+        match next_seen(ws).await {
+            Seen::Close(Some(close)) => return close,
+            Seen::Close(None) => panic!("close frame without a code"),
+            Seen::End(err) => panic!("the connection ended without a close frame ({err:?})"),
+            _ => continue,
+        }
+    }
+    panic!("no close frame in 1,000,000 frames")
+}
+
+/// Sends a text frame.
+pub async fn send_text(ws: &mut Ws, text: &str) {
+    within("a send", ws.send(WsMessage::text(text.to_owned())))
+        .await
+        .expect("send a text frame");
+}
+
+/// Sends a JSON value as a text frame.
+pub async fn send_json(ws: &mut Ws, value: &Value) {
+    send_text(ws, &value.to_string()).await
+}
+
+/// Subscribes to `channel` and waits for the `subscribed` acknowledgement.
+pub async fn subscribe(ws: &mut Ws, channel: &str) {
+    send_json(
+        ws,
+        &serde_json::json!({"type": "subscribe", "data": channel}),
+    )
+    .await;
+    let ack = next_json(ws).await;
+    assert_eq!(
+        ack["type"], "subscribed",
+        "ack of subscribe {channel}: {ack}"
+    );
+    assert_eq!(ack["channel"], channel);
+}
+
+/// Sends a `ping` request and waits for the `pong`: every request sent before it has been
+/// handled by then (replies go through the client's shard in order).
+pub async fn sync(ws: &mut Ws) {
+    send_text(ws, r#"{"type":"ping"}"#).await;
+    let pong = next_json(ws).await;
+    assert_eq!(pong["type"], "pong", "expected the pong, got {pong}");
+}
+
+/// Sends a close frame with `code` (the client's side of the handshake).
+pub async fn close(ws: &mut Ws, code: u16) {
+    let frame = CloseFrame {
+        code: code.into(),
+        reason: "".into(),
+    };
+    let _ = within("a close", ws.close(Some(frame))).await;
+}
+
+/// Asserts `text` is exactly `expected_without_timestamp` with `,"timestamp":"…"` added as
+/// the last key, and that the timestamp is RFC 3339 UTC near now. Returns the timestamp.
+pub fn assert_envelope(text: &str, expected_without_timestamp: &str) -> String {
+    let prefix = expected_without_timestamp
+        .strip_suffix('}')
+        .expect("expected JSON ends with }");
+    let separator = if prefix.ends_with('{') { "" } else { "," };
+    let start = format!("{prefix}{separator}\"timestamp\":\"");
+    let Some(rest) = text.strip_prefix(&start) else {
+        panic!("message\n  {text}\nis not\n  {expected_without_timestamp} + timestamp");
+    };
+    let Some(timestamp) = rest.strip_suffix("\"}") else {
+        panic!("timestamp is not the last key: {text}");
+    };
+    assert_timestamp(timestamp);
+    timestamp.to_owned()
+}
+
+/// Asserts `timestamp` is RFC 3339 in UTC (`Z`) with 1 to 9 fractional digits, and within
+/// five minutes of this machine's clock (so it is UTC, not local time, and stamped now).
+pub fn assert_timestamp(timestamp: &str) {
+    let seconds = parse_rfc3339_utc(timestamp)
+        .unwrap_or_else(|| panic!("not an RFC 3339 UTC timestamp: {timestamp:?}"));
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .expect("clock after 1970")
+        .as_secs_f64();
+    assert!(
+        (seconds - now).abs() < 300.0,
+        "timestamp {timestamp} is not near now ({now} s since the epoch)"
+    );
+}
+
+/// Seconds since the epoch of `YYYY-MM-DDTHH:MM:SS.fffffffffZ`, if it has that form.
+fn parse_rfc3339_utc(text: &str) -> Option<f64> {
+    let b = text.as_bytes();
+    if b.len() < 20
+        || b[4] != b'-'
+        || b[7] != b'-'
+        || b[10] != b'T'
+        || b[13] != b':'
+        || b[16] != b':'
+    {
+        return None;
+    }
+    let num = |range: std::ops::Range<usize>| -> Option<i64> {
+        let s = text.get(range)?;
+        s.bytes()
+            .all(|c| c.is_ascii_digit())
+            .then(|| s.parse().ok())?
+    };
+    let (year, month, day) = (num(0..4)?, num(5..7)?, num(8..10)?);
+    let (hour, minute, second) = (num(11..13)?, num(14..16)?, num(17..19)?);
+    if !(1..=12).contains(&month)
+        || !(1..=31).contains(&day)
+        || hour > 23
+        || minute > 59
+        || second > 60
+    {
+        return None;
+    }
+    let rest = &text[19..];
+    let rest = rest.strip_suffix('Z')?;
+    let fraction = if rest.is_empty() {
+        0.0
+    } else {
+        let digits = rest.strip_prefix('.')?;
+        if digits.is_empty() || digits.len() > 9 || !digits.bytes().all(|c| c.is_ascii_digit()) {
+            return None;
+        }
+        format!("0.{digits}").parse::<f64>().ok()?
+    };
+    // Days from civil (Howard Hinnant).
+    let y = if month <= 2 { year - 1 } else { year };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (month + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + day - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    Some((days * 86_400 + hour * 3600 + minute * 60 + second) as f64 + fraction)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Raw TCP: plain HTTP requests, and WebSocket frames a real client would never send.
+// ---------------------------------------------------------------------------------------------
+
+/// Sends `request` (a whole HTTP/1.1 request) and returns the status and the whole answer as
+/// text (the server closes the connection after a refusal or the answer is read to its end).
+pub async fn http_request(addr: SocketAddr, request: &str) -> (u16, String) {
+    within("an HTTP answer", async {
+        let mut stream = TcpStream::connect(addr).await.expect("tcp connect");
+        stream
+            .write_all(request.as_bytes())
+            .await
+            .expect("write request");
+        let mut answer = Vec::new();
+        let mut buf = [0u8; 4096];
+        loop {
+            let n = stream.read(&mut buf).await.unwrap_or(0);
+            if n == 0 {
+                break;
+            }
+            answer.extend_from_slice(&buf[..n]);
+            // An upgrade answer has no body and the connection stays open: stop at its end.
+            if answer.starts_with(b"HTTP/1.1 101") && answer.windows(4).any(|w| w == b"\r\n\r\n") {
+                break;
+            }
+        }
+        let text = String::from_utf8_lossy(&answer).into_owned();
+        let status = text
+            .split(' ')
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| panic!("not an HTTP answer: {text:?}"));
+        (status, text)
+    })
+    .await
+}
+
+/// The lines of an upgrade request for `path` on `addr`, without the final blank line.
+pub fn upgrade_request(addr: SocketAddr, path: &str) -> String {
+    format!(
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+         Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+    )
+}
+
+/// A masked client frame: `first` is the first byte (FIN, RSV and opcode).
+pub fn client_frame(first: u8, payload: &[u8]) -> Vec<u8> {
+    frame_bytes(first, payload, Some([0x12, 0x34, 0x56, 0x78]))
+}
+
+/// A client frame, masked with `mask` or unmasked when `None`.
+pub fn frame_bytes(first: u8, payload: &[u8], mask: Option<[u8; 4]>) -> Vec<u8> {
+    let mask_bit = if mask.is_some() { 0x80 } else { 0 };
+    let mut out = vec![first];
+    match payload.len() {
+        n if n < 126 => out.push(mask_bit | n as u8),
+        n if n <= 0xFFFF => {
+            out.push(mask_bit | 126);
+            out.extend_from_slice(&(n as u16).to_be_bytes());
+        }
+        n => {
+            out.push(mask_bit | 127);
+            out.extend_from_slice(&(n as u64).to_be_bytes());
+        }
+    }
+    let start = out.len() + if mask.is_some() { 4 } else { 0 };
+    if let Some(mask) = mask {
+        out.extend_from_slice(&mask);
+    }
+    out.extend_from_slice(payload);
+    if let Some(mask) = mask {
+        wshub::apply_mask(&mut out[start..], mask);
+    }
+    out
+}
+
+pub const FIN: u8 = 0x80;
+pub const OP_CONT: u8 = 0x0;
+pub const OP_TEXT: u8 = 0x1;
+pub const OP_BINARY: u8 = 0x2;
+pub const OP_CLOSE: u8 = 0x8;
+pub const OP_PING: u8 = 0x9;
+pub const OP_PONG: u8 = 0xA;
+
+/// A server frame as the raw client read it.
+#[derive(Debug, PartialEq, Eq)]
+pub enum RawFrame {
+    Frame {
+        opcode: u8,
+        payload: Vec<u8>,
+    },
+    /// The connection ended (EOF or reset) before a whole frame.
+    End,
+}
+
+/// A WebSocket connection driven byte by byte.
+pub struct Raw {
+    pub stream: TcpStream,
+    buf: Vec<u8>,
+}
+
+impl Raw {
+    /// Opens a TCP connection and completes the upgrade on `/ws`.
+    pub async fn connect(addr: SocketAddr) -> Raw {
+        let stream = TcpStream::connect(addr).await.expect("tcp connect");
+        Raw::handshake(stream, addr).await
+    }
+
+    /// Completes the upgrade on `stream` (already connected to `addr`).
+    pub async fn handshake(mut stream: TcpStream, addr: SocketAddr) -> Raw {
+        stream.set_nodelay(true).expect("nodelay");
+        let request = format!("{}\r\n", upgrade_request(addr, "/ws"));
+        within("the raw handshake", async {
+            stream
+                .write_all(request.as_bytes())
+                .await
+                .expect("write upgrade");
+            let mut buf = Vec::new();
+            let mut chunk = [0u8; 1024];
+            let end = loop {
+                let n = stream.read(&mut chunk).await.expect("read upgrade answer");
+                assert!(n > 0, "connection closed during the handshake");
+                buf.extend_from_slice(&chunk[..n]);
+                if let Some(at) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                    break at + 4;
+                }
+            };
+            let head = String::from_utf8_lossy(&buf[..end]).into_owned();
+            assert!(head.starts_with("HTTP/1.1 101"), "upgrade refused: {head}");
+            Raw {
+                stream,
+                buf: buf[end..].to_vec(),
+            }
+        })
+        .await
+    }
+
+    /// Writes bytes as they are.
+    pub async fn send(&mut self, bytes: &[u8]) {
+        // The server may already have closed: later reads tell the test what happened.
+        let _ = self.stream.write_all(bytes).await;
+    }
+
+    /// Writes a masked frame.
+    pub async fn send_frame(&mut self, first: u8, payload: &[u8]) {
+        self.send(&client_frame(first, payload)).await
+    }
+
+    /// Writes a masked, final text frame.
+    pub async fn send_text(&mut self, text: &str) {
+        self.send_frame(FIN | OP_TEXT, text.as_bytes()).await
+    }
+
+    /// The next whole server frame, or `End`.
+    pub async fn read_frame(&mut self) -> RawFrame {
+        within("a frame from the server", self.read_frame_unbounded()).await
+    }
+
+    /// The next frame without a deadline of its own (for callers that bound it themselves).
+    pub async fn read_frame_unbounded(&mut self) -> RawFrame {
+        loop {
+            if let Some((frame, used)) = parse_server_frame(&self.buf) {
+                self.buf.drain(..used);
+                return frame;
+            }
+            let mut chunk = vec![0u8; 64 * 1024];
+            match self.stream.read(&mut chunk).await {
+                Ok(0) | Err(_) => return RawFrame::End,
+                Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
+            }
+        }
+    }
+
+    /// The next text frame's payload, skipping pings and pongs; panics on anything else.
+    pub async fn read_text(&mut self) -> String {
+        loop {
+            match self.read_frame().await {
+                RawFrame::Frame {
+                    opcode: OP_TEXT,
+                    payload,
+                } => return String::from_utf8(payload).expect("server text is UTF-8"),
+                RawFrame::Frame {
+                    opcode: OP_PING | OP_PONG,
+                    ..
+                } => continue,
+                other => panic!("expected a text frame, got {other:?}"),
+            }
+        }
+    }
+
+    /// Reads until the server's close frame and returns its code and reason (text frames and
+    /// pings before it are skipped). Panics if the connection ends without one.
+    pub async fn read_close(&mut self) -> (u16, String) {
+        for _ in 0..1_000_000 {
+            match self.read_frame().await {
+                RawFrame::Frame {
+                    opcode: OP_CLOSE,
+                    payload,
+                } => {
+                    assert!(payload.len() >= 2, "close frame without a code");
+                    let code = u16::from_be_bytes([payload[0], payload[1]]);
+                    let reason = String::from_utf8(payload[2..].to_vec()).expect("UTF-8 reason");
+                    return (code, reason);
+                }
+                RawFrame::Frame { .. } => continue,
+                RawFrame::End => panic!("the connection ended without a close frame"),
+            }
+        }
+        panic!("no close frame in 1,000,000 frames")
+    }
+
+    /// Reads until the connection ends (EOF or reset); panics after [`DEADLINE`].
+    pub async fn read_to_end(&mut self) {
+        within("the server to drop the connection", async {
+            let mut chunk = vec![0u8; 64 * 1024];
+            loop {
+                match self.stream.read(&mut chunk).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(_) => {}
+                }
+            }
+        })
+        .await
+    }
+}
+
+/// Parses one unmasked server frame at the front of `buf`: the frame and the bytes it used.
+/// Server frames are never fragmented by wshub; RSV bits must be clear and no mask is set.
+pub fn parse_server_frame(buf: &[u8]) -> Option<(RawFrame, usize)> {
+    let [first, second, ..] = *buf else {
+        return None;
+    };
+    assert_eq!(
+        first & 0x80,
+        0x80,
+        "server frames are final (FIN set): {first:#x}"
+    );
+    assert_eq!(
+        first & 0x70,
+        0,
+        "server frames set no reserved bits: {first:#x}"
+    );
+    assert_eq!(second & 0x80, 0, "server frames are not masked");
+    let (len, header) = match second & 0x7F {
+        126 => (
+            u16::from_be_bytes(buf.get(2..4)?.try_into().ok()?) as usize,
+            4,
+        ),
+        127 => (
+            u64::from_be_bytes(buf.get(2..10)?.try_into().ok()?) as usize,
+            10,
+        ),
+        n => (n as usize, 2),
+    };
+    let payload = buf.get(header..header + len)?;
+    Some((
+        RawFrame::Frame {
+            opcode: first & 0x0F,
+            payload: payload.to_vec(),
+        },
+        header + len,
+    ))
+}
