@@ -75,6 +75,8 @@ pub use auth::{
     bearer_token, query_param, ApiKeyAuth, AuthError, AuthRequest, Authenticator, BearerTokenAuth,
     Identity, QueryTokenAuth,
 };
+#[cfg(feature = "redis")]
+pub use broker::redis::{RedisBroker, RedisConfig};
 pub use broker::{Broker, BrokerStats, Inbound, Target};
 pub use client::{ChannelSnapshot, ClientId, ClientInfo, ClientSnapshot};
 pub use config::{

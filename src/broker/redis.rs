@@ -1,1 +1,1005 @@
-//! The Redis broker (in progress).
+//! The Redis broker: hubs on several nodes share channels through Redis pub/sub, in go-ws's
+//! bridge format.
+//!
+//! Two tasks, spawned when the hub starts, each own one connection:
+//!
+//! - the **subscriber** holds a pub/sub connection. It is always subscribed to
+//!   `PREFIX:broadcast`, subscribes `PREFIX:channel:NAME` when the node gains its first local
+//!   subscriber to `NAME` (changes are collected in a map and sent as one SUBSCRIBE for many
+//!   channels), and unsubscribes a moment after the last one leaves, if the channel is still
+//!   without subscribers then. Messages it receives are handed to [`Inbound::deliver`]; its own
+//!   (by `sourceId`) are dropped.
+//! - the **publisher** takes messages from a bounded queue and sends them in pipelines (many
+//!   PUBLISH in one round trip), one pipeline at a time, so messages from this node keep their
+//!   order. While Redis is away, publishing counts the messages as dropped instead of queueing
+//!   them.
+//!
+//! Both reconnect with a doubling backoff; the subscriber subscribes again from the node's own
+//! set of channels ([`Inbound::active_channels`]).
+
+use std::borrow::Cow;
+use std::collections::hash_map::RandomState;
+use std::collections::{HashMap, HashSet};
+use std::fmt::{self, Write as _};
+use std::future::Future;
+use std::hash::{BuildHasher, Hasher};
+use std::io::Write as _;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use futures_util::{FutureExt, StreamExt};
+use redis::aio::{MultiplexedConnection, PubSubSink};
+use redis::{AsyncConnectionConfig, RedisWrite, ToRedisArgs};
+use serde::Deserialize;
+use serde_json::value::RawValue;
+use tokio::sync::{mpsc, watch, Notify};
+use tokio::time::{timeout, Instant};
+
+use super::{Broker, BrokerStats, Inbound, Target};
+use crate::error::{Error, Result};
+
+/// Most messages sent in one pipeline.
+const MAX_PIPELINE: usize = 1024;
+/// Most channels named in one SUBSCRIBE or UNSUBSCRIBE command.
+const MAX_CHANNELS_PER_COMMAND: usize = 1024;
+/// Most messages received in one go before the subscriber looks at channel changes again.
+const RECEIVE_BURST: usize = 256;
+/// How long a connection attempt may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long Redis may take to answer a pipeline or a (un)subscribe command before the
+/// connection is taken for lost.
+const RESPONSE_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long the publishing connection may stay idle before the publisher pings it.
+const IDLE_PING: Duration = Duration::from_secs(1);
+/// How often the subscriber pings an idle pub/sub connection (to notice one that died
+/// silently).
+const PING_EVERY: Duration = Duration::from_secs(15);
+
+/// Settings of a [`RedisBroker`].
+///
+/// ```
+/// use std::time::Duration;
+/// let config = wshub::RedisConfig::new("redis://127.0.0.1:6379/")
+///     .prefix("chat")
+///     .queue_capacity(10_000)
+///     .unsubscribe_delay(Duration::from_millis(500));
+/// let broker = wshub::RedisBroker::new(config)?;
+/// assert_eq!(broker.node_id().len(), 32);
+/// # Ok::<(), wshub::Error>(())
+/// ```
+#[derive(Clone)]
+pub struct RedisConfig {
+    url: String,
+    prefix: String,
+    node_id: String,
+    queue_capacity: usize,
+    queue_bytes: usize,
+    unsubscribe_delay: Duration,
+    backoff_min: Duration,
+    backoff_max: Duration,
+}
+
+impl fmt::Debug for RedisConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // The URL may carry a password: show only where it points.
+        let url = match self.url.rsplit_once('@') {
+            Some((scheme_and_credentials, host)) => {
+                let scheme = scheme_and_credentials
+                    .split_once("://")
+                    .map_or("", |(scheme, _)| scheme);
+                format!("{scheme}://…@{host}")
+            }
+            None => self.url.clone(),
+        };
+        f.debug_struct("RedisConfig")
+            .field("url", &url)
+            .field("prefix", &self.prefix)
+            .field("node_id", &self.node_id)
+            .field("queue_capacity", &self.queue_capacity)
+            .field("queue_bytes", &self.queue_bytes)
+            .field("unsubscribe_delay", &self.unsubscribe_delay)
+            .field("backoff_min", &self.backoff_min)
+            .field("backoff_max", &self.backoff_max)
+            .finish()
+    }
+}
+
+impl RedisConfig {
+    /// Settings for the Redis server at `url` (`redis://[:PASSWORD@]HOST[:PORT][/DB]`), with
+    /// the defaults: prefix `ws`, a random node id, a send queue of 65,536 messages or 64 MiB,
+    /// unsubscribing 1 s after a channel's last local subscriber leaves, reconnecting after
+    /// 100 ms doubling up to 1 s.
+    pub fn new(url: impl Into<String>) -> Self {
+        RedisConfig {
+            url: url.into(),
+            prefix: "ws".to_owned(),
+            node_id: random_node_id(),
+            queue_capacity: 65_536,
+            queue_bytes: 64 * 1024 * 1024,
+            unsubscribe_delay: Duration::from_secs(1),
+            backoff_min: Duration::from_millis(100),
+            backoff_max: Duration::from_secs(1),
+        }
+    }
+
+    /// The prefix of the Redis channels: `PREFIX:broadcast` and `PREFIX:channel:NAME`.
+    /// Default `ws`, as go-ws. Every node of a cluster must use the same.
+    pub fn prefix(mut self, prefix: impl Into<String>) -> Self {
+        self.prefix = prefix.into();
+        self
+    }
+
+    /// This node's id, the `sourceId` of what it publishes; a node drops messages carrying
+    /// its own id. Default: 16 random bytes in hex. Every node of a cluster needs its own.
+    pub fn node_id(mut self, node_id: impl Into<String>) -> Self {
+        self.node_id = node_id.into();
+        self
+    }
+
+    /// Most messages waiting to be sent to Redis; more are dropped (and counted in
+    /// [`BrokerStats::send_dropped`]). Default 65,536.
+    pub fn queue_capacity(mut self, messages: usize) -> Self {
+        self.queue_capacity = messages;
+        self
+    }
+
+    /// Most bytes of messages waiting to be sent to Redis; more are dropped (and counted).
+    /// Default 64 MiB.
+    pub fn queue_bytes(mut self, bytes: usize) -> Self {
+        self.queue_bytes = bytes;
+        self
+    }
+
+    /// How long after a channel's last local subscriber leaves the node unsubscribes from
+    /// it, if nobody subscribed again meanwhile (so that churn does not flap). Default 1 s.
+    pub fn unsubscribe_delay(mut self, delay: Duration) -> Self {
+        self.unsubscribe_delay = delay;
+        self
+    }
+
+    /// The wait before reconnecting after a connection is lost or refused: `min`, doubled on
+    /// each failure up to `max`. Default 100 ms to 1 s, so that delivery resumes within about
+    /// a second of Redis being back.
+    pub fn reconnect_backoff(mut self, min: Duration, max: Duration) -> Self {
+        self.backoff_min = min;
+        self.backoff_max = max.max(min);
+        self
+    }
+}
+
+/// 16 random bytes in hex, without a crate for randomness: std's `RandomState` is seeded from
+/// the operating system's random source once per thread, and each instance has its own keys.
+fn random_node_id() -> String {
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    let mut id = String::with_capacity(32);
+    for part in 0..2u8 {
+        let mut hasher = RandomState::new().build_hasher();
+        hasher.write_u128(nanos);
+        hasher.write_u32(std::process::id());
+        hasher.write_u8(part);
+        let _ = write!(id, "{:016x}", hasher.finish());
+    }
+    id
+}
+
+/// The Redis broker (cargo feature `redis`): hubs on several nodes share channels through
+/// Redis pub/sub, speaking go-ws's bridge format so Go and Rust nodes can serve one cluster.
+///
+/// Channels `PREFIX:broadcast` and `PREFIX:channel:NAME`; payload
+/// `{"sourceId":NODE_ID,"message":MESSAGE}`. Delivery across nodes is at most once, and in
+/// order for the messages of one publishing node; local delivery never waits for Redis. See
+/// the [module docs](crate::Broker) for what the hub does with a broker.
+///
+/// ```no_run
+/// # fn main() -> wshub::Result<()> {
+/// let broker = wshub::RedisBroker::new(wshub::RedisConfig::new("redis://127.0.0.1:6379/"))?;
+/// let config = wshub::HubConfig::builder().broker(broker).build()?;
+/// let hub = wshub::Hub::with_config(config);
+/// # Ok(()) }
+/// ```
+pub struct RedisBroker {
+    state: Arc<State>,
+    queue: mpsc::Sender<Outgoing>,
+    /// The queue's receiving end, until the hub starts the broker.
+    unstarted: Mutex<Option<mpsc::Receiver<Outgoing>>>,
+}
+
+impl fmt::Debug for RedisBroker {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RedisBroker")
+            .field("node_id", &self.state.node_id)
+            .field("prefix", &self.state.prefix)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A message waiting to be published.
+struct Outgoing {
+    /// The channel's name; `None` for a broadcast.
+    channel: Option<Box<str>>,
+    message: Bytes,
+}
+
+/// The publishing connection's state, as `publish` sees it.
+const PUB_CONNECTING: u8 = 0;
+const PUB_UP: u8 = 1;
+const PUB_DOWN: u8 = 2;
+
+struct State {
+    client: redis::Client,
+    node_id: String,
+    prefix: String,
+    /// `PREFIX:broadcast`
+    broadcast_key: String,
+    /// `PREFIX:channel:`
+    channel_key_prefix: String,
+    /// `{"sourceId":"ID","message":` — a payload is this, the message, and `}`.
+    payload_head: Vec<u8>,
+    queue_bytes_limit: usize,
+    unsubscribe_delay: Duration,
+    backoff_min: Duration,
+    backoff_max: Duration,
+
+    /// Channel changes not yet seen by the subscriber: name → active now.
+    pending: Mutex<HashMap<Box<str>, bool, ahash::RandomState>>,
+    changed: Notify,
+    stop: watch::Sender<bool>,
+    /// Set with `stop`, for the hot path to read without a lock.
+    stopping: AtomicBool,
+
+    publisher: AtomicU8,
+    subscriber_up: AtomicBool,
+    queued_bytes: AtomicUsize,
+    reconnects: AtomicU64,
+    sent: AtomicU64,
+    received: AtomicU64,
+    send_dropped: AtomicU64,
+    receive_dropped: AtomicU64,
+    channels: AtomicUsize,
+}
+
+impl State {
+    fn pending(&self) -> MutexGuard<'_, HashMap<Box<str>, bool, ahash::RandomState>> {
+        self.pending.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn dropped(&self, messages: u64) {
+        self.send_dropped.fetch_add(messages, Ordering::Relaxed);
+    }
+
+    fn backoff(&self) -> Backoff {
+        Backoff {
+            next: self.backoff_min,
+            min: self.backoff_min,
+            max: self.backoff_max,
+        }
+    }
+
+    fn channel_key<'a>(&'a self, channel: &'a str) -> ChannelKey<'a> {
+        ChannelKey {
+            prefix: &self.channel_key_prefix,
+            name: channel,
+        }
+    }
+
+    /// Resolves once the broker is shut down.
+    fn stopped(&self) -> impl Future<Output = ()> + Send + 'static {
+        let mut stop = self.stop.subscribe();
+        async move {
+            let _ = stop.wait_for(|stopped| *stopped).await;
+        }
+    }
+
+    fn is_stopped(&self) -> bool {
+        self.stopping.load(Ordering::Acquire)
+    }
+
+    fn stop(&self) {
+        self.stopping.store(true, Ordering::Release);
+        self.stop.send_replace(true);
+    }
+}
+
+impl RedisBroker {
+    /// A broker with `config`; it connects when the hub starts.
+    ///
+    /// # Errors
+    ///
+    /// The URL is not a Redis URL, or the prefix or node id is empty
+    /// ([`Error::is_config`](crate::Error::is_config)).
+    pub fn new(config: RedisConfig) -> Result<RedisBroker> {
+        let client = redis::Client::open(config.url.as_str())
+            .map_err(|e| Error::config(format!("redis url: {e}")))?;
+        if config.prefix.is_empty() {
+            return Err(Error::config("redis prefix must not be empty"));
+        }
+        if config.node_id.is_empty() {
+            return Err(Error::config("redis node id must not be empty"));
+        }
+        if config.queue_capacity == 0 {
+            return Err(Error::config("redis queue capacity must be at least 1"));
+        }
+        let mut payload_head = b"{\"sourceId\":".to_vec();
+        // Writing a string into a Vec cannot fail.
+        let _ = serde_json::to_writer(&mut payload_head, &config.node_id);
+        payload_head.extend_from_slice(b",\"message\":");
+        let (queue, receiver) = mpsc::channel(config.queue_capacity);
+        let state = State {
+            client,
+            broadcast_key: format!("{}:broadcast", config.prefix),
+            channel_key_prefix: format!("{}:channel:", config.prefix),
+            payload_head,
+            node_id: config.node_id,
+            prefix: config.prefix,
+            queue_bytes_limit: config.queue_bytes,
+            unsubscribe_delay: config.unsubscribe_delay,
+            backoff_min: config.backoff_min,
+            backoff_max: config.backoff_max,
+            pending: Mutex::default(),
+            changed: Notify::new(),
+            stop: watch::channel(false).0,
+            stopping: AtomicBool::new(false),
+            publisher: AtomicU8::new(PUB_CONNECTING),
+            subscriber_up: AtomicBool::new(false),
+            queued_bytes: AtomicUsize::new(0),
+            reconnects: AtomicU64::new(0),
+            sent: AtomicU64::new(0),
+            received: AtomicU64::new(0),
+            send_dropped: AtomicU64::new(0),
+            receive_dropped: AtomicU64::new(0),
+            channels: AtomicUsize::new(0),
+        };
+        Ok(RedisBroker {
+            state: Arc::new(state),
+            queue,
+            unstarted: Mutex::new(Some(receiver)),
+        })
+    }
+
+    /// This node's id: the `sourceId` of what it publishes.
+    pub fn node_id(&self) -> &str {
+        &self.state.node_id
+    }
+
+    /// The prefix of its Redis channels.
+    pub fn prefix(&self) -> &str {
+        &self.state.prefix
+    }
+}
+
+impl Broker for RedisBroker {
+    fn start(&self, inbound: Inbound) {
+        let Some(receiver) = self
+            .unstarted
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+        else {
+            return;
+        };
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            tracing::error!("the redis broker was started outside a tokio runtime");
+            return;
+        };
+        runtime.spawn(run_publisher(Arc::clone(&self.state), receiver));
+        runtime.spawn(run_subscriber(Arc::clone(&self.state), inbound));
+    }
+
+    fn publish(&self, target: Target<'_>, message: Bytes) {
+        let state = &self.state;
+        if state.publisher.load(Ordering::Acquire) == PUB_DOWN || state.is_stopped() {
+            state.dropped(1);
+            return;
+        }
+        let len = message.len();
+        if state.queued_bytes.fetch_add(len, Ordering::AcqRel) + len > state.queue_bytes_limit {
+            state.queued_bytes.fetch_sub(len, Ordering::AcqRel);
+            state.dropped(1);
+            return;
+        }
+        let channel = match target {
+            Target::Channel(channel) => Some(channel.into()),
+            Target::Broadcast => None,
+        };
+        if self.queue.try_send(Outgoing { channel, message }).is_err() {
+            state.queued_bytes.fetch_sub(len, Ordering::AcqRel);
+            state.dropped(1);
+        }
+    }
+
+    fn channel_active(&self, channel: &str) {
+        self.state.pending().insert(channel.into(), true);
+        self.state.changed.notify_one();
+    }
+
+    fn channel_inactive(&self, channel: &str) {
+        self.state.pending().insert(channel.into(), false);
+        self.state.changed.notify_one();
+    }
+
+    fn stats(&self) -> BrokerStats {
+        let state = &self.state;
+        BrokerStats {
+            connected: state.publisher.load(Ordering::Acquire) == PUB_UP
+                && state.subscriber_up.load(Ordering::Acquire),
+            reconnects: state.reconnects.load(Ordering::Relaxed),
+            sent: state.sent.load(Ordering::Relaxed),
+            received: state.received.load(Ordering::Relaxed),
+            send_dropped: state.send_dropped.load(Ordering::Relaxed),
+            receive_dropped: state.receive_dropped.load(Ordering::Relaxed),
+            channels: state.channels.load(Ordering::Relaxed),
+        }
+    }
+
+    fn shutdown(&self) {
+        self.state.stop();
+    }
+}
+
+impl Drop for RedisBroker {
+    fn drop(&mut self) {
+        self.state.stop();
+    }
+}
+
+/// A doubling wait between connection attempts.
+struct Backoff {
+    next: Duration,
+    min: Duration,
+    max: Duration,
+}
+
+impl Backoff {
+    fn next(&mut self) -> Duration {
+        let wait = self.next;
+        self.next = (self.next * 2).min(self.max);
+        wait
+    }
+
+    fn reset(&mut self) {
+        self.next = self.min;
+    }
+}
+
+/// Sleeps `wait`; false if the broker was stopped meanwhile.
+async fn pause(state: &State, wait: Duration) -> bool {
+    tokio::select! {
+        () = state.stopped() => false,
+        () = tokio::time::sleep(wait) => true,
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Publishing
+// ---------------------------------------------------------------------------------------------
+
+/// `PREFIX:channel:NAME`, written into the command without a buffer of its own.
+struct ChannelKey<'a> {
+    prefix: &'a str,
+    name: &'a str,
+}
+
+impl ToRedisArgs for ChannelKey<'_> {
+    fn write_redis_args<W>(&self, out: &mut W)
+    where
+        W: ?Sized + RedisWrite,
+    {
+        let mut arg = out.writer_for_next_arg();
+        let _ = arg.write_all(self.prefix.as_bytes());
+        let _ = arg.write_all(self.name.as_bytes());
+    }
+}
+
+/// `{"sourceId":"ID","message":MESSAGE}`, concatenated into the command: the message's JSON
+/// is never parsed or encoded again.
+struct Payload<'a> {
+    head: &'a [u8],
+    message: &'a [u8],
+}
+
+impl ToRedisArgs for Payload<'_> {
+    fn write_redis_args<W>(&self, out: &mut W)
+    where
+        W: ?Sized + RedisWrite,
+    {
+        let mut arg = out.writer_for_next_arg();
+        let _ = arg.write_all(self.head);
+        let _ = arg.write_all(self.message);
+        let _ = arg.write_all(b"}");
+    }
+}
+
+async fn connect_publisher(state: &State) -> redis::RedisResult<MultiplexedConnection> {
+    let config = AsyncConnectionConfig::new()
+        .set_connection_timeout(Some(CONNECT_TIMEOUT))
+        .set_response_timeout(Some(RESPONSE_TIMEOUT));
+    state
+        .client
+        .get_multiplexed_async_connection_with_config(&config)
+        .await
+}
+
+/// Counts everything queued as dropped (Redis is away).
+fn drain_dropped(state: &State, queue: &mut mpsc::Receiver<Outgoing>) {
+    while let Ok(out) = queue.try_recv() {
+        state
+            .queued_bytes
+            .fetch_sub(out.message.len(), Ordering::AcqRel);
+        state.dropped(1);
+    }
+}
+
+/// The publishing connection failed: publish counts as dropped from now on, and so does
+/// everything queued; waits before reconnecting. False if the broker stopped meanwhile.
+async fn lost(
+    state: &State,
+    queue: &mut mpsc::Receiver<Outgoing>,
+    backoff: &mut Backoff,
+    err: &redis::RedisError,
+) -> bool {
+    state.publisher.store(PUB_DOWN, Ordering::Release);
+    tracing::warn!(error = %err, "redis broker: publishing connection lost, reconnecting");
+    drain_dropped(state, queue);
+    pause(state, backoff.next()).await
+}
+
+/// The publisher task: connects, sends the queue in pipelines, reconnects.
+async fn run_publisher(state: Arc<State>, mut queue: mpsc::Receiver<Outgoing>) {
+    let mut backoff = state.backoff();
+    let mut ever_connected = false;
+    let mut batch = Vec::with_capacity(MAX_PIPELINE);
+    // Polled until it completes, never after: every branch taking it leaves the loop.
+    let stopped = state.stopped();
+    tokio::pin!(stopped);
+    'connect: loop {
+        let connected = tokio::select! {
+            () = &mut stopped => break 'connect,
+            connected = connect_publisher(&state) => connected,
+        };
+        let mut connection = match connected {
+            Ok(connection) => connection,
+            Err(err) => {
+                if state.publisher.swap(PUB_DOWN, Ordering::AcqRel) != PUB_DOWN {
+                    tracing::warn!(error = %err, "redis broker: cannot connect to publish");
+                }
+                drain_dropped(&state, &mut queue);
+                if pause(&state, backoff.next()).await {
+                    continue 'connect;
+                }
+                break 'connect;
+            }
+        };
+        if ever_connected {
+            state.reconnects.fetch_add(1, Ordering::Relaxed);
+            tracing::info!("redis broker: publishing connection restored");
+        }
+        ever_connected = true;
+        backoff.reset();
+        // From now on `publish` queues again (what it queued before the first connection is
+        // sent now; what it queued while the connection was down was counted as dropped).
+        state.publisher.store(PUB_UP, Ordering::Release);
+        loop {
+            batch.clear();
+            let received = tokio::select! {
+                () = &mut stopped => break 'connect,
+                received = queue.recv_many(&mut batch, MAX_PIPELINE) => received,
+                () = tokio::time::sleep(IDLE_PING) => {
+                    // Idle: make sure the connection is still there, so that `connected` tells
+                    // the truth and the next message does not find it dead.
+                    let ping = redis::cmd("PING");
+                    let ping = tokio::select! {
+                        () = &mut stopped => break 'connect,
+                        ping = ping.exec_async(&mut connection) => ping,
+                    };
+                    match ping {
+                        Ok(()) => continue,
+                        Err(err) => {
+                            if lost(&state, &mut queue, &mut backoff, &err).await {
+                                continue 'connect;
+                            }
+                            break 'connect;
+                        }
+                    }
+                }
+            };
+            if received == 0 {
+                // The broker is gone.
+                break 'connect;
+            }
+            let mut pipeline = redis::Pipeline::with_capacity(batch.len());
+            let mut bytes = 0;
+            for out in &batch {
+                bytes += out.message.len();
+                let command = pipeline.cmd("PUBLISH");
+                match &out.channel {
+                    Some(channel) => command.arg(state.channel_key(channel)),
+                    None => command.arg(state.broadcast_key.as_str()),
+                };
+                command
+                    .arg(Payload {
+                        head: &state.payload_head,
+                        message: &out.message,
+                    })
+                    .ignore();
+            }
+            state.queued_bytes.fetch_sub(bytes, Ordering::AcqRel);
+            let result = tokio::select! {
+                () = &mut stopped => {
+                    state.dropped(batch.len() as u64);
+                    break 'connect;
+                }
+                result = pipeline.exec_async(&mut connection) => result,
+            };
+            match result {
+                Ok(()) => {
+                    state.sent.fetch_add(batch.len() as u64, Ordering::Relaxed);
+                }
+                Err(err) => {
+                    // Some may have reached Redis; at most once: count them all as dropped.
+                    state.dropped(batch.len() as u64);
+                    if lost(&state, &mut queue, &mut backoff, &err).await {
+                        continue 'connect;
+                    }
+                    break 'connect;
+                }
+            }
+        }
+    }
+    state.publisher.store(PUB_DOWN, Ordering::Release);
+    queue.close();
+    drain_dropped(&state, &mut queue);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Subscribing and receiving
+// ---------------------------------------------------------------------------------------------
+
+/// The wire payload, as go-ws writes it.
+#[derive(Deserialize)]
+struct Wire<'a> {
+    #[serde(rename = "sourceId", borrow, default)]
+    source_id: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    message: &'a RawValue,
+}
+
+/// Why a pub/sub session ended.
+enum Ended {
+    Stopped,
+    Lost(String),
+}
+
+/// The subscriber's view of one connection's subscriptions.
+struct Subscriptions {
+    /// Channels (local names) subscribed, or being subscribed, on this connection.
+    subscribed: HashSet<Box<str>, ahash::RandomState>,
+    /// Channels whose last local subscriber left, and when: unsubscribed once the delay has
+    /// passed if they are still without subscribers.
+    leaving: HashMap<Box<str>, Instant, ahash::RandomState>,
+}
+
+/// The subscriber task: connects, subscribes, receives, reconnects.
+async fn run_subscriber(state: Arc<State>, inbound: Inbound) {
+    let mut backoff = state.backoff();
+    let mut ever_connected = false;
+    let mut was_up = false;
+    loop {
+        let connected = tokio::select! {
+            () = state.stopped() => break,
+            connected = timeout(CONNECT_TIMEOUT, state.client.get_async_pubsub()) => connected,
+        };
+        let error = match connected {
+            Ok(Ok(pubsub)) => {
+                let (sink, stream) = pubsub.split();
+                match session(&state, &inbound, sink, stream, &mut ever_connected).await {
+                    Ended::Stopped => break,
+                    Ended::Lost(why) => {
+                        if state.subscriber_up.swap(false, Ordering::AcqRel) {
+                            backoff.reset();
+                            was_up = true;
+                        }
+                        state.channels.store(0, Ordering::Relaxed);
+                        why
+                    }
+                }
+            }
+            Ok(Err(err)) => err.to_string(),
+            Err(_) => "connection timed out".to_owned(),
+        };
+        if was_up {
+            tracing::warn!(error = %error, "redis broker: subscription connection lost, reconnecting");
+            was_up = false;
+        } else {
+            tracing::debug!(error = %error, "redis broker: cannot connect to subscribe");
+        }
+        if !pause(&state, backoff.next()).await {
+            break;
+        }
+    }
+    state.subscriber_up.store(false, Ordering::Release);
+    state.channels.store(0, Ordering::Relaxed);
+}
+
+/// SUBSCRIBE (or UNSUBSCRIBE) `keys`, many in each command.
+async fn change_subscriptions(
+    sink: &mut PubSubSink,
+    subscribe: bool,
+    keys: &[Vec<u8>],
+) -> std::result::Result<(), String> {
+    for chunk in keys.chunks(MAX_CHANNELS_PER_COMMAND) {
+        let command = async {
+            if subscribe {
+                sink.subscribe(chunk).await
+            } else {
+                sink.unsubscribe(chunk).await
+            }
+        };
+        match timeout(RESPONSE_TIMEOUT, command).await {
+            Ok(Ok(())) => {}
+            Ok(Err(err)) => return Err(err.to_string()),
+            Err(_) => return Err("no answer to a (un)subscribe command".to_owned()),
+        }
+    }
+    Ok(())
+}
+
+/// One connection's life: subscribe this node's channels, then receive messages and apply
+/// channel changes until the connection is lost or the broker stops.
+async fn session(
+    state: &State,
+    inbound: &Inbound,
+    mut sink: PubSubSink,
+    mut stream: redis::aio::PubSubStream,
+    ever_connected: &mut bool,
+) -> Ended {
+    // Changes noted before now are in the snapshot; later ones are applied on top of it.
+    state.pending().clear();
+    let mut subs = Subscriptions {
+        subscribed: inbound
+            .active_channels()
+            .into_iter()
+            .map(String::into_boxed_str)
+            .collect(),
+        leaving: HashMap::default(),
+    };
+    let mut keys = Vec::with_capacity(subs.subscribed.len() + 1);
+    keys.push(state.broadcast_key.as_bytes().to_vec());
+    keys.extend(subs.subscribed.iter().map(|c| key_bytes(state, c)));
+    let subscribing = tokio::select! {
+        () = state.stopped() => return Ended::Stopped,
+        result = change_subscriptions(&mut sink, true, &keys) => result,
+    };
+    if let Err(why) = subscribing {
+        return Ended::Lost(why);
+    }
+    drop(keys);
+    if *ever_connected {
+        state.reconnects.fetch_add(1, Ordering::Relaxed);
+        tracing::info!(
+            channels = subs.subscribed.len(),
+            "redis broker: subscription connection restored"
+        );
+    }
+    *ever_connected = true;
+    state.subscriber_up.store(true, Ordering::Release);
+    state
+        .channels
+        .store(subs.subscribed.len(), Ordering::Relaxed);
+
+    let sweep_every = (state.unsubscribe_delay / 4).max(Duration::from_millis(10));
+    let mut sweep = tokio::time::interval(sweep_every);
+    sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut ping = tokio::time::interval_at(Instant::now() + PING_EVERY, PING_EVERY);
+    ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let stopped = state.stopped();
+    tokio::pin!(stopped);
+    loop {
+        // Channel changes and timers first: a flood of messages must not hold them back.
+        tokio::select! {
+            biased;
+            () = &mut stopped => return Ended::Stopped,
+            () = state.changed.notified() => {
+                if let Err(why) = apply_changes(state, &mut sink, &mut subs).await {
+                    return Ended::Lost(why);
+                }
+            }
+            _ = sweep.tick(), if !subs.leaving.is_empty() => {
+                if let Err(why) = sweep_leaving(state, inbound, &mut sink, &mut subs).await {
+                    return Ended::Lost(why);
+                }
+            }
+            _ = ping.tick() => {
+                match timeout(RESPONSE_TIMEOUT, sink.ping::<redis::Value>()).await {
+                    Ok(Ok(_)) => {}
+                    Ok(Err(err)) => return Ended::Lost(err.to_string()),
+                    Err(_) => return Ended::Lost("no answer to a ping".to_owned()),
+                }
+            }
+            message = stream.next() => {
+                let Some(message) = message else {
+                    return Ended::Lost("the connection was closed".to_owned());
+                };
+                receive(state, inbound, &message);
+                // And what else has arrived, without going round the loop for each.
+                for _ in 0..RECEIVE_BURST {
+                    match stream.next().now_or_never() {
+                        Some(Some(message)) => receive(state, inbound, &message),
+                        Some(None) => return Ended::Lost("the connection was closed".to_owned()),
+                        None => break,
+                    }
+                }
+                ping.reset();
+            }
+        }
+    }
+}
+
+fn key_bytes(state: &State, channel: &str) -> Vec<u8> {
+    let mut key = Vec::with_capacity(state.channel_key_prefix.len() + channel.len());
+    key.extend_from_slice(state.channel_key_prefix.as_bytes());
+    key.extend_from_slice(channel.as_bytes());
+    key
+}
+
+/// Applies the channel changes noted since the last time: subscribes new channels at once
+/// (one command for many), and marks the ones left to be unsubscribed after the delay.
+async fn apply_changes(
+    state: &State,
+    sink: &mut PubSubSink,
+    subs: &mut Subscriptions,
+) -> std::result::Result<(), String> {
+    let changes = std::mem::take(&mut *state.pending());
+    let now = Instant::now();
+    let mut new = Vec::new();
+    for (channel, active) in changes {
+        if active {
+            subs.leaving.remove(&channel);
+            if !subs.subscribed.contains(&channel) {
+                new.push(key_bytes(state, &channel));
+                subs.subscribed.insert(channel);
+            }
+        } else if subs.subscribed.contains(&channel) {
+            subs.leaving.insert(channel, now + state.unsubscribe_delay);
+        }
+    }
+    if !new.is_empty() {
+        change_subscriptions(sink, true, &new).await?;
+        state
+            .channels
+            .store(subs.subscribed.len(), Ordering::Relaxed);
+    }
+    Ok(())
+}
+
+/// Unsubscribes the channels whose delay has passed and that still have no local subscriber.
+async fn sweep_leaving(
+    state: &State,
+    inbound: &Inbound,
+    sink: &mut PubSubSink,
+    subs: &mut Subscriptions,
+) -> std::result::Result<(), String> {
+    let now = Instant::now();
+    let mut gone = Vec::new();
+    subs.leaving.retain(|channel, deadline| {
+        if *deadline > now {
+            return true;
+        }
+        if !inbound.has_subscribers(channel) {
+            gone.push(channel.clone());
+        }
+        false
+    });
+    if gone.is_empty() {
+        return Ok(());
+    }
+    let keys: Vec<Vec<u8>> = gone.iter().map(|c| key_bytes(state, c)).collect();
+    for channel in &gone {
+        subs.subscribed.remove(channel);
+    }
+    state
+        .channels
+        .store(subs.subscribed.len(), Ordering::Relaxed);
+    change_subscriptions(sink, false, &keys).await
+}
+
+/// Hands one message from Redis to the local subscribers, unless it is this node's own.
+fn receive(state: &State, inbound: &Inbound, message: &redis::Msg) {
+    let name = message.get_channel_name();
+    let target = if name == state.broadcast_key {
+        Target::Broadcast
+    } else if let Some(channel) = name.strip_prefix(state.channel_key_prefix.as_str()) {
+        Target::Channel(channel)
+    } else {
+        state.receive_dropped.fetch_add(1, Ordering::Relaxed);
+        return;
+    };
+    let Ok(wire) = serde_json::from_slice::<Wire<'_>>(message.get_payload_bytes()) else {
+        state.receive_dropped.fetch_add(1, Ordering::Relaxed);
+        return;
+    };
+    if wire.source_id.as_deref() == Some(state.node_id.as_str()) {
+        return;
+    }
+    if inbound.deliver(target, wire.message.get().as_bytes()) {
+        state.received.fetch_add(1, Ordering::Relaxed);
+    } else {
+        state.receive_dropped.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn node_ids_are_32_hex_digits_and_differ() {
+        let a = random_node_id();
+        let b = random_node_id();
+        assert_eq!(a.len(), 32);
+        assert!(a.bytes().all(|c| c.is_ascii_hexdigit()));
+        assert_ne!(a, b);
+    }
+
+    #[test]
+    fn payload_is_the_head_the_message_and_a_brace() {
+        let broker = RedisBroker::new(RedisConfig::new("redis://127.0.0.1/").node_id("ab\"c"))
+            .expect("a valid config");
+        let message = br#"{"type":"event","data":1}"#;
+        let mut cmd = redis::cmd("PUBLISH");
+        cmd.arg(Payload {
+            head: &broker.state.payload_head,
+            message,
+        });
+        let packed = cmd.get_packed_command();
+        let expected = r#"{"sourceId":"ab\"c","message":{"type":"event","data":1}}"#;
+        let text = String::from_utf8(packed).unwrap();
+        assert!(text.ends_with(&format!("${}\r\n{expected}\r\n", expected.len())));
+        let wire: Wire<'_> = serde_json::from_str(expected).unwrap();
+        assert_eq!(wire.source_id.as_deref(), Some("ab\"c"));
+        assert_eq!(wire.message.get(), r#"{"type":"event","data":1}"#);
+    }
+
+    #[test]
+    fn bad_configs_are_refused() {
+        assert!(RedisBroker::new(RedisConfig::new("http://nope"))
+            .unwrap_err()
+            .is_config());
+        assert!(
+            RedisBroker::new(RedisConfig::new("redis://127.0.0.1/").prefix(""))
+                .unwrap_err()
+                .is_config()
+        );
+        assert!(
+            RedisBroker::new(RedisConfig::new("redis://127.0.0.1/").queue_capacity(0))
+                .unwrap_err()
+                .is_config()
+        );
+    }
+
+    #[test]
+    fn the_debug_form_hides_the_password() {
+        let config = RedisConfig::new("redis://:secret@example.com:6379/0");
+        let shown = format!("{config:?}");
+        assert!(!shown.contains("secret"), "{shown}");
+        assert!(shown.contains("example.com:6379/0"), "{shown}");
+    }
+
+    #[test]
+    fn publish_before_start_queues_and_counts_when_full() {
+        let broker =
+            RedisBroker::new(RedisConfig::new("redis://127.0.0.1/").queue_capacity(2)).unwrap();
+        for _ in 0..3 {
+            broker.publish(Target::Channel("a"), Bytes::from_static(b"{}"));
+        }
+        let stats = broker.stats();
+        assert_eq!(stats.send_dropped, 1);
+        assert!(!stats.connected);
+        broker.shutdown();
+        broker.publish(Target::Broadcast, Bytes::from_static(b"{}"));
+        assert_eq!(broker.stats().send_dropped, 2);
+    }
+}
