@@ -18,6 +18,7 @@ use crate::conn::{Conn, Socket};
 use crate::frame::{Decoder, Event};
 use crate::hub::{Hub, Shared};
 use crate::protocol::{self, Envelope, Message};
+use crate::session::Reader;
 use crate::shard::{Command, Shard};
 
 /// Encodes `message` into a complete frame, as every publish does once.
@@ -42,6 +43,86 @@ pub fn decode_frames(input: &mut [u8], max_message: usize) -> Result<usize, u16>
         })
         .map(|_| events)
         .map_err(|v| v.code)
+}
+
+/// An event of the client frame decoder, owned, so that decodes can be compared.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FrameEvent {
+    /// A whole message, reassembled if it came in fragments.
+    Message {
+        /// A text message (then valid UTF-8) rather than binary.
+        text: bool,
+        /// The unmasked payload.
+        payload: Vec<u8>,
+    },
+    /// A ping with its payload.
+    Ping(Vec<u8>),
+    /// A pong.
+    Pong,
+    /// A close, with its code if it had one.
+    Close(Option<u16>),
+}
+
+/// What a connection made of a byte stream: see [`decode_frames_in_chunks`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChunkedDecode {
+    /// The events, in order, up to a Close or a violation.
+    pub events: Vec<FrameEvent>,
+    /// The close code of the violation, if the client broke the protocol.
+    pub violation: Option<u16>,
+    /// The most bytes the reader held between reads (the tail of a frame still arriving).
+    pub max_pending: usize,
+}
+
+/// Feeds `input` to a connection's reader (the decoder plus the tail it keeps between reads)
+/// as reads that end at each of `cuts` (offsets into `input`, in any order; those past the end
+/// are ignored), with a limit of `max_message` bytes, and stops at a Close or a violation as
+/// a connection does. However the input is cut, the result should be the same. For fuzzing.
+pub fn decode_frames_in_chunks(input: &[u8], cuts: &[usize], max_message: usize) -> ChunkedDecode {
+    let mut ends: Vec<usize> = cuts.iter().copied().filter(|&c| c < input.len()).collect();
+    ends.push(input.len());
+    ends.sort_unstable();
+    ends.dedup();
+    let mut reader = Reader::new(max_message);
+    let mut result = ChunkedDecode {
+        events: Vec::new(),
+        violation: None,
+        max_pending: 0,
+    };
+    let mut start = 0;
+    for end in ends {
+        let mut chunk = input[start..end].to_vec();
+        start = end;
+        let mut closed = false;
+        let fed = reader.feed(&mut chunk, |event| {
+            result.events.push(match event {
+                Event::Message { text, payload } => FrameEvent::Message {
+                    text,
+                    payload: payload.to_vec(),
+                },
+                Event::Ping(payload) => FrameEvent::Ping(payload.to_vec()),
+                Event::Pong => FrameEvent::Pong,
+                Event::Close(code) => {
+                    closed = true;
+                    FrameEvent::Close(code)
+                }
+            });
+            if closed {
+                ControlFlow::Break(())
+            } else {
+                ControlFlow::Continue(())
+            }
+        });
+        if let Err(violation) = fed {
+            result.violation = Some(violation.code);
+            break;
+        }
+        if closed {
+            break;
+        }
+        result.max_pending = result.max_pending.max(reader.pending_len());
+    }
+    result
 }
 
 /// Decodes one client request, as a connection does; `Ok` with its kind or `Err` with the
@@ -197,4 +278,39 @@ pub fn attach_null_client(hub: &Hub, channel: &str) -> ClientId {
 /// whole stats snapshot.
 pub fn delivered(hub: &Hub) -> u64 {
     hub.shared().counters.delivered.load(Ordering::Relaxed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::frame::client_frame;
+
+    const MASK: [u8; 4] = [1, 2, 3, 4];
+
+    /// The fuzz target `frames` checks this for arbitrary input; here, a fragmented message
+    /// with a ping between its fragments, cut at every byte.
+    #[test]
+    fn reads_cut_anywhere_give_the_same_events() {
+        let mut input = client_frame(0x01, "κα".as_bytes(), MASK);
+        input.extend(client_frame(0x89, b"p", MASK));
+        input.extend(client_frame(0x80, "λό".as_bytes(), MASK));
+        input.extend(client_frame(0x88, &1000u16.to_be_bytes(), MASK));
+        input.extend(client_frame(0x81, b"after the close", MASK));
+        let whole = decode_frames_in_chunks(&input, &[], 64);
+        assert_eq!(
+            whole.events,
+            [
+                FrameEvent::Ping(b"p".to_vec()),
+                FrameEvent::Message {
+                    text: true,
+                    payload: "καλό".as_bytes().to_vec()
+                },
+                FrameEvent::Close(Some(1000)),
+            ]
+        );
+        let every_byte: Vec<usize> = (0..input.len()).collect();
+        let cut = decode_frames_in_chunks(&input, &every_byte, 64);
+        assert_eq!(cut.events, whole.events);
+        assert_eq!(cut.violation, None);
+    }
 }

@@ -68,14 +68,26 @@ enum Flow {
 }
 
 /// Decoder state and the tail of a frame still arriving.
-struct Reader {
+pub(crate) struct Reader {
     decoder: Decoder,
     pending: Vec<u8>,
 }
 
 impl Reader {
+    pub(crate) fn new(max_message: usize) -> Self {
+        Reader {
+            decoder: Decoder::new(max_message),
+            pending: Vec::new(),
+        }
+    }
+
+    /// Bytes held of a frame still arriving.
+    pub(crate) fn pending_len(&self) -> usize {
+        self.pending.len()
+    }
+
     /// Decodes `input` (after any pending tail) and keeps what is left of an incomplete frame.
-    fn feed(
+    pub(crate) fn feed(
         &mut self,
         input: &mut [u8],
         on_event: impl FnMut(Event<'_>) -> ControlFlow<()>,
@@ -344,10 +356,7 @@ async fn serve_client(
         conn,
         budget: Cell::new(shared.config.rate_limit.map(|l| TokenBucket::full(l.burst))),
     };
-    let mut reader = Reader {
-        decoder: Decoder::new(shared.config.max_message_size),
-        pending: Vec::new(),
-    };
+    let mut reader = Reader::new(shared.config.max_message_size);
     let mut flow = Flow::Open;
     if let Some(mut early) = early {
         flow = responder.on_bytes(&mut reader, &mut early);
