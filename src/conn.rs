@@ -30,7 +30,6 @@ use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use bytes::{Buf, Bytes};
-use smallvec::SmallVec;
 use tokio::net::TcpStream;
 use tokio::sync::Notify;
 
@@ -128,20 +127,31 @@ pub(crate) struct Conn {
     last_seen_ms: AtomicU64,
 }
 
+/// One vectored write of the first `MAX_IOV` of `frames`.
+///
+/// The slices are filled into an array on the stack in place: collecting them into a
+/// `SmallVec` moved its kilobyte around on every call, 6% of the instructions of a fan-out
+/// (callgrind, `prof 1000 100`).
+fn write_gathered<'a>(
+    socket: &Socket,
+    frames: impl Iterator<Item = &'a Bytes>,
+) -> io::Result<usize> {
+    let mut slices = [IoSlice::new(&[]); MAX_IOV];
+    let mut count = 0;
+    for (slot, frame) in slices.iter_mut().zip(frames) {
+        *slot = IoSlice::new(frame);
+        count += 1;
+    }
+    socket.try_write_vectored(&slices[..count])
+}
+
 /// Writes as much of `frames[order[..]]` as the socket takes without blocking, one vectored
 /// write per `MAX_IOV` frames. Returns how many frames were written whole, and how many bytes
 /// of the next one.
 fn write_indexed(socket: &Socket, frames: &[Bytes], order: &[u32]) -> io::Result<(usize, usize)> {
     let mut whole = 0;
     while whole < order.len() {
-        let result = {
-            let slices: SmallVec<[IoSlice<'_>; MAX_IOV]> = order[whole..]
-                .iter()
-                .take(MAX_IOV)
-                .map(|&index| IoSlice::new(&frames[index as usize]))
-                .collect();
-            socket.try_write_vectored(&slices)
-        };
+        let result = write_gathered(socket, order[whole..].iter().map(|&i| &frames[i as usize]));
         let mut written = match result {
             Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
             Ok(n) => n,
@@ -177,14 +187,7 @@ fn write_some(socket: &Socket, frames: &mut [Bytes]) -> io::Result<Progress> {
         partial: false,
     };
     while progress.whole < frames.len() {
-        let result = {
-            let slices: SmallVec<[IoSlice<'_>; MAX_IOV]> = frames[progress.whole..]
-                .iter()
-                .take(MAX_IOV)
-                .map(|f| IoSlice::new(f))
-                .collect();
-            socket.try_write_vectored(&slices)
-        };
+        let result = write_gathered(socket, frames[progress.whole..].iter());
         let mut written = match result {
             Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
             Ok(n) => n,

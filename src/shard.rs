@@ -127,11 +127,7 @@ pub(crate) struct Shard {
     free_channels: Vec<u32>,
     /// Local channel by the address of its directory entry, which the channel keeps alive.
     channel_by_entry: HashMap<usize, u32, ahash::RandomState>,
-    /// The frames of the current batch, each once, whatever number of clients get it.
-    frames: Vec<Bytes>,
-    staged: Vec<Staged>,
-    /// Clients with staged frames, in the order they got their first one.
-    dirty: Vec<u32>,
+    batch: Batch,
     /// Reused for each client's frame indices in `flush`.
     order: Vec<u32>,
     delivered: u64,
@@ -139,28 +135,41 @@ pub(crate) struct Shard {
     last_ping: Instant,
 }
 
-/// Appends frame `frame` (an index in the batch's table) to `slot`'s staging list: eight
-/// bytes per delivery, no reference count touched. A free function so that callers can walk a
-/// channel's members while staging.
-fn stage(
-    clients: &mut [Option<ShardClient>],
-    staged: &mut Vec<Staged>,
-    dirty: &mut Vec<u32>,
-    slot: u32,
-    frame: u32,
-) {
-    let Some(client) = clients[slot as usize].as_mut() else {
-        return;
-    };
-    let index = staged.len() as u32;
-    staged.push(Staged { frame, next: NONE });
-    if client.staged_tail == NONE {
-        client.staged_head = index;
-        dirty.push(slot);
-    } else {
-        staged[client.staged_tail as usize].next = index;
+/// What one batch of commands delivers: each frame once, and per client a list of indices
+/// into those frames, linked through `staged` (a client's first and last entry are kept in
+/// its `ShardClient`).
+#[derive(Default)]
+struct Batch {
+    frames: Vec<Bytes>,
+    staged: Vec<Staged>,
+    /// Clients with staged frames, in the order they got their first one.
+    dirty: Vec<u32>,
+}
+
+impl Batch {
+    /// Puts `frame` in the batch; clients are staged with the index returned.
+    fn add_frame(&mut self, frame: Bytes) -> u32 {
+        self.frames.push(frame);
+        (self.frames.len() - 1) as u32
     }
-    client.staged_tail = index;
+
+    /// Appends frame `frame` to `slot`'s list: eight bytes per delivery, no reference count
+    /// touched. Takes the client table apart from the shard so that callers can walk a
+    /// channel's members while staging.
+    fn stage(&mut self, clients: &mut [Option<ShardClient>], slot: u32, frame: u32) {
+        let Some(client) = clients[slot as usize].as_mut() else {
+            return;
+        };
+        let index = self.staged.len() as u32;
+        self.staged.push(Staged { frame, next: NONE });
+        if client.staged_tail == NONE {
+            client.staged_head = index;
+            self.dirty.push(slot);
+        } else {
+            self.staged[client.staged_tail as usize].next = index;
+        }
+        client.staged_tail = index;
+    }
 }
 
 impl Shard {
@@ -175,9 +184,7 @@ impl Shard {
             channels: Vec::new(),
             free_channels: Vec::new(),
             channel_by_entry: HashMap::default(),
-            frames: Vec::new(),
-            staged: Vec::new(),
-            dirty: Vec::new(),
+            batch: Batch::default(),
             order: Vec::new(),
             delivered: 0,
             shutting_down: false,
@@ -261,33 +268,22 @@ impl Shard {
         ControlFlow::Continue(())
     }
 
-    /// Puts `frame` in the batch's table; its index is what clients are staged with.
-    fn add_frame(&mut self, frame: Bytes) -> u32 {
-        self.frames.push(frame);
-        (self.frames.len() - 1) as u32
-    }
-
+    /// Stages one frame for one client (acknowledgements, replies, pings).
     fn stage(&mut self, slot: u32, frame: Bytes) {
-        let index = self.add_frame(frame);
-        stage(
-            &mut self.clients,
-            &mut self.staged,
-            &mut self.dirty,
-            slot,
-            index,
-        );
+        let index = self.batch.add_frame(frame);
+        self.batch.stage(&mut self.clients, slot, index);
     }
 
     /// The hot path's end: each client with staged frames gets them in one `Conn::send`.
     pub(crate) fn flush(&mut self) {
         let mut slow = SmallVec::<[u32; 4]>::new();
-        for slot in self.dirty.drain(..) {
+        for slot in self.batch.dirty.drain(..) {
             let Some(client) = self.clients[slot as usize].as_mut() else {
                 continue;
             };
             let mut next = client.staged_head;
             while next != NONE {
-                let staged = &self.staged[next as usize];
+                let staged = &self.batch.staged[next as usize];
                 self.order.push(staged.frame);
                 next = staged.next;
             }
@@ -296,15 +292,18 @@ impl Shard {
             if self.order.is_empty() {
                 continue;
             }
-            match client.conn.send(&self.frames, &self.order, &self.shared) {
+            match client
+                .conn
+                .send(&self.batch.frames, &self.order, &self.shared)
+            {
                 Sent::Ok => self.delivered += self.order.len() as u64,
                 Sent::SlowConsumer => slow.push(slot),
                 Sent::Closed => {}
             }
             self.order.clear();
         }
-        self.staged.clear();
-        self.frames.clear();
+        self.batch.staged.clear();
+        self.batch.frames.clear();
         for slot in slow {
             self.remove_client(slot);
         }
@@ -503,30 +502,17 @@ impl Shard {
         let Some(channel) = self.channels[local as usize].as_ref() else {
             return;
         };
-        self.frames.push(frame);
-        let index = (self.frames.len() - 1) as u32;
+        let index = self.batch.add_frame(frame);
         for &slot in &channel.members {
-            stage(
-                &mut self.clients,
-                &mut self.staged,
-                &mut self.dirty,
-                slot,
-                index,
-            );
+            self.batch.stage(&mut self.clients, slot, index);
         }
     }
 
     fn handle_broadcast(&mut self, frame: Bytes) {
         self.shared.shard_done_with(self.index, frame.len());
-        let index = self.add_frame(frame);
+        let index = self.batch.add_frame(frame);
         for slot in 0..self.clients.len() as u32 {
-            stage(
-                &mut self.clients,
-                &mut self.staged,
-                &mut self.dirty,
-                slot,
-                index,
-            );
+            self.batch.stage(&mut self.clients, slot, index);
         }
     }
 
@@ -534,16 +520,9 @@ impl Shard {
         let Some(slots) = self.by_user.get(user) else {
             return;
         };
-        self.frames.push(frame);
-        let index = (self.frames.len() - 1) as u32;
+        let index = self.batch.add_frame(frame);
         for &slot in slots {
-            stage(
-                &mut self.clients,
-                &mut self.staged,
-                &mut self.dirty,
-                slot,
-                index,
-            );
+            self.batch.stage(&mut self.clients, slot, index);
         }
     }
 
