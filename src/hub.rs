@@ -704,6 +704,8 @@ impl Hub {
     /// Every connected client with its subscriptions, asked of each shard in turn. Empty
     /// once the hub has stopped.
     pub async fn clients(&self) -> Vec<ClientSnapshot> {
+        // Shards that were never started would never answer.
+        self.ensure_started();
         let shared = &self.inner.shared;
         let mut clients = Vec::new();
         for shard in shared.shards.iter() {

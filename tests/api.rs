@@ -387,3 +387,14 @@ async fn unencodable_event_data_is_an_encode_error() {
     let err = server.hub.send_event("bad", bad).unwrap_err();
     assert!(err.is_encode(), "{err}");
 }
+
+/// Asking for snapshots before anything started the hub answers (empty) instead of hanging.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn snapshots_of_a_hub_never_served_answer() {
+    let hub = wshub::Hub::new();
+    let clients = tokio::time::timeout(std::time::Duration::from_secs(10), hub.clients())
+        .await
+        .expect("clients() answered");
+    assert!(clients.is_empty());
+    assert!(hub.channels().is_empty());
+}
