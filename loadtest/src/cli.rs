@@ -75,7 +75,8 @@ pub(crate) struct Args {
     #[arg(short, long, default_value_t = 16)]
     pub(crate) window: u32,
 
-    /// Open loop instead: publishes per second over all channels (0 = closed loop).
+    /// Open loop instead: publishes per second over all channels (0 = closed loop). Latency then
+    /// counts from each message's scheduled send time, so falling behind shows.
     #[arg(short, long, default_value_t = 0.0, value_name = "PER_SECOND")]
     pub(crate) rate: f64,
 
@@ -187,7 +188,11 @@ pub(crate) struct Args {
 
     /// Sweep: publish rates per second, comma-separated, in increasing order. For each
     /// subscriber count the sweep stops at the first rate past the knee.
-    #[arg(long, default_value = "100,300,1000,3000,10000,30000", value_name = "LIST")]
+    #[arg(
+        long,
+        default_value = "100,300,1000,3000,10000,30000",
+        value_name = "LIST"
+    )]
     pub(crate) sweep_rates: String,
 
     /// Sweep: measured seconds per step.
@@ -205,7 +210,8 @@ pub(crate) fn parse_cpu_list(s: &str) -> Result<Vec<usize>, String> {
     for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
         let bad = || format!("bad CPU list {s:?}: expected e.g. 0 or 1,3-5");
         if let Some((a, b)) = part.split_once('-') {
-            let (a, b): (usize, usize) = (a.parse().map_err(|_| bad())?, b.parse().map_err(|_| bad())?);
+            let (a, b): (usize, usize) =
+                (a.parse().map_err(|_| bad())?, b.parse().map_err(|_| bad())?);
             if a > b || b > 1023 {
                 return Err(bad());
             }
@@ -218,11 +224,21 @@ pub(crate) fn parse_cpu_list(s: &str) -> Result<Vec<usize>, String> {
 }
 
 /// Parses a comma-separated list of positive numbers.
-pub(crate) fn parse_list<T: std::str::FromStr + PartialOrd + Default>(what: &str, s: &str) -> Result<Vec<T>, String> {
-    let v: Result<Vec<T>, _> = s.split(',').map(str::trim).filter(|p| !p.is_empty()).map(str::parse::<T>).collect();
+pub(crate) fn parse_list<T: std::str::FromStr + PartialOrd + Default>(
+    what: &str,
+    s: &str,
+) -> Result<Vec<T>, String> {
+    let v: Result<Vec<T>, _> = s
+        .split(',')
+        .map(str::trim)
+        .filter(|p| !p.is_empty())
+        .map(str::parse::<T>)
+        .collect();
     match v {
         Ok(v) if !v.is_empty() && v.iter().all(|x| *x > T::default()) => Ok(v),
-        _ => Err(format!("bad {what} {s:?}: expected positive numbers separated by commas")),
+        _ => Err(format!(
+            "bad {what} {s:?}: expected positive numbers separated by commas"
+        )),
     }
 }
 
@@ -230,26 +246,73 @@ impl Args {
     /// Checks what clap cannot.
     pub(crate) fn validate(&self) -> Result<(), String> {
         let pos = |ok: bool, what: &str| if ok { Ok(()) } else { Err(what.to_string()) };
-        pos(self.duration.is_finite() && self.duration > 0.0 && self.duration <= 86_400.0, "--duration must be above 0 and at most 86400")?;
-        pos(self.window >= 1 && self.window <= 65_536, "--window must be from 1 to 65536")?;
-        pos(self.rate.is_finite() && self.rate >= 0.0 && self.rate <= 1e9, "--rate must be from 0 to 1e9")?;
-        pos(self.payload <= 60_000, "--payload must be at most 60000 bytes (the server's message limit is 64 KiB)")?;
+        pos(
+            self.duration.is_finite() && self.duration > 0.0 && self.duration <= 86_400.0,
+            "--duration must be above 0 and at most 86400",
+        )?;
+        pos(
+            self.window >= 1 && self.window <= 65_536,
+            "--window must be from 1 to 65536",
+        )?;
+        pos(
+            self.rate.is_finite() && self.rate >= 0.0 && self.rate <= 1e9,
+            "--rate must be from 0 to 1e9",
+        )?;
+        pos(
+            self.payload <= 60_000,
+            "--payload must be at most 60000 bytes (the server's message limit is 64 KiB)",
+        )?;
         pos(self.channels >= 1, "--channels must be at least 1")?;
         pos(self.per_channel >= 1, "--per-channel must be at least 1")?;
-        pos(self.threads >= 1 && self.threads <= 256, "--threads must be from 1 to 256")?;
-        pos(self.subscribers.map_or(true, |n| n >= 1), "--subscribers must be at least 1")?;
+        pos(
+            self.threads >= 1 && self.threads <= 256,
+            "--threads must be from 1 to 256",
+        )?;
+        pos(
+            self.subscribers.map_or(true, |n| n >= 1),
+            "--subscribers must be at least 1",
+        )?;
         pos(self.interval_ms >= 10, "--interval-ms must be at least 10")?;
-        pos(self.live_timeout.is_finite() && self.live_timeout > 0.0 && self.live_timeout < 3600.0, "--live-timeout must be above 0 and under 3600")?;
-        pos(self.slow_share > 0.0 && self.slow_share < 1.0, "--slow-share must be between 0 and 1")?;
-        pos(self.ramp_rate.is_finite() && self.ramp_rate > 0.0, "--ramp-rate must be above 0")?;
+        pos(
+            self.live_timeout.is_finite() && self.live_timeout > 0.0 && self.live_timeout < 3600.0,
+            "--live-timeout must be above 0 and under 3600",
+        )?;
+        pos(
+            self.slow_share > 0.0 && self.slow_share < 1.0,
+            "--slow-share must be between 0 and 1",
+        )?;
+        pos(
+            self.ramp_rate.is_finite() && self.ramp_rate > 0.0,
+            "--ramp-rate must be above 0",
+        )?;
         pos(self.ramp_to >= 1, "--ramp-to must be at least 1")?;
-        pos(self.churn_connects.is_finite() && self.churn_connects >= 0.0, "--churn-connects must be 0 or more")?;
-        pos(self.churn_toggles.is_finite() && self.churn_toggles >= 0.0, "--churn-toggles must be 0 or more")?;
-        pos(self.step_seconds.is_finite() && self.step_seconds > 0.0 && self.step_seconds <= 3600.0, "--step-seconds must be above 0")?;
-        pos(self.p99_ms.is_finite() && self.p99_ms > 0.0, "--p99-ms must be above 0")?;
-        pos(self.hub_threads.map_or(true, |n| (1..=1024).contains(&n)), "--hub-threads must be from 1 to 1024")?;
-        pos(self.hub_shards.map_or(true, |n| (1..=1024).contains(&n)), "--hub-shards must be from 1 to 1024")?;
-        if self.target.is_some() && (self.hub_threads.is_some() || self.hub_shards.is_some() || self.hub_cpus.is_some()) {
+        pos(
+            self.churn_connects.is_finite() && self.churn_connects >= 0.0,
+            "--churn-connects must be 0 or more",
+        )?;
+        pos(
+            self.churn_toggles.is_finite() && self.churn_toggles >= 0.0,
+            "--churn-toggles must be 0 or more",
+        )?;
+        pos(
+            self.step_seconds.is_finite() && self.step_seconds > 0.0 && self.step_seconds <= 3600.0,
+            "--step-seconds must be above 0",
+        )?;
+        pos(
+            self.p99_ms.is_finite() && self.p99_ms > 0.0,
+            "--p99-ms must be above 0",
+        )?;
+        pos(
+            self.hub_threads.map_or(true, |n| (1..=1024).contains(&n)),
+            "--hub-threads must be from 1 to 1024",
+        )?;
+        pos(
+            self.hub_shards.map_or(true, |n| (1..=1024).contains(&n)),
+            "--hub-shards must be from 1 to 1024",
+        )?;
+        if self.target.is_some()
+            && (self.hub_threads.is_some() || self.hub_shards.is_some() || self.hub_cpus.is_some())
+        {
             return Err("--hub-threads, --hub-shards and --hub-cpus apply to the embedded hub, not to --target".into());
         }
         if self.pid.is_some() && self.target.is_none() {
@@ -260,7 +323,10 @@ impl Args {
         }
         parse_list::<usize>("--sweep-subs", &self.sweep_subs)?;
         let rates = parse_list::<f64>("--sweep-rates", &self.sweep_rates)?;
-        pos(rates.windows(2).all(|w| w[0] < w[1]), "--sweep-rates must increase")?;
+        pos(
+            rates.windows(2).all(|w| w[0] < w[1]),
+            "--sweep-rates must increase",
+        )?;
         if let Some(c) = &self.client_cpus {
             parse_cpu_list(c)?;
         }

@@ -21,9 +21,9 @@ pub(crate) struct Target {
 impl Target {
     /// Parses and resolves `ws://HOST:PORT/PATH` (`wss` is refused: there is no TLS here).
     pub(crate) fn parse(url: &str) -> Result<Target, String> {
-        let rest = url
-            .strip_prefix("ws://")
-            .ok_or_else(|| format!("{url}: the target must start with ws:// (wss is not supported)"))?;
+        let rest = url.strip_prefix("ws://").ok_or_else(|| {
+            format!("{url}: the target must start with ws:// (wss is not supported)")
+        })?;
         let (authority, path) = match rest.find('/') {
             Some(i) => (&rest[..i], &rest[i..]),
             None => (rest, "/ws"),
@@ -31,7 +31,10 @@ impl Target {
         if authority.is_empty() {
             return Err(format!("{url}: no host"));
         }
-        let with_port = if authority.rsplit_once(':').is_some_and(|(_, p)| p.parse::<u16>().is_ok()) {
+        let with_port = if authority
+            .rsplit_once(':')
+            .is_some_and(|(_, p)| p.parse::<u16>().is_ok())
+        {
             authority.to_string()
         } else {
             format!("{authority}:80")
@@ -41,12 +44,21 @@ impl Target {
             .map_err(|e| format!("{url}: cannot resolve {authority}: {e}"))?
             .find(SocketAddr::is_ipv4)
             .ok_or_else(|| format!("{url}: {authority} has no IPv4 address"))?;
-        Ok(Target { addr, host: authority.to_string(), path: path.to_string() })
+        Ok(Target {
+            addr,
+            host: authority.to_string(),
+            path: path.to_string(),
+        })
     }
 
     /// The target of a server listening on `addr`, at `/ws`.
+    #[cfg(feature = "embedded")]
     pub(crate) fn local(addr: SocketAddr) -> Target {
-        Target { addr, host: addr.to_string(), path: "/ws".into() }
+        Target {
+            addr,
+            host: addr.to_string(),
+            path: "/ws".into(),
+        }
     }
 }
 
@@ -84,8 +96,14 @@ impl ConnectError {
         match e.kind() {
             std::io::ErrorKind::ConnectionRefused => ConnectError::Refused,
             std::io::ErrorKind::TimedOut => ConnectError::Timeout,
-            std::io::ErrorKind::AddrNotAvailable | std::io::ErrorKind::AddrInUse => ConnectError::Resources,
-            _ if e.raw_os_error() == Some(libc::EMFILE) || e.raw_os_error() == Some(libc::ENFILE) => ConnectError::Resources,
+            std::io::ErrorKind::AddrNotAvailable | std::io::ErrorKind::AddrInUse => {
+                ConnectError::Resources
+            }
+            _ if e.raw_os_error() == Some(libc::EMFILE)
+                || e.raw_os_error() == Some(libc::ENFILE) =>
+            {
+                ConnectError::Resources
+            }
             _ => ConnectError::Io,
         }
     }
@@ -111,7 +129,11 @@ pub(crate) struct Connected {
 }
 
 /// Connects and upgrades, all within `timeout`.
-pub(crate) async fn connect(target: &Target, opts: ConnectOpts, timeout: Duration) -> Result<Connected, ConnectError> {
+pub(crate) async fn connect(
+    target: &Target,
+    opts: ConnectOpts,
+    timeout: Duration,
+) -> Result<Connected, ConnectError> {
     match tokio::time::timeout(timeout, connect_inner(target, opts)).await {
         Ok(r) => r,
         Err(_) => Err(ConnectError::Timeout),
@@ -125,7 +147,11 @@ async fn connect_inner(target: &Target, opts: ConnectOpts) -> Result<Connected, 
         sock.set_recv_buffer_size(opts.recv_buffer).map_err(io)?;
     }
     if let Some(n) = opts.source {
-        sock.bind(SocketAddr::new(IpAddr::V4(Ipv4Addr::new(127, 0, 0, 1 + n)), 0)).map_err(io)?;
+        sock.bind(SocketAddr::new(
+            IpAddr::V4(Ipv4Addr::new(127, 0, 0, 1 + n)),
+            0,
+        ))
+        .map_err(io)?;
     }
     let stream = sock.connect(target.addr).await.map_err(io)?;
     stream.set_nodelay(true).map_err(io)?;
@@ -143,10 +169,14 @@ async fn connect_inner(target: &Target, opts: ConnectOpts) -> Result<Connected, 
         }
         if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
             let head = std::str::from_utf8(&buf[..end]).map_err(|_| ConnectError::Rejected)?;
-            let status_ok = head.lines().next().is_some_and(|l| l.split_whitespace().nth(1) == Some("101"));
+            let status_ok = head
+                .lines()
+                .next()
+                .is_some_and(|l| l.split_whitespace().nth(1) == Some("101"));
             let accept_ok = head.lines().any(|l| {
                 l.split_once(':').is_some_and(|(k, v)| {
-                    k.trim().eq_ignore_ascii_case("sec-websocket-accept") && v.trim() == ws::EXPECTED_ACCEPT
+                    k.trim().eq_ignore_ascii_case("sec-websocket-accept")
+                        && v.trim() == ws::EXPECTED_ACCEPT
                 })
             });
             if !status_ok || !accept_ok {

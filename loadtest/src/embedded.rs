@@ -33,19 +33,26 @@ impl Embedded {
     pub(crate) fn start(opts: &HubOptions) -> Result<Embedded, String> {
         let cpus = opts.cpus.clone();
         let mut b = tokio::runtime::Builder::new_multi_thread();
-        b.enable_all().thread_name("wshub-hub").on_thread_start(move || {
-            // Threads the hub starts from here (shards on OS threads, if any) inherit the pinning.
-            let _ = sys::pin_current_thread(&cpus);
-        });
+        b.enable_all()
+            .thread_name("wshub-hub")
+            .on_thread_start(move || {
+                // Threads the hub starts from here (shards on OS threads, if any) inherit the pinning.
+                let _ = sys::pin_current_thread(&cpus);
+            });
         if let Some(n) = opts.threads {
             b.worker_threads(n);
         }
-        let rt = b.build().map_err(|e| format!("cannot start the hub's runtime: {e}"))?;
-        let mut builder = wshub::HubConfig::builder().publish_policy(wshub::PublishPolicy::AllowAll);
+        let rt = b
+            .build()
+            .map_err(|e| format!("cannot start the hub's runtime: {e}"))?;
+        let mut builder =
+            wshub::HubConfig::builder().publish_policy(wshub::PublishPolicy::AllowAll);
         if let Some(n) = opts.shards {
             builder = builder.shards(n);
         }
-        let config = builder.build().map_err(|e| format!("bad hub configuration: {e}"))?;
+        let config = builder
+            .build()
+            .map_err(|e| format!("bad hub configuration: {e}"))?;
         // Created on a hub thread, so that whatever threads it starts are pinned like it.
         let (hub, listener) = rt
             .block_on(async {
@@ -58,12 +65,29 @@ impl Embedded {
             })
             .map_err(|e| format!("the hub's runtime failed: {e}"))?;
         let listener = listener.map_err(|e| format!("cannot listen on 127.0.0.1: {e}"))?;
-        let addr = listener.local_addr().map_err(|e| format!("no local address: {e}"))?;
+        let addr = listener
+            .local_addr()
+            .map_err(|e| format!("no local address: {e}"))?;
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let served = rt.spawn(wshub::serve(listener, hub.clone(), async move {
             let _ = rx.await;
         }));
-        Ok(Embedded { rt: Some(rt), hub, shutdown: Some(tx), served: Some(served), addr })
+        Ok(Embedded {
+            rt: Some(rt),
+            hub,
+            shutdown: Some(tx),
+            served: Some(served),
+            addr,
+        })
+    }
+
+    /// The hub's shape, for the report's first line.
+    pub(crate) fn describe(&self) -> String {
+        let threads = self.rt.as_ref().map_or(0, |rt| rt.metrics().num_workers());
+        format!(
+            "{} shards, {threads} runtime threads",
+            self.hub.config().shards()
+        )
     }
 
     /// The hub's counters now.
@@ -91,7 +115,8 @@ impl Embedded {
             let _ = tx.send(());
         }
         if let (Some(rt), Some(served)) = (self.rt.as_ref(), self.served.take()) {
-            let _ = rt.block_on(async { tokio::time::timeout(Duration::from_secs(5), served).await });
+            let _ =
+                rt.block_on(async { tokio::time::timeout(Duration::from_secs(5), served).await });
         }
         if let Some(rt) = self.rt.take() {
             rt.shutdown_timeout(Duration::from_secs(1));

@@ -12,11 +12,9 @@
 //! number seen again a duplicate. A step's messages are those numbered from the step's first
 //! publish (`measure_start`) to its last (`measure_end`).
 
-use std::cell::{Cell, RefCell};
 use std::collections::BTreeMap;
-use std::rc::Rc;
-use std::sync::atomic::{AtomicU64, AtomicU8, Ordering::Relaxed};
-use std::sync::{mpsc, Arc};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering::Relaxed};
+use std::sync::{mpsc, Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 use tokio::io::Interest;
@@ -34,6 +32,9 @@ const READ_BUF: usize = 64 * 1024;
 const READS_PER_WAKE: usize = 8;
 /// Open loop: most publishes one channel sends per 1 ms tick; the rest count as behind schedule.
 const MAX_BATCH: u64 = 4096;
+/// Open loop: lateness up to this is put down to the tick, not counted as latency (see
+/// `open_loop`); beyond it, a message's latency counts from its scheduled time plus this.
+const SCHEDULE_SLACK_NS: u64 = 2_000_000;
 /// A write that does not finish in this long is counted as an error.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 /// A closed-loop round not complete after this long is counted as a round timeout.
@@ -106,9 +107,10 @@ pub(crate) enum Load {
         /// Messages in flight per channel.
         window: u32,
     },
-    /// Publishes at a fixed total rate (per second) spread evenly over the channels; each message
-    /// carries its scheduled send time, so a generator or server that falls behind shows as
-    /// latency rather than hiding it (no coordinated omission).
+    /// Publishes at a fixed total rate (per second) spread evenly over the channels, in 1 ms
+    /// ticks; each message carries its scheduled send time (less up to 2 ms of tick lateness),
+    /// so a generator or server that falls behind shows as latency rather than hiding it (no
+    /// coordinated omission).
     Open {
         /// Publishes per second over all channels.
         rate: f64,
@@ -157,8 +159,11 @@ struct Chan {
 struct Shared {
     epoch: Instant,
     phase: AtomicU8,
-    /// Closed-loop window of the current step (0: not closed loop).
+    /// Closed-loop window of the current step (0: not closed loop). Set by the main thread
+    /// before any thread starts the step, so no receiver misses a round's first deliveries.
     window: AtomicU64,
+    /// The current step is closed loop (receivers count each round's deliveries).
+    closed_loop: AtomicBool,
     chans: Vec<Chan>,
 }
 
@@ -183,11 +188,21 @@ enum Cmd {
 /// Replies from generator threads.
 #[derive(Debug)]
 enum Reply {
-    Connected { failed: BTreeMap<String, u64> },
+    Connected {
+        failed: BTreeMap<String, u64>,
+    },
     Ack,
-    Counts { counts: Box<Counts>, cpu: Duration, open: u64 },
+    Counts {
+        counts: Box<Counts>,
+        cpu: Duration,
+        open: u64,
+    },
     Pending(u64),
-    Final { counts: Box<Counts>, slow: SlowSeen, churn: ChurnCounts },
+    Final {
+        counts: Box<Counts>,
+        slow: SlowSeen,
+        churn: ChurnCounts,
+    },
 }
 
 /// What the slow connections saw, read once at the end of a disturbed step.
@@ -257,7 +272,8 @@ pub(crate) struct Engine {
     plan: Arc<Plan>,
     shared: Arc<Shared>,
     workers: Vec<Worker>,
-    gen_cpu: Duration,
+    /// Measured subscribers per channel.
+    subscribers: Vec<u64>,
     /// Seconds it took to open every connection.
     pub(crate) connect_seconds: f64,
     /// Seconds until every subscription was live.
@@ -284,7 +300,13 @@ impl Engine {
                 chans[c.channel as usize].subs.fetch_add(1, Relaxed);
             }
         }
-        let shared = Arc::new(Shared { epoch: Instant::now(), phase: AtomicU8::new(PH_CONNECT), window: AtomicU64::new(0), chans });
+        let shared = Arc::new(Shared {
+            epoch: Instant::now(),
+            phase: AtomicU8::new(PH_CONNECT),
+            window: AtomicU64::new(0),
+            closed_loop: AtomicBool::new(false),
+            chans,
+        });
         let plan = Arc::new(plan);
         let t0 = Instant::now();
         let mut workers = Vec::new();
@@ -296,9 +318,24 @@ impl Engine {
                 .name(format!("loadgen-{t}"))
                 .spawn(move || thread_main(t, p, s, crx, rtx))
                 .map_err(|e| format!("cannot start a generator thread: {e}"))?;
-            workers.push(Worker { tx, rx, join: Some(join) });
+            workers.push(Worker {
+                tx,
+                rx,
+                join: Some(join),
+            });
         }
-        let mut engine = Engine { plan, shared, workers, gen_cpu: Duration::ZERO, connect_seconds: 0.0, live_seconds: 0.0 };
+        let mut subscribers = vec![0u64; plan.channels.len()];
+        for c in plan.conns.iter().filter(|c| c.kind == Kind::Subscriber) {
+            subscribers[c.channel as usize] += 1;
+        }
+        let mut engine = Engine {
+            plan,
+            shared,
+            workers,
+            subscribers,
+            connect_seconds: 0.0,
+            live_seconds: 0.0,
+        };
         let mut failed: BTreeMap<String, u64> = BTreeMap::new();
         for w in &engine.workers {
             match w.rx.recv() {
@@ -314,15 +351,29 @@ impl Engine {
         if !failed.is_empty() {
             let n: u64 = failed.values().sum();
             let kinds: Vec<String> = failed.iter().map(|(k, v)| format!("{v} {k}")).collect();
-            return Err(format!("{n} of {} connections failed to open: {}", engine.plan.conns.len(), kinds.join(", ")));
+            return Err(format!(
+                "{n} of {} connections failed to open: {}",
+                engine.plan.conns.len(),
+                kinds.join(", ")
+            ));
         }
         // Prove every subscription live.
         let t1 = Instant::now();
         engine.shared.phase.store(PH_WARMUP, Relaxed);
         engine.broadcast(|| Cmd::Warmup);
-        let want: u64 = engine.shared.chans.iter().map(|c| c.subs.load(Relaxed)).sum();
+        let want: u64 = engine
+            .shared
+            .chans
+            .iter()
+            .map(|c| c.subs.load(Relaxed))
+            .sum();
         loop {
-            let live: u64 = engine.shared.chans.iter().map(|c| c.live.load(Relaxed).min(c.subs.load(Relaxed))).sum();
+            let live: u64 = engine
+                .shared
+                .chans
+                .iter()
+                .map(|c| c.live.load(Relaxed).min(c.subs.load(Relaxed)))
+                .sum();
             if live >= want {
                 break;
             }
@@ -364,7 +415,12 @@ impl Engine {
         let mut cpu = Duration::ZERO;
         let mut open = 0;
         for r in self.ask_all(|| Cmd::Collect) {
-            if let Reply::Counts { counts, cpu: c, open: o } = r {
+            if let Reply::Counts {
+                counts,
+                cpu: c,
+                open: o,
+            } = r
+            {
                 total.merge(&counts);
                 cpu += c;
                 open += o;
@@ -375,11 +431,28 @@ impl Engine {
 
     /// Runs one step: publishes with its load for its duration, then waits (up to
     /// `drain_timeout`) for what is in flight, and counts what never arrived as lost.
-    pub(crate) fn run_step(&mut self, step: &Step, interval: Duration, drain_timeout: Duration, on_interval: OnInterval<'_>) -> StepOutcome {
+    pub(crate) fn run_step(
+        &mut self,
+        step: &Step,
+        interval: Duration,
+        drain_timeout: Duration,
+        on_interval: OnInterval<'_>,
+    ) -> StepOutcome {
         let main_cpu0 = sys::thread_cpu();
         let proc_cpu0 = sys::process_cpu();
         let (_, cpu0, _) = self.collect();
-        let starts: Vec<u64> = self.shared.chans.iter().map(|c| c.next_seq.load(Relaxed)).collect();
+        let starts: Vec<u64> = self
+            .shared
+            .chans
+            .iter()
+            .map(|c| c.next_seq.load(Relaxed))
+            .collect();
+        let window = match step.load {
+            Load::Closed { window } => u64::from(window),
+            _ => 0,
+        };
+        self.shared.window.store(window, Relaxed);
+        self.shared.closed_loop.store(window > 0, Relaxed);
         self.ask_all(|| Cmd::StartStep(step.load, step.disturb));
         let t0 = Instant::now();
         let mut intervals = Vec::new();
@@ -398,11 +471,16 @@ impl Engine {
             std::thread::sleep(wait);
         }
         self.ask_all(|| Cmd::EndStep);
+        self.shared.closed_loop.store(false, Relaxed);
         let seconds = t0.elapsed().as_secs_f64();
         // Drain: wait until every measured subscriber has everything, or the timeout.
         let td = Instant::now();
         while td.elapsed() < drain_timeout {
-            let pending: u64 = self.ask_all(|| Cmd::Pending).iter().map(|r| if let Reply::Pending(n) = r { *n } else { 0 }).sum();
+            let pending: u64 = self
+                .ask_all(|| Cmd::Pending)
+                .iter()
+                .map(|r| if let Reply::Pending(n) = r { *n } else { 0 })
+                .sum();
             if pending == 0 {
                 break;
             }
@@ -415,7 +493,12 @@ impl Engine {
         let mut slow = SlowSeen::default();
         let mut churn = ChurnCounts::default();
         for r in self.ask_all(|| Cmd::Final(step.disturb)) {
-            if let Reply::Final { counts: c, slow: s, churn: ch } = r {
+            if let Reply::Final {
+                counts: c,
+                slow: s,
+                churn: ch,
+            } = r
+            {
                 counts.merge(&c);
                 slow.clients += s.clients;
                 slow.closed_by_server += s.closed_by_server;
@@ -435,11 +518,14 @@ impl Engine {
         for (i, c) in self.shared.chans.iter().enumerate() {
             let ms = c.measure_start.load(Relaxed);
             let me = c.next_seq.load(Relaxed);
-            let n = if ms == u64::MAX || ms < starts[i] { 0 } else { me - ms };
+            let n = if ms == u64::MAX || ms < starts[i] {
+                0
+            } else {
+                me - ms
+            };
             published += n;
-            expected += n * self.plan.conns.iter().filter(|s| s.channel as usize == i && s.kind == Kind::Subscriber).count() as u64;
+            expected += n * self.subscribers[i];
         }
-        self.gen_cpu = cpu1;
         let generator_cpu = cpu1.saturating_sub(cpu0) + sys::thread_cpu().saturating_sub(main_cpu0);
         StepOutcome {
             counts,
@@ -476,6 +562,17 @@ impl Drop for Engine {
     }
 }
 
+/// Locks a mutex, whatever a panicking holder left in it (counters stay usable).
+trait Lk<T> {
+    fn lk(&self) -> MutexGuard<'_, T>;
+}
+
+impl<T> Lk<T> for Mutex<T> {
+    fn lk(&self) -> MutexGuard<'_, T> {
+        self.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
 /// One connection as its generator thread keeps it.
 #[derive(Debug)]
 struct LConn {
@@ -487,6 +584,8 @@ struct LConn {
     live: bool,
     open: bool,
     close_code: Option<u16>,
+    /// Where the numbers started in this connection's last message (see `scan_message_at`).
+    hint: u16,
 }
 
 /// Everything a generator thread's tasks share.
@@ -499,33 +598,42 @@ struct Local {
 struct Ctx {
     shared: Arc<Shared>,
     plan: Arc<Plan>,
-    local: RefCell<Local>,
-    socks: RefCell<Vec<Option<Rc<TcpStream>>>>,
+    local: Mutex<Local>,
+    socks: Mutex<Vec<Option<Arc<TcpStream>>>>,
     /// Set when the current step ends: publishers stop after their current write.
-    stop: Cell<bool>,
-    closed_loop: Cell<bool>,
-    churn: RefCell<ChurnCounts>,
-    churn_stop: Cell<bool>,
+    stop: AtomicBool,
+    churn: Mutex<ChurnCounts>,
+    churn_stop: AtomicBool,
 }
 
-fn thread_main(t: usize, plan: Arc<Plan>, shared: Arc<Shared>, mut cmds: tmpsc::UnboundedReceiver<Cmd>, replies: mpsc::Sender<Reply>) {
+fn thread_main(
+    t: usize,
+    plan: Arc<Plan>,
+    shared: Arc<Shared>,
+    mut cmds: tmpsc::UnboundedReceiver<Cmd>,
+    replies: mpsc::Sender<Reply>,
+) {
     if let Err(e) = sys::pin_current_thread(&plan.cpus) {
         eprintln!("warning: cannot pin generator thread {t}: {e}");
     }
-    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start a generator runtime: {e}");
             return;
         }
     };
-    let local_set = tokio::task::LocalSet::new();
-    local_set.block_on(&rt, async move {
-        let mine: Vec<usize> = (0..plan.conns.len()).filter(|g| g % plan.threads == t).collect();
-        let ctx = Rc::new(Ctx {
+    rt.block_on(async move {
+        let mine: Vec<usize> = (0..plan.conns.len())
+            .filter(|g| g % plan.threads == t)
+            .collect();
+        let ctx = Arc::new(Ctx {
             shared: shared.clone(),
             plan: plan.clone(),
-            local: RefCell::new(Local {
+            local: Mutex::new(Local {
                 buf: vec![0; READ_BUF],
                 conns: mine
                     .iter()
@@ -537,15 +645,15 @@ fn thread_main(t: usize, plan: Arc<Plan>, shared: Arc<Shared>, mut cmds: tmpsc::
                         live: false,
                         open: false,
                         close_code: None,
+                        hint: 0,
                     })
                     .collect(),
                 counts: Counts::default(),
             }),
-            socks: RefCell::new(vec![None; mine.len()]),
-            stop: Cell::new(false),
-            closed_loop: Cell::new(false),
-            churn: RefCell::new(ChurnCounts::default()),
-            churn_stop: Cell::new(true),
+            socks: Mutex::new(vec![None; mine.len()]),
+            stop: AtomicBool::new(false),
+            churn: Mutex::new(ChurnCounts::default()),
+            churn_stop: AtomicBool::new(true),
         });
         // The channels this thread publishes: those whose first subscriber is here.
         let mut publishes: Vec<(u32, usize)> = Vec::new();
@@ -566,14 +674,10 @@ fn thread_main(t: usize, plan: Arc<Plan>, shared: Arc<Shared>, mut cmds: tmpsc::
         while let Some(cmd) = cmds.recv().await {
             match cmd {
                 Cmd::Warmup => {
-                    tokio::task::spawn_local(warmup(ctx.clone(), publishes.clone()));
+                    tokio::spawn(warmup(ctx.clone(), publishes.clone()));
                 }
                 Cmd::StartStep(load, disturb) => {
-                    ctx.stop.set(false);
-                    ctx.closed_loop.set(matches!(load, Load::Closed { .. }));
-                    if let Load::Closed { window } = load {
-                        ctx.shared.window.store(u64::from(window), Relaxed);
-                    }
+                    ctx.stop.store(false, Relaxed);
                     for &(ch, _) in &publishes {
                         let c = &ctx.shared.chans[ch as usize];
                         c.measure_start.store(c.next_seq.load(Relaxed), Relaxed);
@@ -581,13 +685,17 @@ fn thread_main(t: usize, plan: Arc<Plan>, shared: Arc<Shared>, mut cmds: tmpsc::
                     match load {
                         Load::Closed { window } => {
                             for &(ch, li) in &publishes {
-                                tasks.push(tokio::task::spawn_local(rounds(ctx.clone(), ch, li, window)));
+                                tasks.push(tokio::spawn(rounds(ctx.clone(), ch, li, window)));
                             }
                         }
                         Load::Open { rate } => {
                             if !publishes.is_empty() {
                                 let per_channel = rate / plan.channels.len() as f64;
-                                tasks.push(tokio::task::spawn_local(open_loop(ctx.clone(), publishes.clone(), per_channel)));
+                                tasks.push(tokio::spawn(open_loop(
+                                    ctx.clone(),
+                                    publishes.clone(),
+                                    per_channel,
+                                )));
                             }
                         }
                         Load::Idle => {}
@@ -595,34 +703,47 @@ fn thread_main(t: usize, plan: Arc<Plan>, shared: Arc<Shared>, mut cmds: tmpsc::
                     if disturb {
                         subscribe_slow(&ctx).await;
                         if let (Some(churn), 0) = (plan.churn, t) {
-                            ctx.churn_stop.set(false);
-                            *ctx.churn.borrow_mut() = ChurnCounts::default();
-                            tasks.push(tokio::task::spawn_local(churn_task(ctx.clone(), churn)));
+                            ctx.churn_stop.store(false, Relaxed);
+                            *ctx.churn.lk() = ChurnCounts::default();
+                            tasks.push(tokio::spawn(churn_task(ctx.clone(), churn)));
                         }
                     }
                     let _ = replies.send(Reply::Ack);
                 }
                 Cmd::EndStep => {
-                    ctx.stop.set(true);
-                    ctx.churn_stop.set(true);
+                    ctx.stop.store(true, Relaxed);
+                    ctx.churn_stop.store(true, Relaxed);
                     for &(ch, _) in &publishes {
                         ctx.shared.chans[ch as usize].notify.notify_one();
                     }
                     for task in tasks.drain(..) {
                         let _ = task.await;
                     }
-                    ctx.shared.window.store(0, Relaxed);
                     let _ = replies.send(Reply::Ack);
                 }
                 Cmd::Collect => {
-                    let counts = Box::new(ctx.local.borrow_mut().counts.take());
-                    let open = ctx.local.borrow().conns.iter().filter(|c| c.open).count() as u64;
-                    let _ = replies.send(Reply::Counts { counts, cpu: sys::thread_cpu(), open });
+                    let counts = Box::new(ctx.local.lk().counts.take());
+                    let open = ctx
+                        .local
+                        .lk()
+                        .conns
+                        .iter()
+                        .filter(|c| c.open && c.kind == Kind::Subscriber)
+                        .count() as u64;
+                    let _ = replies.send(Reply::Counts {
+                        counts,
+                        cpu: sys::thread_cpu(),
+                        open,
+                    });
                 }
                 Cmd::Pending => {
-                    let l = ctx.local.borrow();
+                    let l = ctx.local.lk();
                     let mut n = 0;
-                    for c in l.conns.iter().filter(|c| c.open && c.kind == Kind::Subscriber) {
+                    for c in l
+                        .conns
+                        .iter()
+                        .filter(|c| c.open && c.kind == Kind::Subscriber)
+                    {
                         let ch = &ctx.shared.chans[c.ch as usize];
                         let (ms, end) = (ch.measure_start.load(Relaxed), ch.next_seq.load(Relaxed));
                         if ms != u64::MAX {
@@ -632,8 +753,12 @@ fn thread_main(t: usize, plan: Arc<Plan>, shared: Arc<Shared>, mut cmds: tmpsc::
                     let _ = replies.send(Reply::Pending(n));
                 }
                 Cmd::Final(disturb) => {
-                    let slow = if disturb { read_slow(&ctx).await } else { SlowSeen::default() };
-                    let mut l = ctx.local.borrow_mut();
+                    let slow = if disturb {
+                        read_slow(&ctx).await
+                    } else {
+                        SlowSeen::default()
+                    };
+                    let mut l = ctx.local.lk();
                     let l = &mut *l;
                     for c in l.conns.iter_mut().filter(|c| c.kind == Kind::Subscriber) {
                         let ch = &ctx.shared.chans[c.ch as usize];
@@ -645,8 +770,12 @@ fn thread_main(t: usize, plan: Arc<Plan>, shared: Arc<Shared>, mut cmds: tmpsc::
                         }
                     }
                     let counts = Box::new(l.counts.take());
-                    let churn = std::mem::take(&mut *ctx.churn.borrow_mut());
-                    let _ = replies.send(Reply::Final { counts, slow, churn });
+                    let churn = std::mem::take(&mut *ctx.churn.lk());
+                    let _ = replies.send(Reply::Final {
+                        counts,
+                        slow,
+                        churn,
+                    });
                 }
                 Cmd::Stop => break,
             }
@@ -654,55 +783,74 @@ fn thread_main(t: usize, plan: Arc<Plan>, shared: Arc<Shared>, mut cmds: tmpsc::
     });
 }
 
-async fn connect_all(ctx: &Rc<Ctx>, mine: &[usize]) -> BTreeMap<String, u64> {
-    let sem = Rc::new(Semaphore::new(CONNECT_CONCURRENCY));
-    let failed: Rc<RefCell<BTreeMap<String, u64>>> = Rc::default();
+async fn connect_all(ctx: &Arc<Ctx>, mine: &[usize]) -> BTreeMap<String, u64> {
+    let sem = Arc::new(Semaphore::new(CONNECT_CONCURRENCY));
+    let failed: Arc<Mutex<BTreeMap<String, u64>>> = Arc::default();
     let mut handles = Vec::new();
     for (li, &g) in mine.iter().enumerate() {
         let (ctx, sem, failed) = (ctx.clone(), sem.clone(), failed.clone());
-        handles.push(tokio::task::spawn_local(async move {
-            let Ok(_permit) = sem.acquire().await else { return };
+        handles.push(tokio::spawn(async move {
+            let Ok(_permit) = sem.acquire().await else {
+                return;
+            };
             let spec = ctx.plan.conns[g];
             let opts = ConnectOpts {
-                recv_buffer: if spec.kind == Kind::Slow { ctx.plan.slow_recv_buffer } else { 0 },
+                recv_buffer: if spec.kind == Kind::Slow {
+                    ctx.plan.slow_recv_buffer
+                } else {
+                    0
+                },
                 source: (ctx.plan.sources > 1).then(|| (g % ctx.plan.sources as usize) as u8),
             };
             match conn::connect(&ctx.plan.target, opts, Duration::from_secs(10)).await {
                 Ok(c) => {
-                    let sock = Rc::new(c.stream);
+                    let sock = Arc::new(c.stream);
                     if spec.kind == Kind::Subscriber {
                         let mut frame = Vec::new();
-                        ws::subscribe_frame(&mut frame, &ctx.plan.channels[spec.channel as usize], true);
-                        if let Err(e) = tokio::time::timeout(WRITE_TIMEOUT, conn::write_all(&sock, &frame)).await.unwrap_or(Err(std::io::ErrorKind::TimedOut.into())) {
-                            *failed.borrow_mut().entry(format!("subscribe write: {e}")).or_default() += 1;
+                        ws::subscribe_frame(
+                            &mut frame,
+                            &ctx.plan.channels[spec.channel as usize],
+                            true,
+                        );
+                        if let Err(e) =
+                            tokio::time::timeout(WRITE_TIMEOUT, conn::write_all(&sock, &frame))
+                                .await
+                                .unwrap_or(Err(std::io::ErrorKind::TimedOut.into()))
+                        {
+                            *failed
+                                .lk()
+                                .entry(format!("subscribe write: {e}"))
+                                .or_default() += 1;
                             return;
                         }
                     }
-                    ctx.local.borrow_mut().conns[li].open = true;
-                    ctx.socks.borrow_mut()[li] = Some(sock.clone());
+                    ctx.local.lk().conns[li].open = true;
+                    ctx.socks.lk()[li] = Some(sock.clone());
                     if spec.kind == Kind::Subscriber {
                         if !c.leftover.is_empty() {
-                            let mut l = ctx.local.borrow_mut();
+                            let mut l = ctx.local.lk();
                             let n = c.leftover.len().min(READ_BUF);
                             l.buf[..n].copy_from_slice(&c.leftover[..n]);
                             let mut pongs = Vec::new();
                             process(&ctx, &mut l, li, n, &mut pongs);
                         }
-                        tokio::task::spawn_local(reader(ctx.clone(), li, sock));
+                        tokio::spawn(reader(ctx.clone(), li, sock));
                     }
                 }
-                Err(e) => *failed.borrow_mut().entry(e.kind().to_string()).or_default() += 1,
+                Err(e) => *failed.lk().entry(e.kind().to_string()).or_default() += 1,
             }
         }));
     }
     for h in handles {
         let _ = h.await;
     }
-    Rc::try_unwrap(failed).map(RefCell::into_inner).unwrap_or_default()
+    Arc::try_unwrap(failed)
+        .map(|m| m.into_inner().unwrap_or_else(PoisonError::into_inner))
+        .unwrap_or_default()
 }
 
 /// Reads one measured connection until it closes.
-async fn reader(ctx: Rc<Ctx>, li: usize, sock: Rc<TcpStream>) {
+async fn reader(ctx: Arc<Ctx>, li: usize, sock: Arc<TcpStream>) {
     let mut pongs = Vec::new();
     let why: String = 'outer: loop {
         if let Err(e) = sock.readable().await {
@@ -710,7 +858,7 @@ async fn reader(ctx: Rc<Ctx>, li: usize, sock: Rc<TcpStream>) {
         }
         let mut drained = false;
         for _ in 0..READS_PER_WAKE {
-            let mut l = ctx.local.borrow_mut();
+            let mut l = ctx.local.lk();
             let l = &mut *l;
             let cap = l.buf.len();
             // A read shorter than the buffer emptied the socket: the closure then reports
@@ -719,7 +867,13 @@ async fn reader(ctx: Rc<Ctx>, li: usize, sock: Rc<TcpStream>) {
             // Tokio clears only if no new event arrived meanwhile, so nothing is missed.
             let r = sock.try_io(Interest::READABLE, || {
                 // SAFETY: reads into the thread's buffer, which we hold mutably, at most its length.
-                let n = unsafe { libc::read(std::os::fd::AsRawFd::as_raw_fd(&*sock), l.buf.as_mut_ptr().cast(), cap) };
+                let n = unsafe {
+                    libc::read(
+                        std::os::fd::AsRawFd::as_raw_fd(&*sock),
+                        l.buf.as_mut_ptr().cast(),
+                        cap,
+                    )
+                };
                 if n < 0 {
                     return Err(std::io::Error::last_os_error());
                 }
@@ -742,7 +896,10 @@ async fn reader(ctx: Rc<Ctx>, li: usize, sock: Rc<TcpStream>) {
         }
         if !pongs.is_empty() {
             let out = std::mem::take(&mut pongs);
-            if tokio::time::timeout(WRITE_TIMEOUT, conn::write_all(&sock, &out)).await.is_err() {
+            if tokio::time::timeout(WRITE_TIMEOUT, conn::write_all(&sock, &out))
+                .await
+                .is_err()
+            {
                 break "pong write timeout".to_string();
             }
         } else if !drained {
@@ -750,7 +907,7 @@ async fn reader(ctx: Rc<Ctx>, li: usize, sock: Rc<TcpStream>) {
             tokio::task::yield_now().await;
         }
     };
-    let mut l = ctx.local.borrow_mut();
+    let mut l = ctx.local.lk();
     let code = l.conns[li].close_code;
     let kind = match code {
         Some(c) => format!("closed by server ({c})"),
@@ -758,7 +915,7 @@ async fn reader(ctx: Rc<Ctx>, li: usize, sock: Rc<TcpStream>) {
     };
     l.counts.error(kind);
     l.conns[li].open = false;
-    ctx.socks.borrow_mut()[li] = None;
+    ctx.socks.lk()[li] = None;
     if l.conns[li].kind == Kind::Subscriber {
         let ch = &ctx.shared.chans[l.conns[li].ch as usize];
         ch.subs.fetch_sub(1, Relaxed);
@@ -774,15 +931,16 @@ fn process(ctx: &Ctx, l: &mut Local, li: usize, n: usize, pongs: &mut Vec<u8>) {
     counts.bytes_in += n as u64;
     let c = &mut conns[li];
     let ch = &ctx.shared.chans[c.ch as usize];
-    let closed_loop = ctx.closed_loop.get();
+    let closed_loop = ctx.shared.closed_loop.load(Relaxed);
     let mut in_round = 0u64;
     let mut became_live = false;
     let next = &mut c.next;
     let live = &mut c.live;
     let close_code = &mut c.close_code;
+    let hint = &mut c.hint;
     c.parser.feed(&buf[..n], &mut |f| match f.op {
         opcode::TEXT | opcode::BINARY => {
-            let Some((seq, sent)) = ws::scan_message(f.head) else {
+            let Some((seq, sent)) = ws::scan_message_at(f.head, hint) else {
                 if f.head.starts_with(b"{\"type\":\"error\"") {
                     counts.error("error message from server");
                 } else if f.head.starts_with(ws::MESSAGE_PREFIX) {
@@ -805,7 +963,9 @@ fn process(ctx: &Ctx, l: &mut Local, li: usize, n: usize, pongs: &mut Vec<u8>) {
                 counts.lost += seq - *next;
                 *next = seq + 1;
                 counts.delivered += 1;
-                counts.hist.saturating_record(now.saturating_sub(sent).max(1));
+                counts
+                    .hist
+                    .saturating_record(now.saturating_sub(sent).max(1));
                 if closed_loop && seq >= ch.round_start.load(Relaxed) {
                     in_round += 1;
                 }
@@ -829,8 +989,8 @@ fn process(ctx: &Ctx, l: &mut Local, li: usize, n: usize, pongs: &mut Vec<u8>) {
     }
 }
 
-fn sock(ctx: &Ctx, li: usize) -> Option<Rc<TcpStream>> {
-    ctx.socks.borrow()[li].clone()
+fn sock(ctx: &Ctx, li: usize) -> Option<Arc<TcpStream>> {
+    ctx.socks.lk()[li].clone()
 }
 
 async fn timed_write(sock: &TcpStream, buf: &[u8]) -> Result<(), &'static str> {
@@ -843,7 +1003,7 @@ async fn timed_write(sock: &TcpStream, buf: &[u8]) -> Result<(), &'static str> {
 
 /// Publishes one message every 50 ms on each channel not yet live everywhere, until the first
 /// step begins.
-async fn warmup(ctx: Rc<Ctx>, publishes: Vec<(u32, usize)>) {
+async fn warmup(ctx: Arc<Ctx>, publishes: Vec<(u32, usize)>) {
     let mut frame = Vec::new();
     // Bounded by the live timeout of the plan.
     let deadline = Instant::now() + ctx.plan.live_timeout + Duration::from_secs(1);
@@ -856,9 +1016,15 @@ async fn warmup(ctx: Rc<Ctx>, publishes: Vec<(u32, usize)>) {
             let Some(s) = sock(&ctx, li) else { continue };
             frame.clear();
             let seq = c.next_seq.fetch_add(1, Relaxed);
-            ws::publish_frame(&mut frame, &ctx.plan.channels[ch as usize], seq, ctx.shared.now_ns(), ctx.plan.payload);
+            ws::publish_frame(
+                &mut frame,
+                &ctx.plan.channels[ch as usize],
+                seq,
+                ctx.shared.now_ns(),
+                ctx.plan.payload,
+            );
             if let Err(e) = timed_write(&s, &frame).await {
-                ctx.local.borrow_mut().counts.error(e);
+                ctx.local.lk().counts.error(e);
             }
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -866,11 +1032,11 @@ async fn warmup(ctx: Rc<Ctx>, publishes: Vec<(u32, usize)>) {
 }
 
 /// Closed loop on one channel: `window` publishes in one write, then wait for every subscriber.
-async fn rounds(ctx: Rc<Ctx>, ch: u32, li: usize, window: u32) {
+async fn rounds(ctx: Arc<Ctx>, ch: u32, li: usize, window: u32) {
     let c = &ctx.shared.chans[ch as usize];
     let name = &ctx.plan.channels[ch as usize];
     let mut batch = Vec::new();
-    while !ctx.stop.get() {
+    while !ctx.stop.load(Relaxed) {
         let Some(s) = sock(&ctx, li) else { return };
         let s0 = c.next_seq.load(Relaxed);
         c.got.store(0, Relaxed);
@@ -882,35 +1048,40 @@ async fn rounds(ctx: Rc<Ctx>, ch: u32, li: usize, window: u32) {
         }
         c.next_seq.store(s0 + u64::from(window), Relaxed);
         if let Err(e) = timed_write(&s, &batch).await {
-            ctx.local.borrow_mut().counts.error(e);
+            ctx.local.lk().counts.error(e);
             return;
         }
         let deadline = tokio::time::Instant::now() + ROUND_TIMEOUT;
         loop {
-            if ctx.stop.get() || c.got.load(Relaxed) >= u64::from(window) * c.subs.load(Relaxed) {
+            if ctx.stop.load(Relaxed)
+                || c.got.load(Relaxed) >= u64::from(window) * c.subs.load(Relaxed)
+            {
                 break;
             }
-            if tokio::time::timeout_at(deadline, c.notify.notified()).await.is_err() {
-                ctx.local.borrow_mut().counts.error("round timeout");
+            if tokio::time::timeout_at(deadline, c.notify.notified())
+                .await
+                .is_err()
+            {
+                ctx.local.lk().counts.error("round timeout");
                 break;
             }
         }
-        ctx.local.borrow_mut().counts.rounds += 1;
+        ctx.local.lk().counts.rounds += 1;
     }
 }
 
 /// Open loop over this thread's channels, each at `per_channel` publishes per second.
-async fn open_loop(ctx: Rc<Ctx>, publishes: Vec<(u32, usize)>, per_channel: f64) {
+async fn open_loop(ctx: Arc<Ctx>, publishes: Vec<(u32, usize)>, per_channel: f64) {
     let base = ctx.shared.now_ns();
     let mut sent = vec![0u64; publishes.len()];
     let mut batch = Vec::new();
     let mut tick = tokio::time::interval(Duration::from_millis(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     let gap = 1e9 / per_channel.max(1e-9);
-    while !ctx.stop.get() {
+    while !ctx.stop.load(Relaxed) {
         tick.tick().await;
         for (i, &(ch, li)) in publishes.iter().enumerate() {
-            if ctx.stop.get() {
+            if ctx.stop.load(Relaxed) {
                 break;
             }
             let elapsed = ctx.shared.now_ns().saturating_sub(base) as f64;
@@ -920,7 +1091,7 @@ async fn open_loop(ctx: Rc<Ctx>, publishes: Vec<(u32, usize)>, per_channel: f64)
             }
             let mut n = due - sent[i];
             if n > MAX_BATCH {
-                ctx.local.borrow_mut().counts.behind += n - MAX_BATCH;
+                ctx.local.lk().counts.behind += n - MAX_BATCH;
                 sent[i] += n - MAX_BATCH;
                 n = MAX_BATCH;
             }
@@ -928,44 +1099,70 @@ async fn open_loop(ctx: Rc<Ctx>, publishes: Vec<(u32, usize)>, per_channel: f64)
             let c = &ctx.shared.chans[ch as usize];
             let s0 = c.next_seq.load(Relaxed);
             batch.clear();
+            let now = ctx.shared.now_ns();
             for k in 0..n {
-                let at = base + ((sent[i] + k) as f64 * gap) as u64;
-                ws::publish_frame(&mut batch, &ctx.plan.channels[ch as usize], s0 + k, at, ctx.plan.payload);
+                // The scheduled time, forgiving up to SCHEDULE_SLACK of lateness: that much is
+                // the 1 ms tick's granularity, not a backlog, and would only blur the latency.
+                let scheduled = base + ((sent[i] + k) as f64 * gap) as u64;
+                let at = now.min(scheduled + SCHEDULE_SLACK_NS);
+                ws::publish_frame(
+                    &mut batch,
+                    &ctx.plan.channels[ch as usize],
+                    s0 + k,
+                    at,
+                    ctx.plan.payload,
+                );
             }
             c.next_seq.store(s0 + n, Relaxed);
             sent[i] += n;
             if let Err(e) = timed_write(&s, &batch).await {
-                ctx.local.borrow_mut().counts.error(e);
+                ctx.local.lk().counts.error(e);
             }
         }
     }
 }
 
 /// Subscribes every slow connection of this thread (they never read afterwards).
-async fn subscribe_slow(ctx: &Rc<Ctx>) {
-    let slow: Vec<(usize, u32)> = ctx.local.borrow().conns.iter().enumerate().filter(|(_, c)| c.kind == Kind::Slow && c.open).map(|(i, c)| (i, c.ch)).collect();
+async fn subscribe_slow(ctx: &Arc<Ctx>) {
+    let slow: Vec<(usize, u32)> = ctx
+        .local
+        .lk()
+        .conns
+        .iter()
+        .enumerate()
+        .filter(|(_, c)| c.kind == Kind::Slow && c.open)
+        .map(|(i, c)| (i, c.ch))
+        .collect();
     let mut frame = Vec::new();
     for (li, ch) in slow {
         let Some(s) = sock(ctx, li) else { continue };
         frame.clear();
         ws::subscribe_frame(&mut frame, &ctx.plan.channels[ch as usize], true);
         if timed_write(&s, &frame).await.is_err() {
-            ctx.local.borrow_mut().counts.error("slow client subscribe failed");
+            ctx.local.lk().counts.error("slow client subscribe failed");
         }
     }
 }
 
 /// Reads what the slow connections were sent (bounded in bytes and time): the messages they
 /// hold, and whether the server closed them.
-async fn read_slow(ctx: &Rc<Ctx>) -> SlowSeen {
+async fn read_slow(ctx: &Arc<Ctx>) -> SlowSeen {
     let mut seen = SlowSeen::default();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
-    let idx: Vec<usize> = ctx.local.borrow().conns.iter().enumerate().filter(|(_, c)| c.kind == Kind::Slow).map(|(i, _)| i).collect();
+    let idx: Vec<usize> = ctx
+        .local
+        .lk()
+        .conns
+        .iter()
+        .enumerate()
+        .filter(|(_, c)| c.kind == Kind::Slow)
+        .map(|(i, _)| i)
+        .collect();
     let mut buf = vec![0u8; READ_BUF];
     for li in idx {
         seen.clients += 1;
         let Some(s) = sock(ctx, li) else { continue };
-        let ch = ctx.local.borrow().conns[li].ch;
+        let ch = ctx.local.lk().conns[li].ch;
         let ms = ctx.shared.chans[ch as usize].measure_start.load(Relaxed);
         let mut parser = FrameParser::default();
         let mut code = None;
@@ -973,7 +1170,11 @@ async fn read_slow(ctx: &Rc<Ctx>) -> SlowSeen {
         let mut received = 0;
         // At most 64 MiB per connection; a connection still sending after that is left open.
         for _ in 0..1024 {
-            let r = tokio::time::timeout_at(deadline.min(tokio::time::Instant::now() + Duration::from_millis(200)), s.readable()).await;
+            let r = tokio::time::timeout_at(
+                deadline.min(tokio::time::Instant::now() + Duration::from_millis(200)),
+                s.readable(),
+            )
+            .await;
             if r.is_err() {
                 break;
             }
@@ -1011,18 +1212,24 @@ async fn read_slow(ctx: &Rc<Ctx>) -> SlowSeen {
 }
 
 /// Churn during a disturbed step: connections that come and go, and togglers.
-async fn churn_task(ctx: Rc<Ctx>, churn: Churn) {
+async fn churn_task(ctx: Arc<Ctx>, churn: Churn) {
     let channels = ctx.plan.channels.len().max(1);
     // Togglers: connected at the start of the step, each flips its subscription in turn.
-    let mut togglers: Vec<(Rc<TcpStream>, bool, usize)> = Vec::new();
+    let mut togglers: Vec<(Arc<TcpStream>, bool, usize)> = Vec::new();
     for i in 0..churn.togglers {
-        match conn::connect(&ctx.plan.target, ConnectOpts::default(), Duration::from_secs(5)).await {
+        match conn::connect(
+            &ctx.plan.target,
+            ConnectOpts::default(),
+            Duration::from_secs(5),
+        )
+        .await
+        {
             Ok(c) => {
-                let s = Rc::new(c.stream);
-                tokio::task::spawn_local(discard(ctx.clone(), s.clone(), None));
+                let s = Arc::new(c.stream);
+                tokio::spawn(discard(ctx.clone(), s.clone()));
                 togglers.push((s, false, i % channels));
             }
-            Err(_) => ctx.churn.borrow_mut().connect_failures += 1,
+            Err(_) => ctx.churn.lk().connect_failures += 1,
         }
     }
     let start = Instant::now();
@@ -1032,7 +1239,7 @@ async fn churn_task(ctx: Rc<Ctx>, churn: Churn) {
     let mut frame = Vec::new();
     let mut tick = tokio::time::interval(Duration::from_millis(5));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
-    while !ctx.churn_stop.get() {
+    while !ctx.churn_stop.load(Relaxed) {
         tick.tick().await;
         let t = start.elapsed().as_secs_f64();
         let want = (t * churn.connects_per_s) as u64;
@@ -1041,18 +1248,24 @@ async fn churn_task(ctx: Rc<Ctx>, churn: Churn) {
             connects_done += 1;
             let ctx2 = ctx.clone();
             let ch = (connects_done as usize) % channels;
-            tokio::task::spawn_local(async move {
-                match conn::connect(&ctx2.plan.target, ConnectOpts::default(), Duration::from_secs(5)).await {
+            tokio::spawn(async move {
+                match conn::connect(
+                    &ctx2.plan.target,
+                    ConnectOpts::default(),
+                    Duration::from_secs(5),
+                )
+                .await
+                {
                     Ok(c) => {
-                        ctx2.churn.borrow_mut().connects += 1;
-                        let s = Rc::new(c.stream);
+                        ctx2.churn.lk().connects += 1;
+                        let s = Arc::new(c.stream);
                         let mut f = Vec::new();
                         ws::subscribe_frame(&mut f, &ctx2.plan.channels[ch], true);
                         let _ = timed_write(&s, &f).await;
-                        let _ = tokio::time::timeout(churn.hold, discard(ctx2.clone(), s, None)).await;
-                        ctx2.churn.borrow_mut().disconnects += 1;
+                        let _ = tokio::time::timeout(churn.hold, discard(ctx2.clone(), s)).await;
+                        ctx2.churn.lk().disconnects += 1;
                     }
-                    Err(_) => ctx2.churn.borrow_mut().connect_failures += 1,
+                    Err(_) => ctx2.churn.lk().connect_failures += 1,
                 }
             });
         }
@@ -1068,7 +1281,7 @@ async fn churn_task(ctx: Rc<Ctx>, churn: Churn) {
                 frame.clear();
                 ws::subscribe_frame(&mut frame, &ctx.plan.channels[*ch], *subscribed);
                 if timed_write(s, &frame).await.is_ok() {
-                    let mut c = ctx.churn.borrow_mut();
+                    let mut c = ctx.churn.lk();
                     if *subscribed {
                         c.subscribes += 1;
                     } else {
@@ -1085,12 +1298,15 @@ async fn churn_task(ctx: Rc<Ctx>, churn: Churn) {
 
 /// Reads and throws away everything a connection gets, answering pings, until it closes or
 /// the churn stops.
-async fn discard(ctx: Rc<Ctx>, s: Rc<TcpStream>, _hold: Option<Duration>) {
+async fn discard(ctx: Arc<Ctx>, s: Arc<TcpStream>) {
     let mut buf = vec![0u8; 16 * 1024];
     let mut parser = FrameParser::default();
     let mut pongs = Vec::new();
-    while !ctx.churn_stop.get() {
-        if tokio::time::timeout(Duration::from_millis(100), s.readable()).await.is_err() {
+    while !ctx.churn_stop.load(Relaxed) {
+        if tokio::time::timeout(Duration::from_millis(100), s.readable())
+            .await
+            .is_err()
+        {
             continue;
         }
         match s.try_read(&mut buf) {

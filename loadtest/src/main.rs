@@ -11,6 +11,14 @@
 //! the send time at the start of its `data` are read, never the whole JSON, so the generator is
 //! not what limits the measurement.
 
+/// `println!` that ignores a closed stdout (`loadtest | head` must not panic).
+macro_rules! say {
+    ($($t:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout().lock(), $($t)*);
+    }};
+}
+
 mod cli;
 mod conn;
 #[cfg(feature = "embedded")]
@@ -54,7 +62,8 @@ fn run(args: &Args) -> Result<(), String> {
     let conns = args.connections_needed();
     // Every connection is a file descriptor here, and one more in the hub when it is embedded.
     let fds_needed = conns as u64 * if target.is_some() { 1 } else { 2 } + 64;
-    let limit = sys::raise_fd_limit().map_err(|e| format!("cannot read the file descriptor limit: {e}"))?;
+    let limit =
+        sys::raise_fd_limit().map_err(|e| format!("cannot read the file descriptor limit: {e}"))?;
     if fds_needed > limit {
         return Err(format!(
             "{conns} connections need about {fds_needed} file descriptors{}, but the limit is {limit} \
@@ -74,12 +83,19 @@ fn run(args: &Args) -> Result<(), String> {
     let sources = sources as u8;
 
     let server = start_server(args, target)?;
-    println!(
+    say!(
         "loadtest {}: {}",
         args.scenario_name(),
-        if server.is_embedded() { format!("embedded wshub at {}", server.url) } else { format!("target {}", server.url) }
+        if server.is_embedded() {
+            format!("embedded wshub at {}{}", server.url, server.describe())
+        } else {
+            format!("target {}", server.url)
+        }
     );
-    let started = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    let started = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
     let result = scenarios::run(args, &server, sources);
     #[cfg(feature = "embedded")]
     if let Some(e) = { server }.embedded.take() {
@@ -103,9 +119,10 @@ fn run(args: &Args) -> Result<(), String> {
             "steps": out.steps,
             "summary": out.summary,
         });
-        let text = serde_json::to_string_pretty(&doc).map_err(|e| format!("cannot encode the JSON report: {e}"))?;
+        let text = serde_json::to_string_pretty(&doc)
+            .map_err(|e| format!("cannot encode the JSON report: {e}"))?;
         std::fs::write(path, text).map_err(|e| format!("cannot write {}: {e}", path.display()))?;
-        println!("JSON report written to {}", path.display());
+        say!("JSON report written to {}", path.display());
     }
     Ok(())
 }
@@ -113,22 +130,44 @@ fn run(args: &Args) -> Result<(), String> {
 #[cfg(feature = "embedded")]
 fn start_server(args: &Args, target: Option<Target>) -> Result<Server, String> {
     if let Some(t) = target {
-        return Ok(Server { url: args.target.clone().unwrap_or_default(), target: t, embedded: None, pid: args.pid });
+        return Ok(Server {
+            url: args.target.clone().unwrap_or_default(),
+            target: t,
+            embedded: None,
+            pid: args.pid,
+        });
     }
     let opts = embedded::HubOptions {
         threads: args.hub_threads,
         shards: args.hub_shards,
-        cpus: args.hub_cpus.as_deref().map(cli::parse_cpu_list).transpose()?.unwrap_or_default(),
+        cpus: args
+            .hub_cpus
+            .as_deref()
+            .map(cli::parse_cpu_list)
+            .transpose()?
+            .unwrap_or_default(),
     };
     let e = embedded::Embedded::start(&opts)?;
     let t = Target::local(e.addr);
-    Ok(Server { url: format!("ws://{}/ws", e.addr), target: t, embedded: Some(e), pid: None })
+    Ok(Server {
+        url: format!("ws://{}/ws", e.addr),
+        target: t,
+        embedded: Some(e),
+        pid: None,
+    })
 }
 
 #[cfg(not(feature = "embedded"))]
 fn start_server(args: &Args, target: Option<Target>) -> Result<Server, String> {
     match target {
-        Some(t) => Ok(Server { url: args.target.clone().unwrap_or_default(), target: t, pid: args.pid }),
-        None => Err("this build has no embedded hub (built without the `embedded` feature): use --target".into()),
+        Some(t) => Ok(Server {
+            url: args.target.clone().unwrap_or_default(),
+            target: t,
+            pid: args.pid,
+        }),
+        None => Err(
+            "this build has no embedded hub (built without the `embedded` feature): use --target"
+                .into(),
+        ),
     }
 }

@@ -71,7 +71,11 @@ impl RampResult {
         if self.failures.is_empty() {
             s.push_str("  failures          none\n");
         } else {
-            let f: Vec<String> = self.failures.iter().map(|(k, v)| format!("{v} {k}")).collect();
+            let f: Vec<String> = self
+                .failures
+                .iter()
+                .map(|(k, v)| format!("{v} {k}"))
+                .collect();
             s.push_str(&format!("  failures          {}\n", f.join(", ")));
         }
         if let (Some(b), Some(a)) = (self.rss_before_bytes, self.rss_bytes) {
@@ -96,12 +100,23 @@ struct Outcome {
 
 /// Runs the ramp on one generator thread; the connections stay open until the server's memory
 /// has been read.
-pub(crate) fn run(args: &Args, server: &Server, cpus: &[usize], sources: u8, pb: &ProgressBar) -> Result<RampResult, String> {
+pub(crate) fn run(
+    args: &Args,
+    server: &Server,
+    cpus: &[usize],
+    sources: u8,
+    pb: &ProgressBar,
+) -> Result<RampResult, String> {
     let rss_before = server.rss();
     let (tx, rx) = std::sync::mpsc::channel::<Outcome>();
     let (release_tx, release_rx) = tokio::sync::oneshot::channel::<()>();
     let target = server.target.clone();
-    let (rate, to, bound_ms, max_fail) = (args.ramp_rate, args.ramp_to, args.ramp_p99_ms, args.ramp_max_failures);
+    let (rate, to, bound_ms, max_fail) = (
+        args.ramp_rate,
+        args.ramp_to,
+        args.ramp_p99_ms,
+        args.ramp_max_failures,
+    );
     let channel = args.channel.clone();
     let cpus = cpus.to_vec();
     let pb2 = pb.clone();
@@ -109,7 +124,12 @@ pub(crate) fn run(args: &Args, server: &Server, cpus: &[usize], sources: u8, pb:
         .name("loadgen-ramp".into())
         .spawn(move || {
             let _ = sys::pin_current_thread(&cpus);
-            let Ok(rt) = tokio::runtime::Builder::new_current_thread().enable_all().build() else { return };
+            let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            else {
+                return;
+            };
             let local = tokio::task::LocalSet::new();
             local.block_on(&rt, async move {
                 let held = Rc::new(Cell::new(0usize));
@@ -140,7 +160,9 @@ pub(crate) fn run(args: &Args, server: &Server, cpus: &[usize], sources: u8, pb:
                         v.sort_unstable();
                         let p99 = v[(v.len() - 1) * 99 / 100] as f64 / 1e6;
                         if p99 > bound_ms {
-                            break format!("handshake p99 {p99:.1} ms above the {bound_ms} ms bound");
+                            break format!(
+                                "handshake p99 {p99:.1} ms above the {bound_ms} ms bound"
+                            );
                         }
                     }
                     if start.elapsed() > limit {
@@ -153,39 +175,60 @@ pub(crate) fn run(args: &Args, server: &Server, cpus: &[usize], sources: u8, pb:
                     while started < due && started - done.get() < MAX_IN_FLIGHT {
                         let i = started;
                         started += 1;
-                        let (held, done, failures, hist, recent, buf, target, channel) =
-                            (held.clone(), done.clone(), failures.clone(), hist.clone(), recent.clone(), buf.clone(), target.clone(), channel.clone());
+                        let (held, done, failures, hist, recent, buf, target, channel) = (
+                            held.clone(),
+                            done.clone(),
+                            failures.clone(),
+                            hist.clone(),
+                            recent.clone(),
+                            buf.clone(),
+                            target.clone(),
+                            channel.clone(),
+                        );
                         tokio::task::spawn_local(async move {
                             let t = Instant::now();
-                            let opts = ConnectOpts { recv_buffer: 0, source: (sources > 1).then(|| (i % sources as usize) as u8) };
+                            let opts = ConnectOpts {
+                                recv_buffer: 0,
+                                source: (sources > 1).then(|| (i % sources as usize) as u8),
+                            };
                             let r = conn::connect(&target, opts, Duration::from_secs(10)).await;
                             done.set(done.get() + 1);
                             match r {
                                 Ok(c) => {
                                     let ns = t.elapsed().as_nanos() as u64;
                                     hist.borrow_mut().saturating_record(ns.max(1));
-                                    let mut q = recent.borrow_mut();
-                                    if q.len() == RECENT {
-                                        q.pop_front();
+                                    {
+                                        let mut q = recent.borrow_mut();
+                                        if q.len() == RECENT {
+                                            q.pop_front();
+                                        }
+                                        q.push_back(ns);
                                     }
-                                    q.push_back(ns);
-                                    drop(q);
                                     let mut f = Vec::new();
                                     ws::subscribe_frame(&mut f, &channel, true);
                                     if conn::write_all(&c.stream, &f).await.is_err() {
-                                        *failures.borrow_mut().entry("subscribe write failed".into()).or_default() += 1;
+                                        *failures
+                                            .borrow_mut()
+                                            .entry("subscribe write failed".into())
+                                            .or_default() += 1;
                                         return;
                                     }
                                     held.set(held.get() + 1);
                                     hold(c.stream, buf).await;
                                     held.set(held.get() - 1);
-                                    *failures.borrow_mut().entry("closed by server".into()).or_default() += 1;
+                                    *failures
+                                        .borrow_mut()
+                                        .entry("closed by server".into())
+                                        .or_default() += 1;
                                 }
-                                Err(e) => *failures.borrow_mut().entry(e.kind().into()).or_default() += 1,
+                                Err(e) => {
+                                    *failures.borrow_mut().entry(e.kind().into()).or_default() += 1
+                                }
                             }
                         });
                     }
                 };
+                let seconds = start.elapsed().as_secs_f64();
                 // Let the last subscriptions land, then report and keep the connections open
                 // until the main thread has read the server's memory.
                 tokio::time::sleep(Duration::from_millis(500)).await;
@@ -193,7 +236,7 @@ pub(crate) fn run(args: &Args, server: &Server, cpus: &[usize], sources: u8, pb:
                     reached: held.get(),
                     reason,
                     failures: failures.borrow().clone(),
-                    seconds: start.elapsed().as_secs_f64(),
+                    seconds,
                     hist: hist.borrow().clone(),
                 };
                 let _ = tx.send(out);

@@ -37,7 +37,9 @@ impl HubSnapshot {
             published: self.published.saturating_sub(before.published),
             delivered: self.delivered.saturating_sub(before.delivered),
             dropped: self.dropped.saturating_sub(before.dropped),
-            slow_consumer_disconnects: self.slow_consumer_disconnects.saturating_sub(before.slow_consumer_disconnects),
+            slow_consumer_disconnects: self
+                .slow_consumer_disconnects
+                .saturating_sub(before.slow_consumer_disconnects),
             ..self.clone()
         }
     }
@@ -59,9 +61,21 @@ pub(crate) struct LoadJson {
 impl From<Load> for LoadJson {
     fn from(l: Load) -> Self {
         match l {
-            Load::Closed { window } => LoadJson { mode: "closed", window: Some(window), rate: None },
-            Load::Open { rate } => LoadJson { mode: "open", window: None, rate: Some(rate) },
-            Load::Idle => LoadJson { mode: "idle", window: None, rate: None },
+            Load::Closed { window } => LoadJson {
+                mode: "closed",
+                window: Some(window),
+                rate: None,
+            },
+            Load::Open { rate } => LoadJson {
+                mode: "open",
+                window: None,
+                rate: Some(rate),
+            },
+            Load::Idle => LoadJson {
+                mode: "idle",
+                window: None,
+                rate: None,
+            },
         }
     }
 }
@@ -143,6 +157,8 @@ pub(crate) struct StepReport {
     pub(crate) hub_cpu_percent: Option<f64>,
     /// Resident memory at the end (embedded: the whole process, generator included).
     pub(crate) rss_bytes: Option<u64>,
+    /// Resident memory of the load generator (--target only; embedded, it is in `rss_bytes`).
+    pub(crate) generator_rss_bytes: Option<u64>,
     /// The hub's counters over the step (embedded only).
     pub(crate) hub: Option<HubSnapshot>,
     /// What the slow clients got (slow scenario, disturbed step).
@@ -162,13 +178,21 @@ pub(crate) struct ServerSide {
     pub(crate) cpu: Option<Duration>,
     /// Resident memory at the end.
     pub(crate) rss: Option<u64>,
+    /// The generator's resident memory, when it is a process of its own.
+    pub(crate) generator_rss: Option<u64>,
     /// Counter differences.
     pub(crate) hub: Option<HubSnapshot>,
 }
 
 impl StepReport {
     /// Builds the report of `step` from what the engine measured.
-    pub(crate) fn build(step: &Step, o: StepOutcome, subscribers: u64, slow_clients: u64, server: ServerSide) -> StepReport {
+    pub(crate) fn build(
+        step: &Step,
+        o: StepOutcome,
+        subscribers: u64,
+        slow_clients: u64,
+        server: ServerSide,
+    ) -> StepReport {
         let secs = o.seconds.max(1e-9);
         let intervals = o
             .intervals
@@ -193,7 +217,9 @@ impl StepReport {
             lost: (o.published * slow_clients).saturating_sub(o.slow.received),
             seen: o.slow.clone(),
         });
-        let churn = (step.disturb && (o.churn.connects + o.churn.connect_failures + o.churn.subscribes) > 0).then(|| o.churn.clone());
+        let churn = (step.disturb
+            && (o.churn.connects + o.churn.connect_failures + o.churn.subscribes) > 0)
+            .then(|| o.churn.clone());
         StepReport {
             label: step.label.clone(),
             load: step.load.into(),
@@ -217,6 +243,7 @@ impl StepReport {
             hub_cpu_seconds: hub_cpu,
             hub_cpu_percent: hub_cpu.map(|c| c / secs * 100.0),
             rss_bytes: server.rss,
+            generator_rss_bytes: server.generator_rss,
             hub: server.hub,
             slow,
             churn,
@@ -233,40 +260,111 @@ impl StepReport {
             (_, Some(r)) => format!("open loop, {} publishes/s", count(r as u64)),
             _ => "idle".into(),
         };
-        let _ = writeln!(s, "\n== {} ({load}), measured {:.1} s", self.label, self.seconds);
+        let _ = writeln!(
+            s,
+            "\n== {} ({load}), measured {:.1} s",
+            self.label, self.seconds
+        );
         let row = |s: &mut String, k: &str, v: String| {
             let _ = writeln!(s, "  {k:<18}{v}");
         };
         if self.load.mode != "idle" {
-            row(&mut s, "published", format!("{:>15}   {:>12}/s", count(self.published), rate(self.published_per_s)));
-            row(&mut s, "delivered", format!("{:>15}   {:>12}/s", count(self.delivered), rate(self.delivered_per_s)));
-            row(&mut s, "expected", format!("{:>15}   (published x subscribers)", count(self.expected_deliveries)));
+            row(
+                &mut s,
+                "published",
+                format!(
+                    "{:>15}   {:>12}/s",
+                    count(self.published),
+                    rate(self.published_per_s)
+                ),
+            );
+            row(
+                &mut s,
+                "delivered",
+                format!(
+                    "{:>15}   {:>12}/s",
+                    count(self.delivered),
+                    rate(self.delivered_per_s)
+                ),
+            );
+            row(
+                &mut s,
+                "expected",
+                format!(
+                    "{:>15}   (each publish x its channel's subscribers)",
+                    count(self.expected_deliveries)
+                ),
+            );
             row(&mut s, "lost", format!("{:>15}", count(self.lost)));
-            row(&mut s, "duplicated", format!("{:>15}", count(self.duplicated)));
+            row(
+                &mut s,
+                "duplicated",
+                format!("{:>15}", count(self.duplicated)),
+            );
             if self.behind_schedule > 0 {
-                row(&mut s, "behind schedule", format!("{:>15}   (publishes the generator could not send in time)", count(self.behind_schedule)));
+                row(
+                    &mut s,
+                    "behind schedule",
+                    format!(
+                        "{:>15}   (publishes the generator could not send in time)",
+                        count(self.behind_schedule)
+                    ),
+                );
             }
             let l = &self.latency;
             row(
                 &mut s,
                 "latency",
-                format!("p50 {}  p90 {}  p99 {}  p99.9 {}  max {}", dur(l.p50_us), dur(l.p90_us), dur(l.p99_us), dur(l.p999_us), dur(l.max_us)),
+                format!(
+                    "p50 {}  p90 {}  p99 {}  p99.9 {}  max {}",
+                    dur(l.p50_us),
+                    dur(l.p90_us),
+                    dur(l.p99_us),
+                    dur(l.p999_us),
+                    dur(l.max_us)
+                ),
             );
         }
-        row(&mut s, "connections held", format!("{} of {} subscribers", count(self.connections_held), count(self.subscribers)));
+        row(
+            &mut s,
+            "connections held",
+            format!(
+                "{} of {} subscribers",
+                count(self.connections_held),
+                count(self.subscribers)
+            ),
+        );
         if self.errors.is_empty() {
             row(&mut s, "errors", "none".into());
         } else {
-            let e: Vec<String> = self.errors.iter().map(|(k, v)| format!("{v} {k}")).collect();
+            let e: Vec<String> = self
+                .errors
+                .iter()
+                .map(|(k, v)| format!("{v} {k}"))
+                .collect();
             row(&mut s, "errors", e.join(", "));
         }
-        row(&mut s, "generator CPU", format!("{:.1} s ({:.0}% of one core)", self.generator_cpu_seconds, self.generator_cpu_percent));
+        row(
+            &mut s,
+            "generator CPU",
+            format!(
+                "{:.1} s ({:.0}% of one core)",
+                self.generator_cpu_seconds, self.generator_cpu_percent
+            ),
+        );
         if let (Some(c), Some(p)) = (self.hub_cpu_seconds, self.hub_cpu_percent) {
             row(&mut s, "hub CPU", format!("{c:.1} s ({p:.0}% of one core)"));
         }
         if let Some(r) = self.rss_bytes {
-            let note = if embedded { " (the whole process: hub and generator)" } else { " (the server process)" };
+            let note = if embedded {
+                " (the whole process: hub and generator)"
+            } else {
+                " (the server process)"
+            };
             row(&mut s, "memory (RSS)", format!("{}{note}", bytes(r)));
+        }
+        if let Some(r) = self.generator_rss_bytes {
+            row(&mut s, "generator RSS", bytes(r));
         }
         if let Some(h) = &self.hub {
             row(
@@ -283,7 +381,12 @@ impl StepReport {
             );
         }
         if let Some(sl) = &self.slow {
-            let codes: Vec<String> = sl.seen.close_codes.iter().map(|(k, v)| format!("{v} with {k}")).collect();
+            let codes: Vec<String> = sl
+                .seen
+                .close_codes
+                .iter()
+                .map(|(k, v)| format!("{v} with {k}"))
+                .collect();
             row(
                 &mut s,
                 "slow clients",
@@ -291,7 +394,11 @@ impl StepReport {
                     "{}: {} closed by the server{}; they got {} of the step's messages, missed {}",
                     sl.seen.clients,
                     sl.seen.closed_by_server,
-                    if codes.is_empty() { String::new() } else { format!(" ({})", codes.join(", ")) },
+                    if codes.is_empty() {
+                        String::new()
+                    } else {
+                        format!(" ({})", codes.join(", "))
+                    },
                     count(sl.seen.received),
                     count(sl.lost)
                 ),
@@ -309,6 +416,29 @@ impl StepReport {
                     count(c.subscribes),
                     count(c.unsubscribes)
                 ),
+            );
+        }
+        if self.load.mode != "idle" && self.published > 0 {
+            let reach = if self.lost == 0
+                && self.expected_deliveries == self.published * self.subscribers
+            {
+                format!(
+                    "every one reached all {} subscribers",
+                    count(self.subscribers)
+                )
+            } else if self.lost == 0 {
+                "every one reached every subscriber of its channel".to_string()
+            } else {
+                format!("{} deliveries never arrived", count(self.lost))
+            };
+            let _ = writeln!(
+                s,
+                "  in short: {} publishes in {:.0} s, {reach}: {} deliveries/s; half arrived within {}, 99% within {}",
+                count(self.published),
+                self.seconds,
+                rate(self.delivered_per_s),
+                dur(self.latency.p50_us),
+                dur(self.latency.p99_us)
             );
         }
         s

@@ -45,6 +45,15 @@ impl Server {
         None
     }
 
+    /// The embedded hub's shape, or nothing.
+    pub(crate) fn describe(&self) -> String {
+        #[cfg(feature = "embedded")]
+        if let Some(e) = &self.embedded {
+            return format!(" ({})", e.describe());
+        }
+        String::new()
+    }
+
     /// Resident memory of the server: this process when embedded, else the --pid process.
     pub(crate) fn rss(&self) -> Option<u64> {
         if self.is_embedded() {
@@ -78,7 +87,12 @@ pub(crate) fn run(args: &Args, server: &Server, sources: u8) -> Result<Output, S
     match args.scenario {
         Scenario::Fanout | Scenario::Broadcast => {
             let plan = r.plan(1, r.subscribers(), 0);
-            let step = Step { label: args.scenario_name().into(), load: r.load(), duration: secs(args.duration), disturb: false };
+            let step = Step {
+                label: args.scenario_name().into(),
+                load: r.load(),
+                duration: secs(args.duration),
+                disturb: false,
+            };
             r.progress_len(&[&step]);
             let steps = r.run_plan(plan, &[step])?;
             r.out.summary = headline(&steps[0]);
@@ -86,7 +100,12 @@ pub(crate) fn run(args: &Args, server: &Server, sources: u8) -> Result<Output, S
         }
         Scenario::Channels => {
             let plan = r.plan(args.channels, args.per_channel, 0);
-            let step = Step { label: "channels".into(), load: r.load(), duration: secs(args.duration), disturb: false };
+            let step = Step {
+                label: "channels".into(),
+                load: r.load(),
+                duration: secs(args.duration),
+                disturb: false,
+            };
             r.progress_len(&[&step]);
             let steps = r.run_plan(plan, &[step])?;
             r.out.summary = headline(&steps[0]);
@@ -95,7 +114,8 @@ pub(crate) fn run(args: &Args, server: &Server, sources: u8) -> Result<Output, S
         Scenario::Slow | Scenario::Churn => {
             let n = r.subscribers();
             let (plan, label) = if args.scenario == Scenario::Slow {
-                let slow = ((n as f64 * args.slow_share).round() as usize).clamp(1, n.saturating_sub(1).max(1));
+                let slow = ((n as f64 * args.slow_share).round() as usize)
+                    .clamp(1, n.saturating_sub(1).max(1));
                 if n < 2 {
                     return Err("the slow scenario needs at least 2 clients (-n)".into());
                 }
@@ -112,8 +132,18 @@ pub(crate) fn run(args: &Args, server: &Server, sources: u8) -> Result<Output, S
             };
             let half = secs(args.duration / 2.0);
             let steps = [
-                Step { label: "baseline".into(), load: r.load(), duration: half, disturb: false },
-                Step { label: label.into(), load: r.load(), duration: half, disturb: true },
+                Step {
+                    label: "baseline".into(),
+                    load: r.load(),
+                    duration: half,
+                    disturb: false,
+                },
+                Step {
+                    label: label.into(),
+                    load: r.load(),
+                    duration: half,
+                    disturb: true,
+                },
             ];
             r.progress_len(&steps.iter().collect::<Vec<_>>());
             let out = r.run_plan(plan, &steps)?;
@@ -124,7 +154,12 @@ pub(crate) fn run(args: &Args, server: &Server, sources: u8) -> Result<Output, S
             let n = args.subscribers.unwrap_or(10_000);
             let plan = r.plan(1, n, 0);
             let base = server.rss();
-            let step = Step { label: "idle".into(), load: Load::Idle, duration: secs(args.duration), disturb: false };
+            let step = Step {
+                label: "idle".into(),
+                load: Load::Idle,
+                duration: secs(args.duration),
+                disturb: false,
+            };
             r.progress_len(&[&step]);
             let steps = r.run_plan(plan, &[step])?;
             let held = steps[0].rss_bytes;
@@ -140,8 +175,11 @@ pub(crate) fn run(args: &Args, server: &Server, sources: u8) -> Result<Output, S
                 "unknown: pass --pid with --target to measure the server's memory"
             };
             match per {
-                Some(p) => println!("\nmemory per idle subscribed connection: {} ({note})", report::bytes(p as u64)),
-                None => println!("\nmemory per idle subscribed connection: {note}"),
+                Some(p) => say!(
+                    "\nmemory per idle subscribed connection: {} ({note})",
+                    report::bytes(p as u64)
+                ),
+                None => say!("\nmemory per idle subscribed connection: {note}"),
             }
             r.out.summary = json!({"connections": n, "rss_before_bytes": base, "rss_held_bytes": held, "bytes_per_connection": per, "note": note});
             r.out.steps = steps;
@@ -149,10 +187,15 @@ pub(crate) fn run(args: &Args, server: &Server, sources: u8) -> Result<Output, S
         Scenario::Sweep => sweep(&mut r)?,
         Scenario::Ramp => {
             r.progress.set_length(args.ramp_to as u64);
-            r.progress.set_style(ProgressStyle::with_template("{spinner} ramp [{bar:30}] {pos}/{len} connections {msg}").unwrap_or_else(|_| ProgressStyle::default_bar()));
+            r.progress.set_style(
+                ProgressStyle::with_template(
+                    "{spinner} ramp [{bar:30}] {pos}/{len} connections {msg}",
+                )
+                .unwrap_or_else(|_| ProgressStyle::default_bar()),
+            );
             let res = crate::ramp::run(args, server, &r.client_cpus, sources, &r.progress)?;
             r.progress.finish_and_clear();
-            println!("{}", res.text());
+            say!("{}", res.text());
             r.out.summary = serde_json::to_value(&res).unwrap_or(Value::Null);
         }
     }
@@ -176,12 +219,31 @@ struct Runner<'a> {
 impl<'a> Runner<'a> {
     fn new(args: &'a Args, server: &'a Server, sources: u8) -> Self {
         let show = !args.no_progress && std::io::stderr().is_terminal();
-        let progress = if show { ProgressBar::with_draw_target(Some(0), ProgressDrawTarget::stderr()) } else { ProgressBar::hidden() };
+        let progress = if show {
+            ProgressBar::with_draw_target(Some(0), ProgressDrawTarget::stderr())
+        } else {
+            ProgressBar::hidden()
+        };
         progress.set_style(
-            ProgressStyle::with_template("{spinner} [{bar:30}] {elapsed}/{duration} {msg}").unwrap_or_else(|_| ProgressStyle::default_bar()),
+            ProgressStyle::with_template("{spinner} [{bar:30}] {percent:>3}% {wide_msg}")
+                .unwrap_or_else(|_| ProgressStyle::default_bar()),
         );
-        let client_cpus = args.client_cpus.as_deref().map(crate::cli::parse_cpu_list).transpose().ok().flatten().unwrap_or_default();
-        Runner { args, server, sources, client_cpus, progress, out: Output::default() }
+        let client_cpus = args
+            .client_cpus
+            .as_deref()
+            .map(crate::cli::parse_cpu_list)
+            .transpose()
+            .ok()
+            .flatten()
+            .unwrap_or_default();
+        Runner {
+            args,
+            server,
+            sources,
+            client_cpus,
+            progress,
+            out: Output::default(),
+        }
     }
 
     fn subscribers(&self) -> usize {
@@ -190,21 +252,37 @@ impl<'a> Runner<'a> {
 
     fn load(&self) -> Load {
         if self.args.rate > 0.0 {
-            Load::Open { rate: self.args.rate }
+            Load::Open {
+                rate: self.args.rate,
+            }
         } else {
-            Load::Closed { window: self.args.window }
+            Load::Closed {
+                window: self.args.window,
+            }
         }
     }
 
     /// `channels` channels with `per_channel` measured subscribers each, and `slow` slow clients
     /// on the first channel.
     fn plan(&self, channels: usize, per_channel: usize, slow: usize) -> Plan {
-        let names = if channels == 1 { vec![self.args.channel.clone()] } else { (0..channels).map(|i| format!("{}-{i}", self.args.channel)).collect() };
+        let names = if channels == 1 {
+            vec![self.args.channel.clone()]
+        } else {
+            (0..channels)
+                .map(|i| format!("{}-{i}", self.args.channel))
+                .collect()
+        };
         let mut conns = Vec::with_capacity(channels * per_channel + slow);
         for c in 0..channels {
-            conns.extend((0..per_channel).map(|_| ConnSpec { channel: c as u32, kind: Kind::Subscriber }));
+            conns.extend((0..per_channel).map(|_| ConnSpec {
+                channel: c as u32,
+                kind: Kind::Subscriber,
+            }));
         }
-        conns.extend((0..slow).map(|_| ConnSpec { channel: 0, kind: Kind::Slow }));
+        conns.extend((0..slow).map(|_| ConnSpec {
+            channel: 0,
+            kind: Kind::Slow,
+        }));
         Plan {
             target: self.server.target.clone(),
             channels: names,
@@ -225,13 +303,18 @@ impl<'a> Runner<'a> {
     }
 
     fn run_plan(&mut self, plan: Plan, steps: &[Step]) -> Result<Vec<StepReport>, String> {
-        let subscribers = plan.conns.iter().filter(|c| c.kind == Kind::Subscriber).count() as u64;
+        let subscribers = plan
+            .conns
+            .iter()
+            .filter(|c| c.kind == Kind::Subscriber)
+            .count() as u64;
         let slow = plan.conns.len() as u64 - subscribers;
-        self.progress.set_message(format!("connecting {} clients", plan.conns.len()));
+        self.progress
+            .set_message(format!("connecting {} clients", plan.conns.len()));
         let mut engine = Engine::start(plan)?;
         self.out.connect_seconds = engine.connect_seconds;
         self.out.live_seconds = engine.live_seconds;
-        println!(
+        say!(
             "connected {} clients in {:.2} s; every subscription live {:.2} s later",
             report::count(subscribers + slow),
             engine.connect_seconds,
@@ -245,7 +328,13 @@ impl<'a> Runner<'a> {
         Ok(reports)
     }
 
-    fn run_step(&self, engine: &mut Engine, step: &Step, subscribers: u64, slow: u64) -> StepReport {
+    fn run_step(
+        &self,
+        engine: &mut Engine,
+        step: &Step,
+        subscribers: u64,
+        slow: u64,
+    ) -> StepReport {
         let hub0 = self.server.hub();
         let pid0 = self.server.pid_cpu();
         let interval = Duration::from_millis(self.args.interval_ms).min(step.duration);
@@ -256,10 +345,23 @@ impl<'a> Runner<'a> {
             let dt = (t - last).max(1e-9);
             last = t;
             pb.inc(((dt) * 1000.0) as u64);
-            let p99 = if c.hist.is_empty() { "-".into() } else { report::dur(c.hist.value_at_quantile(0.99) as f64 / 1000.0) };
-            pb.set_message(format!("{label}: {}/s delivered, p99 {p99}, lost {}", report::rate(c.delivered as f64 / dt), c.lost));
+            let p99 = if c.hist.is_empty() {
+                "-".into()
+            } else {
+                report::dur(c.hist.value_at_quantile(0.99) as f64 / 1000.0)
+            };
+            pb.set_message(format!(
+                "{label}: {}/s delivered, p99 {p99}, lost {}",
+                report::rate(c.delivered as f64 / dt),
+                c.lost
+            ));
         };
-        let o = engine.run_step(step, interval, Duration::from_millis(self.args.drain_ms), &mut on_interval);
+        let o = engine.run_step(
+            step,
+            interval,
+            Duration::from_millis(self.args.drain_ms),
+            &mut on_interval,
+        );
         let cpu = if self.server.is_embedded() {
             Some(o.process_cpu.saturating_sub(o.generator_cpu))
         } else {
@@ -272,9 +374,18 @@ impl<'a> Runner<'a> {
             (Some(a), Some(b)) => Some(b.since(&a)),
             _ => None,
         };
-        let side = ServerSide { cpu, rss: self.server.rss(), hub };
+        let side = ServerSide {
+            cpu,
+            rss: self.server.rss(),
+            generator_rss: if self.server.is_embedded() {
+                None
+            } else {
+                sys::rss_bytes("self")
+            },
+            hub,
+        };
         let r = StepReport::build(step, o, subscribers, slow, side);
-        pb.suspend(|| println!("{}", r.text(self.server.is_embedded())));
+        pb.suspend(|| say!("{}", r.text(self.server.is_embedded())));
         r
     }
 }
@@ -296,13 +407,26 @@ impl Args {
 
     /// Connections the scenario opens at most (for the file descriptor check).
     pub(crate) fn connections_needed(&self) -> usize {
-        let n = self.subscribers.unwrap_or(if self.scenario == Scenario::Idle { 10_000 } else { 1000 });
+        let n = self
+            .subscribers
+            .unwrap_or(if self.scenario == Scenario::Idle {
+                10_000
+            } else {
+                1000
+            });
         match self.scenario {
             Scenario::Fanout | Scenario::Broadcast | Scenario::Slow | Scenario::Idle => n,
             Scenario::Channels => self.channels.saturating_mul(self.per_channel),
-            Scenario::Churn => n + self.churn_togglers + (self.churn_connects * (self.churn_hold_ms as f64 / 1000.0 + 5.0)).ceil() as usize,
+            Scenario::Churn => {
+                n + self.churn_togglers
+                    + (self.churn_connects * (self.churn_hold_ms as f64 / 1000.0 + 5.0)).ceil()
+                        as usize
+            }
             Scenario::Ramp => self.ramp_to,
-            Scenario::Sweep => parse_list::<usize>("--sweep-subs", &self.sweep_subs).ok().and_then(|v| v.into_iter().max()).unwrap_or(0),
+            Scenario::Sweep => parse_list::<usize>("--sweep-subs", &self.sweep_subs)
+                .ok()
+                .and_then(|v| v.into_iter().max())
+                .unwrap_or(0),
         }
     }
 }
@@ -323,7 +447,7 @@ fn headline(s: &StepReport) -> Value {
 /// A baseline step against a disturbed one (slow clients or churn).
 fn compare(base: &StepReport, dist: &StepReport) -> Value {
     let ratio = |a: f64, b: f64| if a > 0.0 { b / a } else { 0.0 };
-    println!(
+    say!(
         "\n{} against the baseline: delivered/s {} -> {} ({:.2}x), p99 {} -> {} ({:.2}x), lost {} -> {}",
         dist.label,
         report::rate(base.delivered_per_s),
@@ -370,7 +494,8 @@ fn sweep(r: &mut Runner<'_>) -> Result<(), String> {
     let subs = parse_list::<usize>("--sweep-subs", &args.sweep_subs)?;
     let rates = parse_list::<f64>("--sweep-rates", &args.sweep_rates)?;
     let step_d = secs(args.step_seconds);
-    r.progress.set_length((step_d.as_secs_f64() * 1000.0) as u64 * (subs.len() * rates.len()) as u64);
+    r.progress
+        .set_length((step_d.as_secs_f64() * 1000.0) as u64 * (subs.len() * rates.len()) as u64);
     let mut points = Vec::new();
     let mut steps = Vec::new();
     let t0 = Instant::now();
@@ -381,30 +506,64 @@ fn sweep(r: &mut Runner<'_>) -> Result<(), String> {
         let mut engine = Engine::start(plan)?;
         r.out.connect_seconds = engine.connect_seconds;
         r.out.live_seconds = engine.live_seconds;
-        println!("\nsweep: {n} subscribers connected in {:.2} s", engine.connect_seconds);
+        say!(
+            "\nsweep: {n} subscribers connected in {:.2} s",
+            engine.connect_seconds
+        );
         for (i, &rate) in rates.iter().enumerate() {
-            let step = Step { label: format!("sweep {n} subscribers x {rate} publishes/s"), load: Load::Open { rate }, duration: step_d, disturb: false };
+            let step = Step {
+                label: format!("sweep {n} subscribers x {rate} publishes/s"),
+                load: Load::Open { rate },
+                duration: step_d,
+                disturb: false,
+            };
             let rep = r.run_step(&mut engine, &step, subscribers, 0);
             let offered = rate * n as f64;
             let p99_ms = rep.latency.p99_us / 1000.0;
-            let ok = p99_ms <= args.p99_ms && rep.lost == 0 && rep.delivered_per_s >= 0.95 * offered;
-            points.push(SweepPoint { subscribers: n, rate, offered_per_s: offered, delivered_per_s: rep.delivered_per_s, p99_ms, lost: rep.lost, ok });
+            let ok =
+                p99_ms <= args.p99_ms && rep.lost == 0 && rep.delivered_per_s >= 0.95 * offered;
+            points.push(SweepPoint {
+                subscribers: n,
+                rate,
+                offered_per_s: offered,
+                delivered_per_s: rep.delivered_per_s,
+                p99_ms,
+                lost: rep.lost,
+                ok,
+            });
             steps.push(rep);
             if !ok {
                 // Past the knee: higher rates only take longer to say the same.
                 let skipped = (rates.len() - i - 1) as u64;
-                r.progress.inc(skipped * (step_d.as_secs_f64() * 1000.0) as u64);
+                r.progress
+                    .inc(skipped * (step_d.as_secs_f64() * 1000.0) as u64);
                 break;
             }
         }
         engine.stop();
     }
-    let knee = points.iter().filter(|p| p.ok).max_by(|a, b| a.offered_per_s.total_cmp(&b.offered_per_s)).cloned();
+    let knee = points
+        .iter()
+        .filter(|p| p.ok)
+        .max_by(|a, b| a.offered_per_s.total_cmp(&b.offered_per_s))
+        .cloned();
     r.progress.finish_and_clear();
-    println!("\nsweep (p99 bound {} ms), {:.0} s:", args.p99_ms, t0.elapsed().as_secs_f64());
-    println!("  {:>11} {:>12} {:>14} {:>14} {:>10} {:>8}  ok", "subscribers", "publishes/s", "offered/s", "delivered/s", "p99", "lost");
+    say!(
+        "\nsweep (p99 bound {} ms), {:.0} s:",
+        args.p99_ms,
+        t0.elapsed().as_secs_f64()
+    );
+    say!(
+        "  {:>11} {:>12} {:>14} {:>14} {:>10} {:>8}  ok",
+        "subscribers",
+        "publishes/s",
+        "offered/s",
+        "delivered/s",
+        "p99",
+        "lost"
+    );
     for p in &points {
-        println!(
+        say!(
             "  {:>11} {:>12} {:>14} {:>14} {:>10} {:>8}  {}",
             p.subscribers,
             report::count(p.rate as u64),
@@ -416,18 +575,21 @@ fn sweep(r: &mut Runner<'_>) -> Result<(), String> {
         );
     }
     match &knee {
-        Some(k) => println!(
+        Some(k) => say!(
             "knee: {} deliveries/s ({} subscribers x {} publishes/s) with p99 {} and nothing lost",
             report::rate(k.delivered_per_s),
             k.subscribers,
             report::count(k.rate as u64),
             report::dur(k.p99_ms * 1000.0)
         ),
-        None => println!("knee: not found: no step kept p99 under {} ms with nothing lost", args.p99_ms),
+        None => say!(
+            "knee: not found: no step kept p99 under {} ms with nothing lost",
+            args.p99_ms
+        ),
     }
     if let Some(path) = &args.plot {
         crate::plot::draw(path, &points, args.p99_ms, knee.as_ref())?;
-        println!("plot written to {}", path.display());
+        say!("plot written to {}", path.display());
     }
     r.out.summary = json!({ "p99_bound_ms": args.p99_ms, "points": points, "knee": knee });
     r.out.steps = steps;

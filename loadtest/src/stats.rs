@@ -160,7 +160,10 @@ impl HistogramJson {
             highest_ns: h.high(),
             significant_digits: h.sigfig(),
             total_count: h.len(),
-            buckets: h.iter_recorded().map(|v| [v.value_iterated_to(), v.count_at_value()]).collect(),
+            buckets: h
+                .iter_recorded()
+                .map(|v| [v.value_iterated_to(), v.count_at_value()])
+                .collect(),
         }
     }
 }

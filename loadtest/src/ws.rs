@@ -67,14 +67,24 @@ fn mask_in_place(payload: &mut [u8]) {
 
 /// Appends `{"type":"subscribe","data":"CHANNEL"}` (or unsubscribe) as a client frame.
 pub(crate) fn subscribe_frame(out: &mut Vec<u8>, channel: &str, subscribe: bool) {
-    let kind = if subscribe { "subscribe" } else { "unsubscribe" };
+    let kind = if subscribe {
+        "subscribe"
+    } else {
+        "unsubscribe"
+    };
     let json = format!("{{\"type\":\"{kind}\",\"data\":\"{channel}\"}}");
     client_frame(out, opcode::TEXT, json.as_bytes());
 }
 
 /// Appends one publish frame whose `data` is the string `"SEQ:SENT_NANOS:xxx…"`, padded with
 /// `x` to `size` bytes (longer when the two numbers alone need more).
-pub(crate) fn publish_frame(out: &mut Vec<u8>, channel: &str, seq: u64, sent_nanos: u64, size: usize) {
+pub(crate) fn publish_frame(
+    out: &mut Vec<u8>,
+    channel: &str,
+    seq: u64,
+    sent_nanos: u64,
+    size: usize,
+) {
     let mut nums = [0u8; 48];
     let mut n = write_u64(&mut nums, seq);
     nums[n] = b':';
@@ -83,7 +93,11 @@ pub(crate) fn publish_frame(out: &mut Vec<u8>, channel: &str, seq: u64, sent_nan
     nums[n] = b':';
     n += 1;
     let data_len = size.max(n);
-    let len = br#"{"type":"publish","channel":""#.len() + channel.len() + br#"","data":""#.len() + data_len + 2;
+    let len = br#"{"type":"publish","channel":""#.len()
+        + channel.len()
+        + br#"","data":""#.len()
+        + data_len
+        + 2;
     let start = push_header(out, opcode::TEXT, len);
     out.extend_from_slice(br#"{"type":"publish","channel":""#);
     out.extend_from_slice(channel.as_bytes());
@@ -115,13 +129,28 @@ fn write_u64(out: &mut [u8], mut v: u64) -> usize {
 /// first [`KEEP`] bytes): the two numbers at the start of the `data` string. `None` for any other
 /// frame, or a message this generator did not publish.
 pub(crate) fn scan_message(payload: &[u8]) -> Option<(u64, u64)> {
+    scan_message_at(payload, &mut 0)
+}
+
+/// [`scan_message`] with a hint: where the numbers started in the previous message of the same
+/// connection. One server lays out one channel's messages alike, so the hint saves the search
+/// for `"data":"` nearly always; when it misses, the search runs and updates it.
+#[inline]
+pub(crate) fn scan_message_at(payload: &[u8], hint: &mut u16) -> Option<(u64, u64)> {
     if !payload.starts_with(MESSAGE_PREFIX) {
         return None;
     }
     const KEY: &[u8] = b"\"data\":\"";
-    let rest = &payload[MESSAGE_PREFIX.len()..];
-    let at = rest.windows(KEY.len()).position(|w| w == KEY)?;
-    let mut p = &rest[at + KEY.len()..];
+    let h = usize::from(*hint);
+    let start = if h >= KEY.len() && payload.len() > h && &payload[h - KEY.len()..h] == KEY {
+        h
+    } else {
+        let rest = &payload[MESSAGE_PREFIX.len()..];
+        let at = MESSAGE_PREFIX.len() + rest.windows(KEY.len()).position(|w| w == KEY)? + KEY.len();
+        *hint = u16::try_from(at).unwrap_or(0);
+        at
+    };
+    let mut p = &payload[start..];
     let seq = read_u64(&mut p)?;
     let sent = read_u64(&mut p)?;
     Some((seq, sent))
@@ -173,7 +202,16 @@ pub(crate) struct FrameParser {
 
 impl Default for FrameParser {
     fn default() -> Self {
-        FrameParser { hdr: [0; 14], hdr_len: 0, hdr_need: 2, op: 0, masked: false, left: 0, keep: [0; KEEP], keep_len: 0 }
+        FrameParser {
+            hdr: [0; 14],
+            hdr_len: 0,
+            hdr_need: 2,
+            op: 0,
+            masked: false,
+            left: 0,
+            keep: [0; KEEP],
+            keep_len: 0,
+        }
     }
 }
 
@@ -205,6 +243,7 @@ fn header(b: &[u8]) -> Option<(usize, u64, u8, bool)> {
 
 impl FrameParser {
     /// True between frames: nothing of a partial frame is held.
+    #[cfg(test)]
     pub(crate) fn idle(&self) -> bool {
         self.hdr_len == 0 && self.left == 0 && self.keep_len == 0
     }
@@ -217,7 +256,10 @@ impl FrameParser {
                 if let Some((hl, len, op, masked)) = header(data) {
                     if !masked && (data.len() - hl) as u64 >= len {
                         let end = hl + len as usize;
-                        f(Frame { op, head: &data[hl..end] });
+                        f(Frame {
+                            op,
+                            head: &data[hl..end],
+                        });
                         data = &data[end..];
                         continue;
                     }
@@ -252,7 +294,8 @@ impl FrameParser {
             let take = (data.len() as u64).min(self.left) as usize;
             let room = KEEP - self.keep_len as usize;
             let k = take.min(room);
-            self.keep[self.keep_len as usize..self.keep_len as usize + k].copy_from_slice(&data[..k]);
+            self.keep[self.keep_len as usize..self.keep_len as usize + k]
+                .copy_from_slice(&data[..k]);
             self.keep_len += k as u8;
             data = &data[take..];
             self.left -= take as u64;
@@ -267,12 +310,20 @@ impl FrameParser {
         if self.masked {
             // Servers never mask; unmask anyway so a misbehaving one is still read right.
             let k0 = self.hdr_need as usize - 4;
-            let key = [self.hdr[k0], self.hdr[k0 + 1], self.hdr[k0 + 2], self.hdr[k0 + 3]];
+            let key = [
+                self.hdr[k0],
+                self.hdr[k0 + 1],
+                self.hdr[k0 + 2],
+                self.hdr[k0 + 3],
+            ];
             for (i, b) in self.keep[..n].iter_mut().enumerate() {
                 *b ^= key[i & 3];
             }
         }
-        f(Frame { op: self.op, head: &self.keep[..n] });
+        f(Frame {
+            op: self.op,
+            head: &self.keep[..n],
+        });
         self.hdr_len = 0;
         self.hdr_need = 2;
         self.keep_len = 0;
@@ -305,7 +356,11 @@ mod tests {
         let (hl, len, op, masked) = header(frame).unwrap();
         assert!(masked);
         let key = &frame[hl - 4..hl];
-        let p: Vec<u8> = frame[hl..hl + len as usize].iter().enumerate().map(|(i, b)| b ^ key[i & 3]).collect();
+        let p: Vec<u8> = frame[hl..hl + len as usize]
+            .iter()
+            .enumerate()
+            .map(|(i, b)| b ^ key[i & 3])
+            .collect();
         (op, p)
     }
 
@@ -328,10 +383,27 @@ mod tests {
     fn scan_reads_the_numbers() {
         let m = br#"{"type":"message","channel":"c-1","data":"7:99:xxxx","timestamp":"2026-01-01T00:00:00Z"}"#;
         assert_eq!(scan_message(m), Some((7, 99)));
-        assert_eq!(scan_message(br#"{"type":"message","channel":"c","data":{"a":1}}"#), None);
-        assert_eq!(scan_message(br#"{"type":"subscribed","channel":"c"}"#), None);
+        let mut hint = 0;
+        assert_eq!(scan_message_at(m, &mut hint), Some((7, 99)));
+        assert_eq!(&m[usize::from(hint) - 8..usize::from(hint)], b"\"data\":\"");
+        assert_eq!(scan_message_at(m, &mut hint), Some((7, 99)));
+        let other = br#"{"type":"message","channel":"c-12345","data":"8:100:","timestamp":"x"}"#;
+        assert_eq!(scan_message_at(other, &mut hint), Some((8, 100)));
+        hint = 5000;
+        assert_eq!(scan_message_at(m, &mut hint), Some((7, 99)));
+        assert_eq!(
+            scan_message(br#"{"type":"message","channel":"c","data":{"a":1}}"#),
+            None
+        );
+        assert_eq!(
+            scan_message(br#"{"type":"subscribed","channel":"c"}"#),
+            None
+        );
         assert_eq!(scan_message(br#"{"type":"message","data":":1:"}"#), None);
-        assert_eq!(scan_message(br#"{"type":"message","data":"99999999999999999999999:1:"}"#), None);
+        assert_eq!(
+            scan_message(br#"{"type":"message","data":"99999999999999999999999:1:"}"#),
+            None
+        );
     }
 
     fn server_frame(op: u8, p: &[u8]) -> Vec<u8> {
@@ -351,9 +423,15 @@ mod tests {
 
     #[test]
     fn parser_handles_any_split() {
-        let big = format!(r#"{{"type":"message","channel":"c","data":"5:6:{}"}}"#, "x".repeat(70_000));
+        let big = format!(
+            r#"{{"type":"message","channel":"c","data":"5:6:{}"}}"#,
+            "x".repeat(70_000)
+        );
         let mut stream = Vec::new();
-        stream.extend(server_frame(1, br#"{"type":"message","channel":"c","data":"1:2:x"}"#));
+        stream.extend(server_frame(
+            1,
+            br#"{"type":"message","channel":"c","data":"1:2:x"}"#,
+        ));
         stream.extend(server_frame(9, b"ping!"));
         stream.extend(server_frame(1, big.as_bytes()));
         stream.extend(server_frame(1, &[b'y'; 300]));
@@ -362,7 +440,14 @@ mod tests {
             let mut p = FrameParser::default();
             let mut got = Vec::new();
             for c in stream.chunks(chunk) {
-                p.feed(c, &mut |f| got.push((f.op, f.head.len().min(KEEP), scan_message(f.head), f.head.to_vec())));
+                p.feed(c, &mut |f| {
+                    got.push((
+                        f.op,
+                        f.head.len().min(KEEP),
+                        scan_message(f.head),
+                        f.head.to_vec(),
+                    ))
+                });
             }
             assert!(p.idle());
             assert_eq!(got.len(), 5, "chunk {chunk}");
