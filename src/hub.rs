@@ -704,24 +704,31 @@ impl Hub {
     /// Every connected client with its subscriptions, asked of each shard in turn. Empty
     /// once the hub has stopped.
     pub async fn clients(&self) -> Vec<ClientSnapshot> {
-        // Shards that were never started would never answer.
-        self.ensure_started();
-        let shared = &self.inner.shared;
         let mut clients = Vec::new();
-        for shard in shared.shards.iter() {
-            let (reply, answer) = oneshot::channel();
-            if shard.inbox.send(Command::Snapshot(reply)).is_ok() {
-                if let Ok(part) = answer.await {
-                    clients.extend(part);
-                }
-            }
+        for shard in self.inner.shared.shards.iter() {
+            clients.extend(self.snapshot_of(shard).await);
         }
         clients.sort_by_key(|c| c.info.id);
         clients
     }
 
-    /// One client's snapshot, if it is connected.
+    /// One client's snapshot, if it is connected: asked of its own shard only.
     pub async fn client(&self, id: ClientId) -> Option<ClientSnapshot> {
-        self.clients().await.into_iter().find(|c| c.info.id == id)
+        let shard = self.inner.shared.shard_of(id);
+        self.snapshot_of(shard)
+            .await
+            .into_iter()
+            .find(|c| c.info.id == id)
+    }
+
+    /// The clients of one shard; none once the hub has stopped.
+    async fn snapshot_of(&self, shard: &ShardHandle) -> Vec<ClientSnapshot> {
+        // Shards that were never started would never answer.
+        self.ensure_started();
+        let (reply, answer) = oneshot::channel();
+        if shard.inbox.send(Command::Snapshot(reply)).is_err() {
+            return Vec::new();
+        }
+        answer.await.unwrap_or_default()
     }
 }

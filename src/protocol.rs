@@ -354,9 +354,7 @@ impl<'a> Envelope<'a, Value> {
             data: message.data.as_ref(),
         }
     }
-}
 
-impl<'a> Envelope<'a, Value> {
     /// An envelope with only a type and maybe a channel (acknowledgements, pong).
     pub(crate) fn bare(kind: &'a str, channel: Option<&'a str>) -> Self {
         Envelope {
