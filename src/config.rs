@@ -247,7 +247,8 @@ impl HubConfigBuilder {
     }
 
     /// How long a write may wait on a client that does not read before the client is treated as
-    /// a slow consumer (closed with 4000). Default: 10 s.
+    /// a slow consumer (closed with 4000). A client closed at once (slow consumer, protocol
+    /// error) gets as long, and at least a second, to take its close frame. Default: 10 s.
     pub fn write_timeout(mut self, timeout: Duration) -> Self {
         self.config.write_timeout = timeout;
         self

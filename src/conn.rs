@@ -42,8 +42,18 @@ use crate::hub::Shared;
 /// and 64 keeps the slice array on the stack small.
 const MAX_IOV: usize = 64;
 
-/// How long a client closed for being slow gets to take its close frame.
+/// How long a client closed for being slow gets to take its close frame, at least.
 const SLOW_CLOSE_GRACE: Duration = Duration::from_secs(1);
+
+/// How long a client closed at once (slow consumer, protocol error) gets to take its close
+/// frame: the write timeout, as for any write, and at least [`SLOW_CLOSE_GRACE`]. The close
+/// frame waits behind what the kernel already holds for the client (about 3 MB on loopback),
+/// and the socket turns writable again only once about half of that is read: a fixed second
+/// cut off slow clients that were still reading, which then never saw their 4000 (found by
+/// tests/scale.rs, 100 slow clients closed at once).
+fn close_grace(shared: &Shared) -> Duration {
+    SLOW_CLOSE_GRACE.max(shared.config.write_timeout)
+}
 
 /// Where a connection's bytes go.
 pub(crate) enum Socket {
@@ -407,7 +417,7 @@ impl Conn {
             "slow consumer",
         ));
         out.state = WriteState::Closing {
-            deadline: Instant::now() + SLOW_CLOSE_GRACE,
+            deadline: Instant::now() + close_grace(shared),
         };
         self.wake.notify_one();
     }
@@ -440,7 +450,7 @@ impl Conn {
                     .counters
                     .dropped
                     .fetch_add(dropped as u64, Ordering::Relaxed);
-                Instant::now() + SLOW_CLOSE_GRACE
+                Instant::now() + close_grace(shared)
             }
         };
         out.push(frame::close_frame(code, reason));
