@@ -644,3 +644,120 @@ pub fn parse_server_frame(buf: &[u8]) -> Option<(RawFrame, usize)> {
         header + len,
     ))
 }
+
+// ---------------------------------------------------------------------------------------------
+// Abuse and fault tests (tests/abuse.rs, tests/faults.rs, tests/scale.rs): many raw clients,
+// small receive buffers, resets, counts back to baseline, the process's memory.
+// ---------------------------------------------------------------------------------------------
+
+/// Opens a TCP connection to `addr` whose receive buffer is set to `bytes` before connecting
+/// (so the window it advertises is small from the start): a client that reads slowly or not
+/// at all fills up after a few kilobytes.
+pub async fn connect_with_recv_buffer(addr: SocketAddr, bytes: u32) -> TcpStream {
+    let socket = tokio::net::TcpSocket::new_v4().expect("a socket");
+    socket.set_recv_buffer_size(bytes).expect("SO_RCVBUF");
+    within("tcp connect", socket.connect(addr))
+        .await
+        .expect("tcp connect")
+}
+
+/// Drops `stream` with `SO_LINGER` 0, so that the kernel sends a RST instead of a FIN.
+pub fn reset(stream: TcpStream) {
+    stream.set_zero_linger().expect("SO_LINGER 0");
+    drop(stream);
+}
+
+/// This process's resident set size in KiB (`VmRSS` in /proc/self/status), 0 if unknown.
+pub fn rss_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|status| {
+            status
+                .lines()
+                .find_map(|line| line.strip_prefix("VmRSS:"))
+                .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// Waits until the hub counts exactly `clients` clients, `channels` channels, `clients`
+/// connection tasks and no queued bytes: the baseline after clients have gone. Fails with
+/// the last stats seen.
+pub async fn wait_for_baseline(hub: &Hub, clients: usize, channels: usize) {
+    let matches = |s: &wshub::HubStats| {
+        s.clients == clients
+            && s.channels == channels
+            && s.connection_tasks == clients
+            && s.queued_bytes == 0
+            && hub.client_count() == clients
+            && hub.channel_count() == channels
+    };
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    loop {
+        let stats = hub.stats();
+        if matches(&stats) {
+            return;
+        }
+        if tokio::time::Instant::now() > deadline {
+            panic!(
+                "counts did not return to {clients} clients (and tasks), {channels} channels, \
+                 0 queued bytes within {DEADLINE:?}: {stats:?}"
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+impl Raw {
+    /// Like [`Raw::read_frame_unbounded`], reading into the caller's `scratch` buffer rather
+    /// than a fresh 64 KiB one per read: for tests that read with a thousand clients at once.
+    pub async fn read_frame_into(&mut self, scratch: &mut [u8]) -> RawFrame {
+        loop {
+            if let Some((frame, used)) = parse_server_frame(&self.buf) {
+                self.buf.drain(..used);
+                return frame;
+            }
+            match self.stream.read(scratch).await {
+                Ok(0) | Err(_) => return RawFrame::End,
+                Ok(n) => self.buf.extend_from_slice(&scratch[..n]),
+            }
+        }
+    }
+
+    /// Sends a masked close frame with `code` (the client's side of the close handshake).
+    pub async fn send_close(&mut self, code: u16) {
+        self.send_frame(FIN | OP_CLOSE, &code.to_be_bytes()).await
+    }
+}
+
+/// The `"seq"` number in a message's payload without parsing the whole JSON (cheap enough
+/// for a thousand readers in a debug build). `None` when there is none.
+pub fn seq_of(payload: &[u8]) -> Option<u64> {
+    let at = payload.windows(6).position(|w| w == b"\"seq\":")? + 6;
+    let digits = payload[at..]
+        .iter()
+        .take_while(|b| b.is_ascii_digit())
+        .count();
+    std::str::from_utf8(&payload[at..at + digits])
+        .ok()?
+        .parse()
+        .ok()
+}
+
+/// Counts panics anywhere in this test process (hub tasks included, whose panics tokio
+/// would otherwise only print) after [`count_panics`] was first called.
+static PANICS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// Installs (once) a panic hook that counts panics before printing them as usual, and returns
+/// how many there have been.
+pub fn count_panics() -> usize {
+    static INSTALL: std::sync::Once = std::sync::Once::new();
+    INSTALL.call_once(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            PANICS.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            previous(info);
+        }));
+    });
+    PANICS.load(std::sync::atomic::Ordering::SeqCst)
+}
