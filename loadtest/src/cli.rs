@@ -41,6 +41,12 @@ pub(crate) enum Scenario {
 /// free port) and the report includes its CPU time and statistics. With --target, any server
 /// that speaks wshub's PROTOCOL.md and lets clients publish is driven the same way.
 ///
+/// Two nodes (--nodes 2, or --target given twice): the subscribers are split evenly over two
+/// hubs that share channels through Redis, and every publisher is on the first (node A), so
+/// half the deliveries cross Redis; the report shows the local and the cross-node subscribers
+/// apart. Embedded, the two hubs run in this process, each with a Redis broker, joined through
+/// --redis-url or a redis-server started here for the run.
+///
 /// Every publish carries a sequence number and its send time, so the report counts lost and
 /// duplicated messages and the publish-to-receive latency. Subscriptions are proven live by a
 /// first delivery before anything is measured (no acknowledgement is needed).
@@ -52,12 +58,25 @@ pub(crate) struct Args {
     pub(crate) scenario: Scenario,
 
     /// Drive this server (ws://HOST:PORT/PATH) instead of an embedded hub. The server must let
-    /// clients publish.
+    /// clients publish. Given twice: two nodes of one cluster (subscribers split over both,
+    /// publishers on the first).
     #[arg(long, value_name = "URL")]
-    pub(crate) target: Option<String>,
+    pub(crate) target: Vec<String>,
+
+    /// Nodes: 1, or 2 for two hubs sharing channels through Redis (embedded: two hubs in this
+    /// process; with --target: the two targets). Subscribers are split evenly, publishers are
+    /// on the first node. Not for the ramp scenario. [default: 1, or 2 with two --target]
+    #[arg(long, value_name = "N")]
+    pub(crate) nodes: Option<usize>,
+
+    /// Embedded, two nodes: the Redis server joining them (redis://HOST:PORT/). Without it,
+    /// a redis-server is started on a free 127.0.0.1 port for the run and stopped at the end.
+    #[arg(long, value_name = "URL")]
+    #[serde(serialize_with = "redacted")]
+    pub(crate) redis_url: Option<String>,
 
     /// The server's process id (with --target): its CPU time and memory go into the report
-    /// (idle: its memory growth per connection).
+    /// (idle: its memory growth per connection). With two targets, the first one's.
     #[arg(long)]
     pub(crate) pid: Option<u32>,
 
@@ -115,6 +134,12 @@ pub(crate) struct Args {
     /// Embedded hub: pin its threads to these CPUs, e.g. 0.
     #[arg(long, value_name = "LIST")]
     pub(crate) hub_cpus: Option<String>,
+
+    /// Embedded hub: the most bytes queued for one client before the hub treats it as a slow
+    /// consumer (HubConfigBuilder::outbound_queue_bytes; tunes the slow scenario).
+    /// [default: 262144, the hub's own default of 256 KiB]
+    #[arg(long, value_name = "BYTES")]
+    pub(crate) hub_queue_bytes: Option<usize>,
 
     /// Milliseconds per reporting interval.
     #[arg(long, default_value_t = 1000, value_name = "MS")]
@@ -204,6 +229,25 @@ pub(crate) struct Args {
     pub(crate) p99_ms: f64,
 }
 
+/// A Redis URL without its password, if it has one.
+pub(crate) fn redact(url: &str) -> String {
+    match url.rsplit_once('@') {
+        Some((head, host)) => {
+            let scheme = head.split_once("://").map_or("redis", |(s, _)| s);
+            format!("{scheme}://…@{host}")
+        }
+        None => url.to_string(),
+    }
+}
+
+/// Serializes `--redis-url` without its password (the JSON report goes places).
+fn redacted<S: serde::Serializer>(url: &Option<String>, s: S) -> Result<S::Ok, S::Error> {
+    match url {
+        Some(u) => s.serialize_some(&redact(u)),
+        None => s.serialize_none(),
+    }
+}
+
 /// Parses `1,3-5` into [1, 3, 4, 5].
 pub(crate) fn parse_cpu_list(s: &str) -> Result<Vec<usize>, String> {
     let mut out = Vec::new();
@@ -243,6 +287,11 @@ pub(crate) fn parse_list<T: std::str::FromStr + PartialOrd + Default>(
 }
 
 impl Args {
+    /// Nodes of the run: --nodes, else one per --target, else 1.
+    pub(crate) fn node_count(&self) -> usize {
+        self.nodes.unwrap_or(self.target.len().max(1))
+    }
+
     /// Checks what clap cannot.
     pub(crate) fn validate(&self) -> Result<(), String> {
         let pos = |ok: bool, what: &str| if ok { Ok(()) } else { Err(what.to_string()) };
@@ -310,12 +359,43 @@ impl Args {
             self.hub_shards.map_or(true, |n| (1..=1024).contains(&n)),
             "--hub-shards must be from 1 to 1024",
         )?;
-        if self.target.is_some()
-            && (self.hub_threads.is_some() || self.hub_shards.is_some() || self.hub_cpus.is_some())
-        {
-            return Err("--hub-threads, --hub-shards and --hub-cpus apply to the embedded hub, not to --target".into());
+        pos(
+            self.hub_queue_bytes.map_or(true, |n| n >= 1024),
+            "--hub-queue-bytes must be at least 1024",
+        )?;
+        if self.target.len() > 2 {
+            return Err("--target may be given at most twice (two nodes)".into());
         }
-        if self.pid.is_some() && self.target.is_none() {
+        pos(
+            self.nodes.map_or(true, |n| (1..=2).contains(&n)),
+            "--nodes must be 1 or 2",
+        )?;
+        if !self.target.is_empty() && self.nodes.is_some_and(|n| n != self.target.len()) {
+            return Err(format!(
+                "--nodes {} with {} --target: give one --target per node",
+                self.nodes.unwrap_or(1),
+                self.target.len()
+            ));
+        }
+        if self.node_count() > 1 && self.scenario == Scenario::Ramp {
+            return Err(
+                "the ramp scenario runs on one node: drop --nodes 2 / the second --target".into(),
+            );
+        }
+        if self.redis_url.is_some() && (self.node_count() < 2 || !self.target.is_empty()) {
+            return Err(
+                "--redis-url joins two embedded hubs: use it with --nodes 2 and no --target".into(),
+            );
+        }
+        if !self.target.is_empty()
+            && (self.hub_threads.is_some()
+                || self.hub_shards.is_some()
+                || self.hub_cpus.is_some()
+                || self.hub_queue_bytes.is_some())
+        {
+            return Err("--hub-threads, --hub-shards, --hub-cpus and --hub-queue-bytes apply to the embedded hub, not to --target".into());
+        }
+        if self.pid.is_some() && self.target.is_empty() {
             return Err("--pid goes with --target (the embedded hub is this process)".into());
         }
         if self.plot.is_some() && self.scenario != Scenario::Sweep {
@@ -355,5 +435,37 @@ mod tests {
         assert_eq!(parse_list::<usize>("x", "1, 2").unwrap(), vec![1, 2]);
         assert!(parse_list::<usize>("x", "0").is_err());
         assert!(parse_list::<f64>("x", "").is_err());
+    }
+
+    #[test]
+    fn redis_passwords_are_hidden() {
+        assert_eq!(redact("redis://:pw@h:1/"), "redis://…@h:1/");
+        assert_eq!(redact("redis://h:1/"), "redis://h:1/");
+    }
+
+    #[test]
+    fn nodes_follow_the_targets() {
+        let a = |v: &[&str]| {
+            Args::try_parse_from(std::iter::once("loadtest").chain(v.iter().copied())).unwrap()
+        };
+        assert_eq!(a(&[]).node_count(), 1);
+        assert_eq!(a(&["--nodes", "2"]).node_count(), 2);
+        let two = a(&[
+            "--target",
+            "ws://127.0.0.1:1/ws",
+            "--target",
+            "ws://127.0.0.1:2/ws",
+        ]);
+        assert_eq!(two.node_count(), 2);
+        assert!(two.validate().is_ok());
+        assert!(a(&["--nodes", "2", "--target", "ws://127.0.0.1:1/ws"])
+            .validate()
+            .is_err());
+        assert!(a(&["--nodes", "3"]).validate().is_err());
+        assert!(a(&["ramp", "--nodes", "2"]).validate().is_err());
+        assert!(a(&["--redis-url", "redis://127.0.0.1:1/"])
+            .validate()
+            .is_err());
+        assert!(a(&["--hub-queue-bytes", "100"]).validate().is_err());
     }
 }

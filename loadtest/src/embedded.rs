@@ -4,7 +4,7 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use crate::report::HubSnapshot;
+use crate::report::{BrokerSnapshot, HubSnapshot};
 use crate::sys;
 
 /// Options of the embedded hub.
@@ -16,6 +16,17 @@ pub(crate) struct HubOptions {
     pub(crate) shards: Option<usize>,
     /// CPUs its threads are pinned to (empty: any).
     pub(crate) cpus: Vec<usize>,
+    /// Most bytes queued per client (None: the hub's default).
+    pub(crate) queue_bytes: Option<usize>,
+}
+
+/// Joins an embedded hub to others through Redis.
+#[derive(Debug, Clone)]
+pub(crate) struct Join {
+    /// The Redis server.
+    pub(crate) url: String,
+    /// This node's id (each node needs its own).
+    pub(crate) node_id: String,
 }
 
 /// A running embedded hub.
@@ -30,11 +41,15 @@ pub(crate) struct Embedded {
 
 impl Embedded {
     /// Starts a hub that lets clients publish, serving `/ws` on 127.0.0.1 at a free port.
-    pub(crate) fn start(opts: &HubOptions) -> Result<Embedded, String> {
+    /// With `join`, the hub has a Redis broker, and this returns once it is connected.
+    pub(crate) fn start(opts: &HubOptions, join: Option<&Join>) -> Result<Embedded, String> {
         let cpus = opts.cpus.clone();
         let mut b = tokio::runtime::Builder::new_multi_thread();
         b.enable_all()
-            .thread_name("wshub-hub")
+            .thread_name(match join {
+                Some(j) => format!("wshub-{}", j.node_id),
+                None => "wshub-hub".into(),
+            })
             .on_thread_start(move || {
                 // Threads the hub starts from here (shards on OS threads, if any) inherit the pinning.
                 let _ = sys::pin_current_thread(&cpus);
@@ -49,6 +64,15 @@ impl Embedded {
             wshub::HubConfig::builder().publish_policy(wshub::PublishPolicy::AllowAll);
         if let Some(n) = opts.shards {
             builder = builder.shards(n);
+        }
+        if let Some(n) = opts.queue_bytes {
+            builder = builder.outbound_queue_bytes(n);
+        }
+        if let Some(j) = join {
+            let broker =
+                wshub::RedisBroker::new(wshub::RedisConfig::new(&j.url).node_id(&j.node_id))
+                    .map_err(|e| format!("bad Redis configuration: {e}"))?;
+            builder = builder.broker(broker);
         }
         let config = builder
             .build()
@@ -72,13 +96,32 @@ impl Embedded {
         let served = rt.spawn(wshub::serve(listener, hub.clone(), async move {
             let _ = rx.await;
         }));
-        Ok(Embedded {
+        let e = Embedded {
             rt: Some(rt),
             hub,
             shutdown: Some(tx),
             served: Some(served),
             addr,
-        })
+        };
+        if let Some(j) = join {
+            // Bounded: 50 polls of 100 ms.
+            let mut up = false;
+            for _ in 0..50 {
+                if e.hub.stats().broker.is_some_and(|b| b.connected) {
+                    up = true;
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            if !up {
+                return Err(format!(
+                    "node {}: the Redis broker could not connect to {} within 5 s (is Redis running there?)",
+                    j.node_id,
+                    crate::cli::redact(&j.url)
+                ));
+            }
+        }
+        Ok(e)
     }
 
     /// The hub's shape, for the report's first line.
@@ -102,6 +145,15 @@ impl Embedded {
             slow_consumer_disconnects: s.slow_consumer_disconnects,
             queued_bytes: s.queued_bytes,
             shard_clients: s.shard_clients.iter().map(|&n| n as u64).collect(),
+            broker: s.broker.map(|b| BrokerSnapshot {
+                connected: b.connected,
+                reconnects: b.reconnects,
+                sent: b.sent,
+                received: b.received,
+                send_dropped: b.send_dropped,
+                receive_dropped: b.receive_dropped,
+                channels: b.channels as u64,
+            }),
         }
     }
 

@@ -22,7 +22,7 @@ use tokio::net::TcpStream;
 use tokio::sync::{mpsc as tmpsc, Notify, Semaphore};
 
 use crate::conn::{self, ConnectOpts, Target};
-use crate::stats::Counts;
+use crate::stats::{Counts, NodeCounts};
 use crate::sys;
 use crate::ws::{self, opcode, FrameParser};
 
@@ -58,6 +58,8 @@ pub(crate) struct ConnSpec {
     pub(crate) channel: u32,
     /// Its role.
     pub(crate) kind: Kind,
+    /// Index into [`Plan::targets`]: the node it connects to.
+    pub(crate) node: u8,
 }
 
 /// Connections that come and go during a disturbed step (the churn scenario).
@@ -76,8 +78,8 @@ pub(crate) struct Churn {
 /// Everything a run connects: fixed for its whole life.
 #[derive(Debug, Clone)]
 pub(crate) struct Plan {
-    /// Where to connect.
-    pub(crate) target: Target,
+    /// Where to connect: one target per node (several nodes share channels through a broker).
+    pub(crate) targets: Vec<Target>,
     /// Channel names.
     pub(crate) channels: Vec<String>,
     /// The connections; the first subscriber of each channel is its publisher.
@@ -233,6 +235,17 @@ pub(crate) struct ChurnCounts {
     pub(crate) unsubscribes: u64,
 }
 
+/// What the subscribers of one node measured in a step (several nodes only).
+#[derive(Debug)]
+pub(crate) struct NodeOutcome {
+    /// Measured subscribers on the node.
+    pub(crate) subscribers: u64,
+    /// Their deliveries, losses and latencies.
+    pub(crate) counts: NodeCounts,
+    /// Their deliveries if nothing were lost.
+    pub(crate) expected: u64,
+}
+
 /// What a step measured, summed over threads.
 #[derive(Debug)]
 pub(crate) struct StepOutcome {
@@ -256,6 +269,8 @@ pub(crate) struct StepOutcome {
     pub(crate) slow: SlowSeen,
     /// Churn, in a disturbed step.
     pub(crate) churn: ChurnCounts,
+    /// Per node, with several nodes (empty with one).
+    pub(crate) nodes: Vec<NodeOutcome>,
 }
 
 /// Called after every interval with (seconds into the step, the interval's counts).
@@ -274,6 +289,8 @@ pub(crate) struct Engine {
     workers: Vec<Worker>,
     /// Measured subscribers per channel.
     subscribers: Vec<u64>,
+    /// Measured subscribers per channel and node (several nodes only).
+    node_subscribers: Vec<Vec<u64>>,
     /// Seconds it took to open every connection.
     pub(crate) connect_seconds: f64,
     /// Seconds until every subscription was live.
@@ -325,14 +342,24 @@ impl Engine {
             });
         }
         let mut subscribers = vec![0u64; plan.channels.len()];
+        let nodes = if plan.targets.len() > 1 {
+            plan.targets.len()
+        } else {
+            0
+        };
+        let mut node_subscribers = vec![vec![0u64; nodes]; plan.channels.len()];
         for c in plan.conns.iter().filter(|c| c.kind == Kind::Subscriber) {
             subscribers[c.channel as usize] += 1;
+            if let Some(n) = node_subscribers[c.channel as usize].get_mut(c.node as usize) {
+                *n += 1;
+            }
         }
         let mut engine = Engine {
             plan,
             shared,
             workers,
             subscribers,
+            node_subscribers,
             connect_seconds: 0.0,
             live_seconds: 0.0,
         };
@@ -515,6 +542,13 @@ impl Engine {
         }
         let mut published = 0;
         let mut expected = 0;
+        let mut nodes: Vec<NodeOutcome> = (0..self.node_subscribers.first().map_or(0, Vec::len))
+            .map(|n| NodeOutcome {
+                subscribers: self.node_subscribers.iter().map(|v| v[n]).sum(),
+                counts: counts.nodes.get(n).cloned().unwrap_or_default(),
+                expected: 0,
+            })
+            .collect();
         for (i, c) in self.shared.chans.iter().enumerate() {
             let ms = c.measure_start.load(Relaxed);
             let me = c.next_seq.load(Relaxed);
@@ -525,6 +559,9 @@ impl Engine {
             };
             published += n;
             expected += n * self.subscribers[i];
+            for (node, subs) in nodes.iter_mut().zip(&self.node_subscribers[i]) {
+                node.expected += n * subs;
+            }
         }
         let generator_cpu = cpu1.saturating_sub(cpu0) + sys::thread_cpu().saturating_sub(main_cpu0);
         StepOutcome {
@@ -538,6 +575,7 @@ impl Engine {
             connections: open,
             slow,
             churn,
+            nodes,
         }
     }
 
@@ -579,6 +617,8 @@ struct LConn {
     parser: FrameParser,
     ch: u32,
     kind: Kind,
+    /// The node it is connected to.
+    node: u8,
     /// Next sequence number expected (0: none seen in the current step yet).
     next: u64,
     live: bool,
@@ -641,6 +681,7 @@ fn thread_main(
                         parser: FrameParser::default(),
                         ch: plan.conns[g].channel,
                         kind: plan.conns[g].kind,
+                        node: plan.conns[g].node,
                         next: 0,
                         live: false,
                         open: false,
@@ -648,7 +689,7 @@ fn thread_main(
                         hint: 0,
                     })
                     .collect(),
-                counts: Counts::default(),
+                counts: Counts::for_nodes(plan.targets.len()),
             }),
             socks: Mutex::new(vec![None; mine.len()]),
             stop: AtomicBool::new(false),
@@ -766,6 +807,9 @@ fn thread_main(
                         if ms != u64::MAX {
                             let from = c.next.max(ms);
                             l.counts.lost += end.saturating_sub(from);
+                            if let Some(n) = l.counts.nodes.get_mut(c.node as usize) {
+                                n.lost += end.saturating_sub(from);
+                            }
                             c.next = from.max(end);
                         }
                     }
@@ -802,7 +846,8 @@ async fn connect_all(ctx: &Arc<Ctx>, mine: &[usize]) -> BTreeMap<String, u64> {
                 },
                 source: (ctx.plan.sources > 1).then(|| (g % ctx.plan.sources as usize) as u8),
             };
-            match conn::connect(&ctx.plan.target, opts, Duration::from_secs(10)).await {
+            let target = &ctx.plan.targets[usize::from(spec.node) % ctx.plan.targets.len()];
+            match conn::connect(target, opts, Duration::from_secs(10)).await {
                 Ok(c) => {
                     let sock = Arc::new(c.stream);
                     if spec.kind == Kind::Subscriber {
@@ -930,6 +975,7 @@ fn process(ctx: &Ctx, l: &mut Local, li: usize, n: usize, pongs: &mut Vec<u8>) {
     let Local { buf, conns, counts } = l;
     counts.bytes_in += n as u64;
     let c = &mut conns[li];
+    let node = usize::from(c.node);
     let ch = &ctx.shared.chans[c.ch as usize];
     let closed_loop = ctx.shared.closed_loop.load(Relaxed);
     let mut in_round = 0u64;
@@ -959,18 +1005,26 @@ fn process(ctx: &Ctx, l: &mut Local, li: usize, n: usize, pongs: &mut Vec<u8>) {
             if *next < ms {
                 *next = ms;
             }
+            let latency = now.saturating_sub(sent).max(1);
             if seq >= *next {
-                counts.lost += seq - *next;
+                let gap = seq - *next;
+                counts.lost += gap;
                 *next = seq + 1;
                 counts.delivered += 1;
-                counts
-                    .hist
-                    .saturating_record(now.saturating_sub(sent).max(1));
+                counts.hist.saturating_record(latency);
+                if let Some(nc) = counts.nodes.get_mut(node) {
+                    nc.lost += gap;
+                    nc.delivered += 1;
+                    nc.hist.saturating_record(latency);
+                }
                 if closed_loop && seq >= ch.round_start.load(Relaxed) {
                     in_round += 1;
                 }
             } else {
                 counts.duplicated += 1;
+                if let Some(nc) = counts.nodes.get_mut(node) {
+                    nc.duplicated += 1;
+                }
             }
         }
         opcode::PING => ws::client_frame(pongs, opcode::PONG, f.head),
@@ -1214,11 +1268,12 @@ async fn read_slow(ctx: &Arc<Ctx>) -> SlowSeen {
 /// Churn during a disturbed step: connections that come and go, and togglers.
 async fn churn_task(ctx: Arc<Ctx>, churn: Churn) {
     let channels = ctx.plan.channels.len().max(1);
+    let targets = &ctx.plan.targets;
     // Togglers: connected at the start of the step, each flips its subscription in turn.
     let mut togglers: Vec<(Arc<TcpStream>, bool, usize)> = Vec::new();
     for i in 0..churn.togglers {
         match conn::connect(
-            &ctx.plan.target,
+            &targets[i % targets.len()],
             ConnectOpts::default(),
             Duration::from_secs(5),
         )
@@ -1248,9 +1303,10 @@ async fn churn_task(ctx: Arc<Ctx>, churn: Churn) {
             connects_done += 1;
             let ctx2 = ctx.clone();
             let ch = (connects_done as usize) % channels;
+            let node = (connects_done as usize) % targets.len();
             tokio::spawn(async move {
                 match conn::connect(
-                    &ctx2.plan.target,
+                    &ctx2.plan.targets[node],
                     ConnectOpts::default(),
                     Duration::from_secs(5),
                 )

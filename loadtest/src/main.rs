@@ -26,6 +26,8 @@ mod embedded;
 mod engine;
 mod plot;
 mod ramp;
+#[cfg(feature = "embedded")]
+mod redis_server;
 mod report;
 mod scenarios;
 mod stats;
@@ -58,7 +60,12 @@ fn main() -> ExitCode {
 }
 
 fn run(args: &Args) -> Result<(), String> {
-    let target = args.target.as_deref().map(Target::parse).transpose()?;
+    let targets = args
+        .target
+        .iter()
+        .map(|t| Target::parse(t))
+        .collect::<Result<Vec<_>, _>>()?;
+    let target = targets.first();
     let conns = args.connections_needed();
     // Every connection is a file descriptor here, and one more in the hub when it is embedded.
     let fds_needed = conns as u64 * if target.is_some() { 1 } else { 2 } + 64;
@@ -75,21 +82,26 @@ fn run(args: &Args) -> Result<(), String> {
     let ports = sys::local_port_count().saturating_sub(1000).max(1000);
     let sources = conns.div_ceil(ports as usize).max(1);
     if sources > 1 {
-        let loopback = target.as_ref().map_or(true, |t| t.addr.ip().is_loopback());
+        let loopback = targets.iter().all(|t| t.addr.ip().is_loopback());
         if !loopback || sources > 250 {
             return Err(format!("{conns} connections need more local ports than {} source address(es) have ({ports} each)", if loopback { 250 } else { 1 }));
         }
     }
     let sources = sources as u8;
 
-    let server = start_server(args, target)?;
+    let server = start_server(args, targets)?;
+    let urls = server.urls.join(" and ");
     say!(
         "loadtest {}: {}",
         args.scenario_name(),
-        if server.is_embedded() {
-            format!("embedded wshub at {}{}", server.url, server.describe())
-        } else {
-            format!("target {}", server.url)
+        match (server.is_embedded(), server.urls.len()) {
+            (true, 1) => format!("embedded wshub at {urls}{}", server.describe()),
+            (true, _) => format!(
+                "embedded wshub nodes at {urls}{}; subscribers split over them, publishers on the first",
+                server.describe()
+            ),
+            (false, 1) => format!("target {urls}"),
+            (false, _) => format!("targets {urls}; subscribers split over them, publishers on the first"),
         }
     );
     let started = SystemTime::now()
@@ -97,9 +109,15 @@ fn run(args: &Args) -> Result<(), String> {
         .map(|d| d.as_secs())
         .unwrap_or(0);
     let result = scenarios::run(args, &server, sources);
+    let server_urls = server.urls.clone();
     #[cfg(feature = "embedded")]
-    if let Some(e) = { server }.embedded.take() {
-        e.stop();
+    {
+        let mut server = server;
+        // The hubs first, then the Redis that joins them.
+        for e in server.embedded.drain(..) {
+            e.stop();
+        }
+        drop(server.redis.take());
     }
     let out = result?;
     if let Some(path) = &args.json {
@@ -107,8 +125,10 @@ fn run(args: &Args) -> Result<(), String> {
             "tool": "loadtest",
             "version": env!("CARGO_PKG_VERSION"),
             "scenario": args.scenario_name(),
-            "mode": if args.target.is_some() { "target" } else { "embedded" },
-            "target": args.target,
+            "mode": if args.target.is_empty() { "embedded" } else { "target" },
+            "target": args.target.first(),
+            "nodes": args.node_count(),
+            "node_urls": server_urls,
             "config": args,
             "git_revision": sys::git_revision(),
             "cpu_model": sys::cpu_model(),
@@ -128,12 +148,14 @@ fn run(args: &Args) -> Result<(), String> {
 }
 
 #[cfg(feature = "embedded")]
-fn start_server(args: &Args, target: Option<Target>) -> Result<Server, String> {
-    if let Some(t) = target {
+fn start_server(args: &Args, targets: Vec<Target>) -> Result<Server, String> {
+    if !targets.is_empty() {
         return Ok(Server {
-            url: args.target.clone().unwrap_or_default(),
-            target: t,
-            embedded: None,
+            urls: args.target.clone(),
+            targets,
+            embedded: Vec::new(),
+            redis: None,
+            redis_url: None,
             pid: args.pid,
         });
     }
@@ -146,28 +168,59 @@ fn start_server(args: &Args, target: Option<Target>) -> Result<Server, String> {
             .map(cli::parse_cpu_list)
             .transpose()?
             .unwrap_or_default(),
+        queue_bytes: args.hub_queue_bytes,
     };
-    let e = embedded::Embedded::start(&opts)?;
-    let t = Target::local(e.addr);
-    Ok(Server {
-        url: format!("ws://{}/ws", e.addr),
-        target: t,
-        embedded: Some(e),
+    let nodes = args.node_count();
+    let (redis, redis_url) = if nodes > 1 {
+        match &args.redis_url {
+            Some(url) => (None, Some(url.clone())),
+            None => {
+                let r = redis_server::RedisServer::start()?;
+                let url = r.url();
+                (Some(r), Some(url))
+            }
+        }
+    } else {
+        (None, None)
+    };
+    let mut server = Server {
+        targets: Vec::new(),
+        urls: Vec::new(),
+        embedded: Vec::new(),
+        redis,
+        redis_url: redis_url.clone(),
         pid: None,
-    })
+    };
+    // Distinct node ids, unique to this run so that runs sharing one Redis do not mix.
+    let run = std::process::id();
+    for n in 0..nodes {
+        let join = redis_url.as_ref().map(|url| embedded::Join {
+            url: url.clone(),
+            node_id: format!("loadtest-{run}-{}", char::from(b'a' + n as u8)),
+        });
+        // On an error, `server` drops: the hubs started so far stop, then the redis-server.
+        let e = embedded::Embedded::start(&opts, join.as_ref())?;
+        server.targets.push(Target::local(e.addr));
+        server.urls.push(format!("ws://{}/ws", e.addr));
+        server.embedded.push(e);
+    }
+    Ok(server)
 }
 
 #[cfg(not(feature = "embedded"))]
-fn start_server(args: &Args, target: Option<Target>) -> Result<Server, String> {
-    match target {
-        Some(t) => Ok(Server {
-            url: args.target.clone().unwrap_or_default(),
-            target: t,
-            pid: args.pid,
-        }),
-        None => Err(
+fn start_server(args: &Args, targets: Vec<Target>) -> Result<Server, String> {
+    if targets.is_empty() {
+        return Err(
             "this build has no embedded hub (built without the `embedded` feature): use --target"
                 .into(),
-        ),
+        );
     }
+    if args.nodes.is_some_and(|n| n != targets.len()) {
+        return Err("give one --target per node".into());
+    }
+    Ok(Server {
+        urls: args.target.clone(),
+        targets,
+        pid: args.pid,
+    })
 }

@@ -110,7 +110,7 @@ pub(crate) fn run(
     let rss_before = server.rss();
     let (tx, rx) = std::sync::mpsc::channel::<Outcome>();
     let (release_tx, release_rx) = tokio::sync::oneshot::channel::<()>();
-    let target = server.target.clone();
+    let target = server.targets[0].clone();
     let (rate, to, bound_ms, max_fail) = (
         args.ramp_rate,
         args.ramp_to,

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use serde::Serialize;
 
-use crate::engine::{ChurnCounts, Load, SlowSeen, Step, StepOutcome};
+use crate::engine::{ChurnCounts, Load, NodeOutcome, SlowSeen, Step, StepOutcome};
 use crate::stats::{Counts, HistogramJson, Latency};
 
 /// The hub's counters, as the report shows them.
@@ -28,12 +28,67 @@ pub(crate) struct HubSnapshot {
     pub(crate) queued_bytes: u64,
     /// Clients per shard now.
     pub(crate) shard_clients: Vec<u64>,
+    /// The hub's broker, when it has one (several nodes).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) broker: Option<BrokerSnapshot>,
+}
+
+/// A broker's counters (several embedded nodes joined by Redis).
+#[derive(Debug, Clone, Default, Serialize)]
+pub(crate) struct BrokerSnapshot {
+    /// Connected to Redis now.
+    pub(crate) connected: bool,
+    /// Reconnections (counter).
+    pub(crate) reconnects: u64,
+    /// Messages sent to the other nodes (counter).
+    pub(crate) sent: u64,
+    /// Messages received from the other nodes and delivered here (counter).
+    pub(crate) received: u64,
+    /// Messages that could not be sent: Redis away or the send queue full (counter).
+    pub(crate) send_dropped: u64,
+    /// Messages received that could not be read (counter).
+    pub(crate) receive_dropped: u64,
+    /// Redis channels the node listens to now.
+    pub(crate) channels: u64,
+}
+
+impl BrokerSnapshot {
+    fn since(&self, before: &BrokerSnapshot) -> BrokerSnapshot {
+        BrokerSnapshot {
+            reconnects: self.reconnects.saturating_sub(before.reconnects),
+            sent: self.sent.saturating_sub(before.sent),
+            received: self.received.saturating_sub(before.received),
+            send_dropped: self.send_dropped.saturating_sub(before.send_dropped),
+            receive_dropped: self.receive_dropped.saturating_sub(before.receive_dropped),
+            ..self.clone()
+        }
+    }
 }
 
 impl HubSnapshot {
+    /// The counters of several hubs added up (their brokers' left out: see each node's).
+    pub(crate) fn sum(hubs: &[HubSnapshot]) -> HubSnapshot {
+        let mut t = HubSnapshot::default();
+        for h in hubs {
+            t.clients += h.clients;
+            t.channels = t.channels.max(h.channels);
+            t.published += h.published;
+            t.delivered += h.delivered;
+            t.dropped += h.dropped;
+            t.slow_consumer_disconnects += h.slow_consumer_disconnects;
+            t.queued_bytes += h.queued_bytes;
+            t.shard_clients.extend(&h.shard_clients);
+        }
+        t
+    }
+
     /// Counters as differences from `before`; gauges as now.
     pub(crate) fn since(&self, before: &HubSnapshot) -> HubSnapshot {
         HubSnapshot {
+            broker: match (&self.broker, &before.broker) {
+                (Some(a), Some(b)) => Some(a.since(b)),
+                (a, _) => a.clone(),
+            },
             published: self.published.saturating_sub(before.published),
             delivered: self.delivered.saturating_sub(before.delivered),
             dropped: self.dropped.saturating_sub(before.dropped),
@@ -110,6 +165,33 @@ pub(crate) struct SlowReport {
     pub(crate) lost: u64,
 }
 
+/// What the subscribers on one node measured (several nodes).
+#[derive(Debug, Clone, Serialize)]
+pub(crate) struct NodeReport {
+    /// 0 for node A (where the publishers are), 1 for node B.
+    pub(crate) node: usize,
+    /// `local` (node A: the publishers' own node) or `cross-node` (reached through Redis).
+    pub(crate) role: &'static str,
+    /// The node's URL.
+    pub(crate) url: String,
+    /// Measured subscribers on the node.
+    pub(crate) subscribers: u64,
+    /// Their deliveries.
+    pub(crate) delivered: u64,
+    /// Of them per second.
+    pub(crate) delivered_per_s: f64,
+    /// Their deliveries if nothing were lost.
+    pub(crate) expected_deliveries: u64,
+    /// Messages they never received.
+    pub(crate) lost: u64,
+    /// Messages they received again (or out of order).
+    pub(crate) duplicated: u64,
+    /// Their publish-to-receive latency.
+    pub(crate) latency: Latency,
+    /// The node's hub counters over the step, its broker's included (embedded only).
+    pub(crate) hub: Option<HubSnapshot>,
+}
+
 /// Everything measured in one step.
 #[derive(Debug, Clone, Serialize)]
 pub(crate) struct StepReport {
@@ -159,8 +241,15 @@ pub(crate) struct StepReport {
     pub(crate) rss_bytes: Option<u64>,
     /// Resident memory of the load generator (--target only; embedded, it is in `rss_bytes`).
     pub(crate) generator_rss_bytes: Option<u64>,
-    /// The hub's counters over the step (embedded only).
+    /// The hub's counters over the step (embedded only; with several nodes, added up over
+    /// them).
     pub(crate) hub: Option<HubSnapshot>,
+    /// CPU seconds of the redis-server this run started (several embedded nodes).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) redis_cpu_seconds: Option<f64>,
+    /// Several nodes: the subscribers of each node apart (node A local, node B cross-node).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) nodes: Option<Vec<NodeReport>>,
     /// What the slow clients got (slow scenario, disturbed step).
     pub(crate) slow: Option<SlowReport>,
     /// What churn did (churn scenario, disturbed step).
@@ -182,6 +271,12 @@ pub(crate) struct ServerSide {
     pub(crate) generator_rss: Option<u64>,
     /// Counter differences.
     pub(crate) hub: Option<HubSnapshot>,
+    /// Counter differences per node (several embedded nodes).
+    pub(crate) hubs: Vec<HubSnapshot>,
+    /// The URL of each node (several nodes).
+    pub(crate) urls: Vec<String>,
+    /// CPU time of the redis-server this run started, over the step.
+    pub(crate) redis_cpu: Option<Duration>,
 }
 
 impl StepReport {
@@ -220,6 +315,25 @@ impl StepReport {
         let churn = (step.disturb
             && (o.churn.connects + o.churn.connect_failures + o.churn.subscribes) > 0)
             .then(|| o.churn.clone());
+        let nodes = (!o.nodes.is_empty()).then(|| {
+            o.nodes
+                .iter()
+                .enumerate()
+                .map(|(i, n): (usize, &NodeOutcome)| NodeReport {
+                    node: i,
+                    role: if i == 0 { "local" } else { "cross-node" },
+                    url: server.urls.get(i).cloned().unwrap_or_default(),
+                    subscribers: n.subscribers,
+                    delivered: n.counts.delivered,
+                    delivered_per_s: n.counts.delivered as f64 / secs,
+                    expected_deliveries: n.expected,
+                    lost: n.counts.lost,
+                    duplicated: n.counts.duplicated,
+                    latency: Latency::of(&n.counts.hist),
+                    hub: server.hubs.get(i).cloned(),
+                })
+                .collect()
+        });
         StepReport {
             label: step.label.clone(),
             load: step.load.into(),
@@ -245,6 +359,8 @@ impl StepReport {
             rss_bytes: server.rss,
             generator_rss_bytes: server.generator_rss,
             hub: server.hub,
+            redis_cpu_seconds: server.redis_cpu.map(|d| d.as_secs_f64()),
+            nodes,
             slow,
             churn,
             intervals,
@@ -379,6 +495,68 @@ impl StepReport {
                     count(h.clients)
                 ),
             );
+        }
+        if let Some(c) = self.redis_cpu_seconds {
+            row(
+                &mut s,
+                "redis-server CPU",
+                format!(
+                    "{c:.1} s ({:.0}% of one core)",
+                    c / self.seconds.max(1e-9) * 100.0
+                ),
+            );
+        }
+        for n in self.nodes.iter().flatten() {
+            let name = format!("node {}", char::from(b'A' + n.node.min(25) as u8));
+            let what = if n.node == 0 {
+                "local: the publishers' node"
+            } else {
+                "cross-node: through Redis"
+            };
+            let l = &n.latency;
+            row(
+                &mut s,
+                &name,
+                format!("{} subscribers ({what}), {}", count(n.subscribers), n.url),
+            );
+            row(
+                &mut s,
+                "  delivered",
+                format!(
+                    "{:>15}   {:>12}/s   lost {}, duplicated {}",
+                    count(n.delivered),
+                    rate(n.delivered_per_s),
+                    count(n.lost),
+                    count(n.duplicated)
+                ),
+            );
+            row(
+                &mut s,
+                "  latency",
+                format!(
+                    "p50 {}  p90 {}  p99 {}  p99.9 {}  max {}",
+                    dur(l.p50_us),
+                    dur(l.p90_us),
+                    dur(l.p99_us),
+                    dur(l.p999_us),
+                    dur(l.max_us)
+                ),
+            );
+            if let Some(b) = n.hub.as_ref().and_then(|h| h.broker.as_ref()) {
+                row(
+                    &mut s,
+                    "  broker",
+                    format!(
+                        "sent {}, received {}, send_dropped {}, receive_dropped {}, reconnects {}{}",
+                        count(b.sent),
+                        count(b.received),
+                        count(b.send_dropped),
+                        count(b.receive_dropped),
+                        count(b.reconnects),
+                        if b.connected { "" } else { ", disconnected now" }
+                    ),
+                );
+            }
         }
         if let Some(sl) = &self.slow {
             let codes: Vec<String> = sl

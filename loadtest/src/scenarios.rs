@@ -15,15 +15,21 @@ use crate::report::{self, HubSnapshot, ServerSide, StepReport};
 use crate::stats::Counts;
 use crate::sys;
 
-/// The server under load.
+/// The server under load: one node, or several sharing channels through a broker.
 pub(crate) struct Server {
-    /// Where to connect.
-    pub(crate) target: Target,
-    /// The URL as given or made.
-    pub(crate) url: String,
-    /// The hub in this process, without --target.
+    /// Where to connect, one per node; publishers are on the first.
+    pub(crate) targets: Vec<Target>,
+    /// The URLs as given or made, one per node.
+    pub(crate) urls: Vec<String>,
+    /// The hubs in this process (one per node), without --target.
     #[cfg(feature = "embedded")]
-    pub(crate) embedded: Option<crate::embedded::Embedded>,
+    pub(crate) embedded: Vec<crate::embedded::Embedded>,
+    /// The redis-server this run started to join its embedded nodes.
+    #[cfg(feature = "embedded")]
+    pub(crate) redis: Option<crate::redis_server::RedisServer>,
+    /// Where the embedded nodes' Redis is (several embedded nodes).
+    #[cfg(feature = "embedded")]
+    pub(crate) redis_url: Option<String>,
     /// The server's process (--pid).
     pub(crate) pid: Option<u32>,
 }
@@ -32,15 +38,33 @@ impl Server {
     /// True for the hub in this process.
     pub(crate) fn is_embedded(&self) -> bool {
         #[cfg(feature = "embedded")]
-        return self.embedded.is_some();
+        return !self.embedded.is_empty();
         #[cfg(not(feature = "embedded"))]
         false
     }
 
-    /// The hub's counters (embedded only).
-    pub(crate) fn hub(&self) -> Option<HubSnapshot> {
+    /// The hubs' counters, one per node (embedded only; else empty).
+    pub(crate) fn hubs(&self) -> Vec<HubSnapshot> {
         #[cfg(feature = "embedded")]
-        return self.embedded.as_ref().map(|e| e.snapshot());
+        return self.embedded.iter().map(|e| e.snapshot()).collect();
+        #[cfg(not(feature = "embedded"))]
+        Vec::new()
+    }
+
+    /// The hubs' counters added up (embedded only).
+    pub(crate) fn hub(&self) -> Option<HubSnapshot> {
+        let hubs = self.hubs();
+        match hubs.len() {
+            0 => None,
+            1 => hubs.into_iter().next(),
+            _ => Some(HubSnapshot::sum(&hubs)),
+        }
+    }
+
+    /// The process id of the redis-server this run started.
+    fn redis_pid(&self) -> Option<u32> {
+        #[cfg(feature = "embedded")]
+        return self.redis.as_ref().map(|r| r.pid());
         #[cfg(not(feature = "embedded"))]
         None
     }
@@ -48,8 +72,21 @@ impl Server {
     /// The embedded hub's shape, or nothing.
     pub(crate) fn describe(&self) -> String {
         #[cfg(feature = "embedded")]
-        if let Some(e) = &self.embedded {
-            return format!(" ({})", e.describe());
+        if let Some(e) = self.embedded.first() {
+            let joined = match (&self.redis_url, self.embedded.len()) {
+                (Some(url), n) if n > 1 => format!(
+                    "; {n} nodes joined by Redis at {}{}",
+                    crate::cli::redact(url),
+                    if self.redis.is_some() {
+                        " (started for this run)"
+                    } else {
+                        ""
+                    }
+                ),
+                _ => String::new(),
+            };
+            let each = if self.embedded.len() > 1 { " each" } else { "" };
+            return format!(" ({}{each}{joined})", e.describe());
         }
         String::new()
     }
@@ -272,19 +309,24 @@ impl<'a> Runner<'a> {
                 .map(|i| format!("{}-{i}", self.args.channel))
                 .collect()
         };
+        // Several nodes: each channel's subscribers alternate over the nodes, its first (the
+        // publisher) on node A.
+        let nodes = self.server.targets.len().max(1);
         let mut conns = Vec::with_capacity(channels * per_channel + slow);
         for c in 0..channels {
-            conns.extend((0..per_channel).map(|_| ConnSpec {
+            conns.extend((0..per_channel).map(|j| ConnSpec {
                 channel: c as u32,
                 kind: Kind::Subscriber,
+                node: (j % nodes) as u8,
             }));
         }
-        conns.extend((0..slow).map(|_| ConnSpec {
+        conns.extend((0..slow).map(|k| ConnSpec {
             channel: 0,
             kind: Kind::Slow,
+            node: (k % nodes) as u8,
         }));
         Plan {
-            target: self.server.target.clone(),
+            targets: self.server.targets.clone(),
             channels: names,
             conns,
             payload: self.args.payload,
@@ -335,8 +377,9 @@ impl<'a> Runner<'a> {
         subscribers: u64,
         slow: u64,
     ) -> StepReport {
-        let hub0 = self.server.hub();
+        let hubs0 = self.server.hubs();
         let pid0 = self.server.pid_cpu();
+        let redis0 = self.server.redis_pid().and_then(sys::pid_cpu);
         let interval = Duration::from_millis(self.args.interval_ms).min(step.duration);
         let pb = &self.progress;
         let label = step.label.clone();
@@ -370,8 +413,20 @@ impl<'a> Runner<'a> {
                 _ => None,
             }
         };
-        let hub = match (hub0, self.server.hub()) {
-            (Some(a), Some(b)) => Some(b.since(&a)),
+        let hubs: Vec<HubSnapshot> = self
+            .server
+            .hubs()
+            .iter()
+            .zip(&hubs0)
+            .map(|(b, a)| b.since(a))
+            .collect();
+        let hub = match hubs.len() {
+            0 => None,
+            1 => hubs.first().cloned(),
+            _ => Some(HubSnapshot::sum(&hubs)),
+        };
+        let redis_cpu = match (redis0, self.server.redis_pid().and_then(sys::pid_cpu)) {
+            (Some(a), Some(b)) => Some(b.saturating_sub(a)),
             _ => None,
         };
         let side = ServerSide {
@@ -383,6 +438,9 @@ impl<'a> Runner<'a> {
                 sys::rss_bytes("self")
             },
             hub,
+            hubs: if hubs.len() > 1 { hubs } else { Vec::new() },
+            urls: self.server.urls.clone(),
+            redis_cpu,
         };
         let r = StepReport::build(step, o, subscribers, slow, side);
         pb.suspend(|| say!("{}", r.text(self.server.is_embedded())));
@@ -441,6 +499,16 @@ fn headline(s: &StepReport) -> Value {
         "latency_p99_us": s.latency.p99_us,
         "generator_cpu_percent": s.generator_cpu_percent,
         "hub_cpu_percent": s.hub_cpu_percent,
+        "nodes": s.nodes.as_ref().map(|nodes| nodes.iter().map(|n| json!({
+            "node": n.node,
+            "role": n.role,
+            "subscribers": n.subscribers,
+            "delivered_per_s": n.delivered_per_s,
+            "lost": n.lost,
+            "latency_p50_us": n.latency.p50_us,
+            "latency_p99_us": n.latency.p99_us,
+            "broker": n.hub.as_ref().and_then(|h| h.broker.clone()),
+        })).collect::<Vec<_>>()),
     })
 }
 

@@ -32,6 +32,44 @@ pub(crate) struct Counts {
     pub(crate) hist: Histogram<u64>,
     /// Errors by kind.
     pub(crate) errors: BTreeMap<String, u64>,
+    /// Several nodes: the deliveries, losses and latencies above split by the node the
+    /// subscriber is connected to (empty with one node, so that it costs nothing there).
+    pub(crate) nodes: Vec<NodeCounts>,
+}
+
+/// The part of [`Counts`] of the subscribers on one node.
+#[derive(Debug, Clone)]
+pub(crate) struct NodeCounts {
+    /// Measured deliveries.
+    pub(crate) delivered: u64,
+    /// Messages never received.
+    pub(crate) lost: u64,
+    /// Messages received again (or out of order).
+    pub(crate) duplicated: u64,
+    /// Publish-to-receive latency of each delivery.
+    pub(crate) hist: Histogram<u64>,
+}
+
+impl Default for NodeCounts {
+    fn default() -> Self {
+        NodeCounts {
+            delivered: 0,
+            lost: 0,
+            duplicated: 0,
+            hist: new_histogram(),
+        }
+    }
+}
+
+impl NodeCounts {
+    /// Adds `o` into `self`.
+    pub(crate) fn merge(&mut self, o: &NodeCounts) {
+        self.delivered += o.delivered;
+        self.lost += o.lost;
+        self.duplicated += o.duplicated;
+        // Same bounds on both sides; add fails only on a mismatch.
+        let _ = self.hist.add(&o.hist);
+    }
 }
 
 impl Default for Counts {
@@ -46,11 +84,24 @@ impl Default for Counts {
             bytes_in: 0,
             hist: new_histogram(),
             errors: BTreeMap::new(),
+            nodes: Vec::new(),
         }
     }
 }
 
 impl Counts {
+    /// Counts split over `nodes` nodes (none with one node).
+    pub(crate) fn for_nodes(nodes: usize) -> Counts {
+        Counts {
+            nodes: if nodes > 1 {
+                (0..nodes).map(|_| NodeCounts::default()).collect()
+            } else {
+                Vec::new()
+            },
+            ..Counts::default()
+        }
+    }
+
     /// Adds `o` into `self`.
     pub(crate) fn merge(&mut self, o: &Counts) {
         self.delivered += o.delivered;
@@ -64,6 +115,12 @@ impl Counts {
         let _ = self.hist.add(&o.hist);
         for (k, v) in &o.errors {
             *self.errors.entry(k.clone()).or_default() += v;
+        }
+        if self.nodes.len() < o.nodes.len() {
+            self.nodes.resize_with(o.nodes.len(), NodeCounts::default);
+        }
+        for (a, b) in self.nodes.iter_mut().zip(&o.nodes) {
+            a.merge(b);
         }
     }
 
@@ -84,7 +141,14 @@ impl Counts {
             bytes_in: self.bytes_in,
             hist: self.hist.clone(),
             errors: std::mem::take(&mut self.errors),
+            nodes: self.nodes.clone(),
         };
+        for n in &mut self.nodes {
+            n.delivered = 0;
+            n.lost = 0;
+            n.duplicated = 0;
+            n.hist.reset();
+        }
         self.delivered = 0;
         self.lost = 0;
         self.duplicated = 0;

@@ -367,6 +367,16 @@ fn bad_arguments_exit_without_panic() {
         &["--plot", "x.svg"],
         &["--client-cpus", "zz"],
         &["-n", "nope"],
+        &["--nodes", "3"],
+        &["--nodes", "2", "ramp"],
+        &["--hub-queue-bytes", "10"],
+        &["--redis-url", "redis://127.0.0.1:1/"],
+        &[
+            "--target",
+            "ws://127.0.0.1:1/ws",
+            "--hub-queue-bytes",
+            "100000",
+        ],
     ];
     for args in cases {
         let out = loadtest(args);
@@ -406,4 +416,260 @@ fn connection_failures_are_reported() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
     assert!(stderr.contains("connect refused"), "{stderr}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Two nodes joined by Redis
+// ---------------------------------------------------------------------------------------------
+
+/// Whether `redis-server` can be run here (CI installs it: .ci/install-redis.sh).
+fn have_redis_server() -> bool {
+    match Command::new("redis-server").arg("--version").output() {
+        Ok(o) if o.status.success() => true,
+        _ => {
+            println!("skipped: redis-server is not installed (see .ci/install-redis.sh)");
+            false
+        }
+    }
+}
+
+/// A `redis-server` of the test's own on a free loopback port, killed when dropped.
+struct RedisServer {
+    port: u16,
+    child: std::process::Child,
+}
+
+impl RedisServer {
+    fn start() -> RedisServer {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port")
+            .port();
+        let child = Command::new("redis-server")
+            .args(["--port", &port.to_string()])
+            .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("start redis-server");
+        let server = RedisServer { port, child };
+        // Bounded: 250 x 20 ms.
+        for _ in 0..250 {
+            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                return server;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        panic!("redis-server did not listen on {port} within 5 s");
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/", self.port)
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The checks of a two-node step: each node's subscribers got everything, and what crossed
+/// Redis is what node A published.
+fn check_two_nodes(s: &Value, subscribers: u64, embedded: bool) {
+    check_step(s, subscribers);
+    let published = u(&s["published"]);
+    assert_eq!(u(&s["lost"]), 0, "lost across nodes: {s}");
+    assert_eq!(u(&s["delivered"]), published * subscribers);
+    let nodes = s["nodes"].as_array().expect("a report per node");
+    assert_eq!(nodes.len(), 2);
+    assert_eq!(nodes[0]["role"], "local");
+    assert_eq!(nodes[1]["role"], "cross-node");
+    let mut delivered = 0;
+    for n in nodes {
+        let subs = u(&n["subscribers"]);
+        assert_eq!(subs, subscribers / 2, "subscribers not split evenly: {n}");
+        assert_eq!(u(&n["lost"]), 0, "{n}");
+        assert_eq!(u(&n["duplicated"]), 0, "{n}");
+        assert_eq!(u(&n["delivered"]), published * subs, "{n}");
+        assert_eq!(u(&n["expected_deliveries"]), published * subs);
+        assert_eq!(u(&n["latency"]["count"]), u(&n["delivered"]));
+        assert!(n["latency"]["p99_us"].as_f64().expect("p99") > 0.0);
+        assert!(n["delivered_per_s"].as_f64().expect("rate") > 0.0);
+        delivered += u(&n["delivered"]);
+    }
+    assert_eq!(delivered, u(&s["delivered"]));
+    if embedded {
+        let (a, b) = (&nodes[0]["hub"]["broker"], &nodes[1]["hub"]["broker"]);
+        // Every publish of the step went to Redis once, and reached node B once.
+        assert_eq!(u(&a["sent"]), published, "node A's broker: {a}");
+        assert_eq!(u(&b["received"]), published, "node B's broker: {b}");
+        assert_eq!(u(&a["send_dropped"]) + u(&b["send_dropped"]), 0);
+        assert_eq!(u(&s["hub"]["published"]), published);
+    }
+}
+
+#[test]
+fn two_embedded_nodes_lose_nothing_across_redis() {
+    if !have_redis_server() {
+        return;
+    }
+    // loadtest starts and stops a redis-server of its own.
+    let v = run_json(&[
+        "fanout",
+        "--nodes",
+        "2",
+        "-n",
+        "20",
+        "-w",
+        "4",
+        "-d",
+        "3",
+        "--interval-ms",
+        "500",
+    ]);
+    assert_eq!(v["mode"], "embedded");
+    assert_eq!(u(&v["nodes"]), 2);
+    check_two_nodes(&v["steps"][0], 20, true);
+    let nodes = v["summary"]["nodes"]
+        .as_array()
+        .expect("the summary per node");
+    assert_eq!(nodes.len(), 2);
+    assert!(nodes[1]["latency_p99_us"].as_f64().expect("p99") > 0.0);
+}
+
+#[test]
+fn two_embedded_nodes_on_a_given_redis_open_loop() {
+    if !have_redis_server() {
+        return;
+    }
+    let redis = RedisServer::start();
+    let v = run_json(&[
+        "fanout",
+        "--nodes",
+        "2",
+        "--redis-url",
+        &redis.url(),
+        "-n",
+        "10",
+        "-r",
+        "300",
+        "-d",
+        "2",
+    ]);
+    check_two_nodes(&v["steps"][0], 10, true);
+}
+
+/// Two hubs of the test's own, joined by Redis, driven with --target twice.
+#[test]
+fn two_targets_lose_nothing_across_redis() {
+    if !have_redis_server() {
+        return;
+    }
+    let redis = RedisServer::start();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let mut stops = Vec::new();
+    let mut urls = Vec::new();
+    for id in ["test-a", "test-b"] {
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let broker = wshub::RedisBroker::new(wshub::RedisConfig::new(redis.url()).node_id(id))
+            .expect("broker");
+        let config = wshub::HubConfig::builder()
+            .publish_policy(wshub::PublishPolicy::AllowAll)
+            .broker(broker)
+            .build()
+            .expect("config");
+        let addr = rt.block_on(async {
+            let hub = wshub::Hub::with_config(config);
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+                .await
+                .expect("bind");
+            let addr = listener.local_addr().expect("addr");
+            // Bounded: 100 x 50 ms.
+            for _ in 0..100 {
+                if hub.stats().broker.is_some_and(|b| b.connected) {
+                    break;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+            tokio::spawn(wshub::serve(listener, hub, async move {
+                let _ = rx.await;
+            }));
+            addr
+        });
+        stops.push(tx);
+        urls.push(format!("ws://{addr}/ws"));
+    }
+    let v = run_json(&[
+        "fanout", "--target", &urls[0], "--target", &urls[1], "-n", "10", "-w", "2", "-d", "2",
+    ]);
+    assert_eq!(v["mode"], "target");
+    assert_eq!(u(&v["nodes"]), 2);
+    let s = &v["steps"][0];
+    check_two_nodes(s, 10, false);
+    assert_eq!(s["nodes"][1]["url"], urls[1].as_str());
+    for tx in stops {
+        let _ = tx.send(());
+    }
+}
+
+#[test]
+fn unreachable_redis_fails_clearly() {
+    // Port 1 on loopback: nothing listens there.
+    let out = loadtest(&[
+        "--nodes",
+        "2",
+        "--redis-url",
+        "redis://127.0.0.1:1/",
+        "-n",
+        "2",
+        "-d",
+        "1",
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(stderr.contains("could not connect"), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}
+
+#[test]
+fn hub_queue_bytes_reaches_the_hub() {
+    // The same load as slow_clients_are_counted, for 1.5 s with the slow clients: a queue
+    // larger than all it publishes keeps them, a 1 KiB one closes them as slow consumers.
+    let run = |bytes: &str| {
+        run_json(&[
+            "slow",
+            "-n",
+            "8",
+            "--slow-share",
+            "0.25",
+            "-d",
+            "3",
+            "-p",
+            "4000",
+            "--hub-queue-bytes",
+            bytes,
+        ])
+    };
+    let big = run("268435456");
+    assert_eq!(u(&big["config"]["hub_queue_bytes"]), 256 << 20);
+    let hub = &big["steps"][1]["hub"];
+    assert!(
+        u(&big["steps"][1]["published"]) * 4000 < 256 << 20,
+        "published more than the queue holds"
+    );
+    assert_eq!(u(&hub["slow_consumer_disconnects"]), 0, "{hub}");
+    assert_eq!(u(&hub["dropped"]), 0, "{hub}");
+    let small = run("1024");
+    let hub = &small["steps"][1]["hub"];
+    assert!(
+        u(&hub["slow_consumer_disconnects"]) + u(&hub["dropped"]) > 0,
+        "a 1 KiB queue kept the slow clients: {hub}"
+    );
 }
