@@ -61,5 +61,13 @@ fn publish_without_subscribers(c: &mut Criterion) {
     });
 }
 
-criterion_group!(benches, index, publish_without_subscribers);
+criterion_group! {
+    name = benches;
+    // Short warm-up and measurement: every benchmark here is stable within them, and the
+    // whole suite then runs in a few minutes.
+    config = Criterion::default()
+        .warm_up_time(std::time::Duration::from_millis(500))
+        .measurement_time(std::time::Duration::from_secs(2));
+    targets = index, publish_without_subscribers
+}
 criterion_main!(benches);

@@ -22,5 +22,13 @@ fn encode_frame(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, encode_frame);
+criterion_group! {
+    name = benches;
+    // Short warm-up and measurement: every benchmark here is stable within them, and the
+    // whole suite then runs in a few minutes.
+    config = Criterion::default()
+        .warm_up_time(std::time::Duration::from_millis(500))
+        .measurement_time(std::time::Duration::from_secs(2));
+    targets = encode_frame
+}
 criterion_main!(benches);
