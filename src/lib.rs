@@ -48,6 +48,8 @@
 //! | `conn` | a connection's outbound queue and write path |
 //! | `session` | the connection task: reading, requests, keep-alive, close |
 //! | `server` | [`serve`], [`Hub::handler`], the upgrade |
+//! | `channels` | the channel directory: which shards have subscribers |
+//! | `broker` | several nodes: the [`Broker`] trait and, with feature `redis`, `RedisBroker` |
 //! | `config`, `auth`, `stats` | [`HubConfig`], authenticators and origins, [`HubStats`] |
 
 #![deny(missing_docs)]

@@ -531,11 +531,6 @@ mod tests {
             std::mem::size_of_val(&task)
         );
     }
-}
-
-#[cfg(test)]
-mod rate_limit_tests {
-    use super::*;
 
     #[test]
     fn a_burst_is_allowed_then_the_rate() {
