@@ -142,30 +142,6 @@ fn tick(seq: u64, pad: usize) -> Message {
     Message::new("tick").with_data(json!({"seq": seq, "pad": "x".repeat(pad)}))
 }
 
-/// Reads `tick`s until the `end` message, checking each is the next in sequence; returns how
-/// many it got, and the connection.
-fn spawn_sequence_reader(
-    mut ws: Ws,
-    name: String,
-    received: Arc<AtomicU64>,
-) -> tokio::task::JoinHandle<(Ws, u64)> {
-    tokio::spawn(async move {
-        let mut expected = 0u64;
-        loop {
-            let message = next_json(&mut ws).await;
-            if message["type"] == "end" {
-                return (ws, expected);
-            }
-            assert_eq!(
-                message["data"]["seq"], expected,
-                "{name} lost a message or got one out of order"
-            );
-            expected += 1;
-            received.fetch_add(1, Ordering::Release);
-        }
-    })
-}
-
 const FLOOD_LIMIT: usize = 50;
 const FLOOD_WAVES: usize = 10;
 const FLOOD_WAVE: usize = 50;

@@ -36,29 +36,6 @@ async fn stalled_client(server: &Server) -> Raw {
     raw
 }
 
-/// Reads the healthy client's messages, checking each is the next in sequence, until the
-/// `end` message; returns how many it got.
-fn spawn_healthy_reader(
-    mut ws: Ws,
-    received: Arc<AtomicU64>,
-) -> tokio::task::JoinHandle<(Ws, u64)> {
-    tokio::spawn(async move {
-        let mut expected = 0u64;
-        loop {
-            let message = next_json(&mut ws).await;
-            if message["type"] == "end" {
-                return (ws, expected);
-            }
-            assert_eq!(
-                message["data"]["seq"], expected,
-                "the healthy client got a message out of order or lost one"
-            );
-            expected += 1;
-            received.store(expected, Ordering::Release);
-        }
-    })
-}
-
 fn publish(hub: &Hub, seq: u64) {
     let data = json!({"seq": seq, "pad": "x".repeat(PAD)});
     hub.send_to_channel(CHANNEL, &Message::new("tick").with_data(data))
@@ -168,7 +145,7 @@ async fn disconnected_as_slow(config: HubConfig) {
     };
 
     let received = Arc::new(AtomicU64::new(0));
-    let reader = spawn_healthy_reader(healthy, Arc::clone(&received));
+    let reader = spawn_sequence_reader(healthy, "the healthy client".into(), Arc::clone(&received));
     let mut published = publish_until(&hub, &received, |s| s.slow_consumer_disconnects >= 1).await;
     // More after the slow client is gone: the healthy one still gets them all.
     for _ in 0..BATCH {
@@ -251,7 +228,7 @@ async fn drop_oldest_keeps_the_client_and_counts_the_drops() {
     let mut stalled = stalled_client(&server).await;
 
     let received = Arc::new(AtomicU64::new(0));
-    let reader = spawn_healthy_reader(healthy, Arc::clone(&received));
+    let reader = spawn_sequence_reader(healthy, "the healthy client".into(), Arc::clone(&received));
     let mut published = publish_until(&hub, &received, |s| s.dropped > 0).await;
     for _ in 0..BATCH {
         publish(&hub, published);

@@ -761,3 +761,29 @@ pub fn count_panics() -> usize {
     });
     PANICS.load(std::sync::atomic::Ordering::SeqCst)
 }
+
+/// Reads a stream of messages whose `data.seq` counts up from 0, until one of type `end`,
+/// asserting each is the next in sequence (none lost, none out of order); adds one to
+/// `received` per message, so several readers may share a counter. Returns the connection
+/// and how many messages it got.
+pub fn spawn_sequence_reader(
+    mut ws: Ws,
+    name: String,
+    received: std::sync::Arc<std::sync::atomic::AtomicU64>,
+) -> JoinHandle<(Ws, u64)> {
+    tokio::spawn(async move {
+        let mut expected = 0u64;
+        loop {
+            let message = next_json(&mut ws).await;
+            if message["type"] == "end" {
+                return (ws, expected);
+            }
+            assert_eq!(
+                message["data"]["seq"], expected,
+                "{name} lost a message or got one out of order"
+            );
+            expected += 1;
+            received.fetch_add(1, std::sync::atomic::Ordering::Release);
+        }
+    })
+}
