@@ -4,9 +4,9 @@
 //! # The write path (hot)
 //!
 //! A shard hands a client every frame of one batch at once ([`Conn::send`]). When nothing is
-//! queued, they are written straight from the shard with one vectored `write` (one syscall for
-//! the whole batch, the coalescing that `DESIGN.md` measured as the difference between about
-//! 200 thousand and millions of deliveries per second per core). Only what the socket does not
+//! queued, they are written straight from the shard with one `write` (one syscall for the
+//! whole batch, gathered into a per-thread buffer; the coalescing that `DESIGN.md` measured as
+//! the difference between about 200 thousand and millions of deliveries per second per core). Only what the socket does not
 //! take is queued, and the connection task is woken to finish the job when the socket becomes
 //! writable. So an idle or keeping-up client holds no queue memory and costs the shard no
 //! wake-up of another task.
@@ -151,7 +151,7 @@ pub(crate) struct Conn {
     last_seen_ms: AtomicU64,
 }
 
-/// One vectored write of the first `MAX_IOV` of `frames`.
+/// One write of the first `MAX_IOV` of `frames`: gathered, or vectored for big batches.
 ///
 /// The slices are filled into an array on the stack in place: collecting them into a
 /// `SmallVec` moved its kilobyte around on every call, 6% of the instructions of a fan-out

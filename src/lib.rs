@@ -36,8 +36,8 @@
 //! Clients are hashed by id across N shard actors (default: one per core). A shard owns its
 //! clients' outbound queues and its part of the channel index, so publishing takes no global
 //! lock. A publish is encoded once into a complete WebSocket frame (`Bytes`) and handed to the
-//! shards that have subscribers; each shard gives every subscriber a reference to the same
-//! bytes and writes all of a client's frames of a batch with one vectored write.
+//! shards that have subscribers; each shard stages the frame for every subscriber (an index,
+//! not a copy) and writes all of a client's frames of a batch with one write.
 //!
 //! | module | what |
 //! |---|---|
