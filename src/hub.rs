@@ -11,7 +11,7 @@ use serde_json::value::RawValue;
 use tokio::sync::{mpsc, oneshot, watch, Notify};
 
 use crate::broker::{Broker, Inbound, Target};
-use crate::channels::ChannelDirectory;
+use crate::channels::{ChannelDirectory, ChannelEntry};
 use crate::client::{ChannelSnapshot, ClientId, ClientSnapshot};
 use crate::config::HubConfig;
 use crate::error::{Error, Result};
@@ -123,14 +123,17 @@ impl Shared {
         encode: impl FnOnce() -> Result<Bytes>,
     ) -> Result<()> {
         self.check_running()?;
-        if self.broker().is_none() && self.channels.get(channel).is_none() {
+        let entry = self.channels.get(channel);
+        if self.broker().is_none() && entry.is_none() {
             self.counters.published.fetch_add(1, Ordering::Relaxed);
             return Ok(());
         }
         let frame = encode()?;
         self.counters.published.fetch_add(1, Ordering::Relaxed);
         let payload = self.broker().map(|_| protocol::frame_payload(&frame));
-        self.fan_out_to_channel(channel, frame);
+        if let Some(entry) = entry {
+            self.fan_out_to_entry(&entry, frame);
+        }
         if let (Some(broker), Some(payload)) = (self.broker(), payload) {
             broker.publish(Target::Channel(channel), payload);
         }
@@ -143,15 +146,19 @@ impl Shared {
 
     /// Hands `frame` to the local shards that have subscribers to `channel`.
     pub(crate) fn fan_out_to_channel(&self, channel: &str, frame: Bytes) {
-        let Some(entry) = self.channels.get(channel) else {
-            return;
-        };
+        if let Some(entry) = self.channels.get(channel) {
+            self.fan_out_to_entry(&entry, frame);
+        }
+    }
+
+    /// Hands `frame` to the shards whose bits are set in `entry`'s mask.
+    fn fan_out_to_entry(&self, entry: &Arc<ChannelEntry>, frame: Bytes) {
         let mut mask = entry.shard_mask();
         while mask != 0 {
             let index = mask.trailing_zeros() as usize;
             mask &= mask - 1;
             let command = Command::Publish {
-                channel: Arc::clone(&entry),
+                channel: Arc::clone(entry),
                 frame: frame_for_shard(&frame, mask == 0),
             };
             self.publish_to_shard(index, frame.len(), command);
