@@ -85,9 +85,6 @@ pub(crate) enum Command {
     Stop,
 }
 
-/// No staged frame: the end of a client's staging list.
-const NONE: u32 = u32::MAX;
-
 /// One of the client's subscriptions: which local channel, and where the client sits in that
 /// channel's member array (so leaving is O(1), by swap-remove).
 #[derive(Clone, Copy)]
@@ -99,9 +96,9 @@ struct Subscription {
 struct ShardClient {
     conn: Arc<Conn>,
     subscriptions: SmallVec<[Subscription; 2]>,
-    /// Frames staged for this client in the current batch, as a list through `Shard::staged`.
-    staged_head: u32,
-    staged_tail: u32,
+    /// What this client gets from the current batch: a node of `Batch::sequences`
+    /// ([`Batch::EMPTY`] for nothing).
+    sequence: u32,
 }
 
 /// A channel as one shard sees it: its members are contiguous client slots, the fastest
@@ -109,12 +106,6 @@ struct ShardClient {
 struct LocalChannel {
     entry: Arc<ChannelEntry>,
     members: Vec<u32>,
-}
-
-/// One delivery: which frame of the batch's table, and the client's next delivery.
-struct Staged {
-    frame: u32,
-    next: u32,
 }
 
 pub(crate) struct Shard {
@@ -136,40 +127,116 @@ pub(crate) struct Shard {
     last_ping: Instant,
 }
 
-/// What one batch of commands delivers: each frame once, and per client a list of indices
-/// into those frames, linked through `staged` (a client's first and last entry are kept in
-/// its `ShardClient`).
-#[derive(Default)]
+/// What one batch of commands delivers: each frame once, and for each client the sequence of
+/// frames it gets, as a node of a tree of sequences shared between clients.
+///
+/// A node is "its parent's frames, then `frame`", so clients that get the same frames in the
+/// same order (the members of the same channels, the common case) share one node, and a
+/// client holds only the node's number. Staging a frame for a client moves it from its node
+/// to the child for that frame; the node remembers its last such move, which the next member
+/// of the channel, standing on the same node, takes with one compare. So a delivery costs no
+/// allocation, no reference count, and writes 4 bytes into the client's own slot.
+///
+/// Why not a list of deliveries per client: it did that, and with 16 publishes to 10,000
+/// members each client's 16 entries lay 80 KB apart; gathering them at the flush missed the
+/// cache on every one (68% of `Shard::flush` in `perf` at 10000 x 16). Here gathering a
+/// client's frames reads a few nodes that every client of the batch reads, and is skipped
+/// when the client has the previous client's node.
 struct Batch {
     frames: Vec<Bytes>,
-    staged: Vec<Staged>,
+    sequences: Vec<Sequence>,
     /// Clients with staged frames, in the order they got their first one.
     dirty: Vec<u32>,
 }
 
+/// A node of [`Batch::sequences`].
+#[derive(Clone, Copy)]
+struct Sequence {
+    /// The sequence's last frame, an index into `Batch::frames`.
+    frame: u32,
+    /// The sequence without its last frame.
+    parent: u32,
+    /// The last frame a client on this node was given, and the node that took it to: the
+    /// next member of the same channel most likely stands here and gets the same frame.
+    extended_by: u32,
+    extension: u32,
+}
+
+impl Sequence {
+    /// Writes the frames of node `sequence` of `sequences` into `order`, first frame first.
+    fn frames_of(sequences: &[Sequence], mut sequence: u32, order: &mut Vec<u32>) {
+        order.clear();
+        while sequence != Batch::EMPTY {
+            let node = &sequences[sequence as usize];
+            order.push(node.frame);
+            sequence = node.parent;
+        }
+        order.reverse();
+    }
+
+    const fn root() -> Self {
+        Sequence {
+            frame: u32::MAX,
+            parent: Batch::EMPTY,
+            extended_by: u32::MAX,
+            extension: Batch::EMPTY,
+        }
+    }
+}
+
+impl Default for Batch {
+    fn default() -> Self {
+        Batch {
+            frames: Vec::new(),
+            sequences: vec![Sequence::root()],
+            dirty: Vec::new(),
+        }
+    }
+}
+
 impl Batch {
+    /// The node of the empty sequence: a client with nothing staged.
+    const EMPTY: u32 = 0;
+
     /// Puts `frame` in the batch; clients are staged with the index returned.
     fn add_frame(&mut self, frame: Bytes) -> u32 {
         self.frames.push(frame);
         (self.frames.len() - 1) as u32
     }
 
-    /// Appends frame `frame` to `slot`'s list: eight bytes per delivery, no reference count
-    /// touched. Takes the client table apart from the shard so that callers can walk a
-    /// channel's members while staging.
+    /// Appends frame `frame` to what `slot` gets. Takes the client table apart from the shard
+    /// so that callers can walk a channel's members while staging.
     fn stage(&mut self, clients: &mut [Option<ShardClient>], slot: u32, frame: u32) {
         let Some(client) = clients[slot as usize].as_mut() else {
             return;
         };
-        let index = self.staged.len() as u32;
-        self.staged.push(Staged { frame, next: NONE });
-        if client.staged_tail == NONE {
-            client.staged_head = index;
+        let from = client.sequence;
+        if from == Self::EMPTY {
             self.dirty.push(slot);
-        } else {
-            self.staged[client.staged_tail as usize].next = index;
         }
-        client.staged_tail = index;
+        let node = &self.sequences[from as usize];
+        client.sequence = if node.extended_by == frame {
+            node.extension
+        } else {
+            let to = self.sequences.len() as u32;
+            self.sequences.push(Sequence {
+                frame,
+                parent: from,
+                ..Sequence::root()
+            });
+            let node = &mut self.sequences[from as usize];
+            node.extended_by = frame;
+            node.extension = to;
+            to
+        };
+    }
+
+    /// Forgets the batch, keeping its memory.
+    fn clear(&mut self) {
+        self.dirty.clear();
+        self.frames.clear();
+        self.sequences.truncate(1);
+        self.sequences[0] = Sequence::root();
     }
 }
 
@@ -278,20 +345,28 @@ impl Shard {
     /// The hot path's end: each client with staged frames gets them in one `Conn::send`.
     pub(crate) fn flush(&mut self) {
         let mut slow = SmallVec::<[u32; 4]>::new();
-        for slot in self.batch.dirty.drain(..) {
+        // The sequence `self.order` holds: consecutive clients mostly share one.
+        let mut in_order = Batch::EMPTY;
+        for (k, &slot) in self.batch.dirty.iter().enumerate() {
+            if let Some(Some(next)) = self
+                .batch
+                .dirty
+                .get(k + 1)
+                .map(|&next| &self.clients[next as usize])
+            {
+                next.conn.prefetch();
+            }
             let Some(client) = self.clients[slot as usize].as_mut() else {
                 continue;
             };
-            let mut next = client.staged_head;
-            while next != NONE {
-                let staged = &self.batch.staged[next as usize];
-                self.order.push(staged.frame);
-                next = staged.next;
-            }
-            client.staged_head = NONE;
-            client.staged_tail = NONE;
-            if self.order.is_empty() {
+            let sequence = std::mem::replace(&mut client.sequence, Batch::EMPTY);
+            if sequence == Batch::EMPTY {
+                // Removed and its slot reused within the batch.
                 continue;
+            }
+            if sequence != in_order {
+                Sequence::frames_of(&self.batch.sequences, sequence, &mut self.order);
+                in_order = sequence;
             }
             match client
                 .conn
@@ -301,10 +376,9 @@ impl Shard {
                 Sent::SlowConsumer => slow.push(slot),
                 Sent::Closed => {}
             }
-            self.order.clear();
         }
-        self.batch.staged.clear();
-        self.batch.frames.clear();
+        self.order.clear();
+        self.batch.clear();
         for slot in slow {
             self.remove_client(slot);
         }
@@ -332,8 +406,7 @@ impl Shard {
         let client = ShardClient {
             conn,
             subscriptions: SmallVec::new(),
-            staged_head: NONE,
-            staged_tail: NONE,
+            sequence: Batch::EMPTY,
         };
         let slot = match self.free_clients.pop() {
             Some(slot) => {

@@ -276,3 +276,57 @@ async fn concurrent_subscribes_and_unsubscribes_end_with_exact_counts() {
     .await;
     assert!(hub.channels().is_empty());
 }
+
+/// Clients in different sets of channels, published to alternately and sent to directly, all
+/// within the same shard batches: each gets exactly its own messages, in the order they were
+/// sent. (Clients of the same channels share what the shard stages for them; one that is in
+/// other channels, or got a direct message, must not be handed anyone else's frames.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn interleaved_channels_and_direct_sends_reach_exactly_their_clients_in_order() {
+    const ROUNDS: u64 = 300;
+    let config = HubConfig::builder().shards(1).build().unwrap();
+    let server = Server::start(config).await;
+    // Member sets, subscribed in these orders.
+    let sets: [&[&str]; 5] = [&["a"], &["b"], &["a", "b"], &["b", "a"], &["c", "a"]];
+    let mut clients = Vec::new();
+    for set in sets {
+        let mut ws = server.connect().await;
+        for channel in set {
+            subscribe(&mut ws, channel).await;
+        }
+        let id = server.newest_client().await;
+        clients.push((ws, id, set));
+    }
+    // What each client must receive, built as the messages are sent.
+    let mut expected: Vec<Vec<String>> = vec![Vec::new(); clients.len()];
+    let direct_to = clients[2].1;
+    for seq in 0..ROUNDS {
+        let channel = ["a", "b", "a", "c"][(seq % 4) as usize];
+        let message = Message::new("message").with_data(json!({ "seq": seq }));
+        server.hub.send_to_channel(channel, &message).unwrap();
+        for (k, (_, _, set)) in clients.iter().enumerate() {
+            if set.contains(&channel) {
+                expected[k].push(format!("{channel}:{seq}"));
+            }
+        }
+        if seq % 7 == 0 {
+            let message = Message::new("direct").with_data(json!({ "seq": seq }));
+            server.hub.send_to_client(direct_to, &message).unwrap();
+            expected[2].push(format!("direct:{seq}"));
+        }
+    }
+    for (k, (ws, _, set)) in clients.iter_mut().enumerate() {
+        let mut got = Vec::new();
+        while got.len() < expected[k].len() {
+            let message = next_json(ws).await;
+            let label = match message["type"].as_str() {
+                Some("direct") => "direct".to_owned(),
+                _ => message["channel"].as_str().unwrap_or("?").to_owned(),
+            };
+            got.push(format!("{label}:{}", message["data"]["seq"]));
+        }
+        assert_eq!(got, expected[k], "client {k} in {set:?}");
+        // Nothing more: the next message is the pong.
+        sync(ws).await;
+    }
+}
