@@ -32,13 +32,13 @@ use std::time::{Duration, Instant};
 
 use bytes::{Buf, Bytes};
 use tokio::net::TcpStream;
-use tokio::sync::Notify;
 
 use crate::client::ClientInfo;
 use crate::config::SlowConsumerPolicy;
 use crate::frame::{self, close_code};
 use crate::hub::Shared;
 use crate::sys;
+use crate::wake::Wake;
 
 /// Frames per `writev`. Linux allows 1,024; a batch rarely has more than a few dozen frames,
 /// and 64 keeps the slice array on the stack small.
@@ -169,7 +169,7 @@ pub(crate) struct Conn {
     pub(crate) socket: Socket,
     out: Mutex<Outbound>,
     /// Wakes the connection task: the outbound side blocked or began closing.
-    pub(crate) wake: Notify,
+    pub(crate) wake: Wake,
     /// When the client was last heard from, in milliseconds of the hub's clock.
     last_seen_ms: AtomicU64,
 }
@@ -344,7 +344,7 @@ impl Conn {
                 front_partial: false,
                 state: WriteState::Open,
             }),
-            wake: Notify::new(),
+            wake: Wake::default(),
             last_seen_ms: AtomicU64::new(now_ms),
         }
     }
@@ -410,7 +410,7 @@ impl Conn {
                     out.state = WriteState::Blocked {
                         since: Instant::now(),
                     };
-                    self.wake.notify_one();
+                    self.wake.wake();
                     self.enforce_bound(&mut out, shared)
                 }
                 Err(_) => {
@@ -500,7 +500,7 @@ impl Conn {
         out.state = WriteState::Closing {
             deadline: Instant::now() + close_grace(shared),
         };
-        self.wake.notify_one();
+        self.wake.wake();
     }
 
     /// Closes as a slow consumer (the write timed out). Returns false if it was already closing.
@@ -538,7 +538,7 @@ impl Conn {
         out.state = WriteState::Closing { deadline };
         account_queued(shared, before, out.bytes);
         drop(out);
-        self.wake.notify_one();
+        self.wake.wake();
         true
     }
 
@@ -562,7 +562,7 @@ impl Conn {
         out.bytes = 0;
         out.front_partial = false;
         out.state = WriteState::Closed;
-        self.wake.notify_one();
+        self.wake.wake();
     }
 
     /// Writes what is queued, for the connection task once the socket is writable. Returns the

@@ -72,6 +72,7 @@ mod session;
 mod shard;
 mod stats;
 mod sys;
+mod wake;
 
 pub use auth::{
     bearer_token, query_param, ApiKeyAuth, AuthError, AuthRequest, Authenticator, BearerTokenAuth,
