@@ -3,9 +3,9 @@
 //! One task, one loop ([`Shard::run`]): take every command waiting in the inbox (up to
 //! [`BATCH`]), apply each with its `handle_*` function, then [flush](Shard::flush): every client
 //! that got frames in the batch gets them in one write. A publish costs the shard, per
-//! subscriber, an 8-byte push onto a staging list (the frame's index in the batch): no
-//! allocation, no reference count, no JSON, no lock. Nothing else touches a shard's tables, so
-//! they need no lock either.
+//! subscriber, one step of the client's 4-byte place in a tree of frame sequences that the
+//! members of a channel share ([`Batch`]): no allocation, no reference count, no JSON, no
+//! lock. Nothing else touches a shard's tables, so they need no lock either.
 //!
 //! Shards are tokio tasks rather than OS threads with a crossbeam inbox: a task shares the
 //! runtime's worker threads with the connection tasks, so a 2-core machine runs 2 threads
