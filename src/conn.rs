@@ -396,28 +396,10 @@ impl Conn {
         let mut out = self.lock();
         let before = out.bytes;
         let sent = match out.state {
-            WriteState::Open => match write_indexed(&self.socket, frames, order) {
-                Ok((whole, _)) if whole == order.len() => Sent::Ok,
-                Ok((whole, partial)) => {
-                    for (k, &index) in order[whole..].iter().enumerate() {
-                        let mut frame = frames[index as usize].clone();
-                        if k == 0 {
-                            frame.advance(partial);
-                        }
-                        out.push(frame);
-                    }
-                    out.front_partial = partial > 0;
-                    out.state = WriteState::Blocked {
-                        since: Instant::now(),
-                    };
-                    self.wake.wake();
-                    self.enforce_bound(&mut out, shared)
-                }
-                Err(_) => {
-                    self.abort_locked(&mut out);
-                    Sent::Closed
-                }
-            },
+            WriteState::Open => {
+                let written = write_indexed(&self.socket, frames, order);
+                self.after_write(&mut out, frames, order, written, shared)
+            }
             WriteState::Blocked { .. } => {
                 for &index in order {
                     out.push(frames[index as usize].clone());
@@ -434,6 +416,64 @@ impl Conn {
         };
         account_queued(shared, before, out.bytes);
         sent
+    }
+
+    /// What follows a write of `frames[order]` to an open client that took `written` (frames
+    /// whole, bytes of the next): nothing if it all went; otherwise the rest is queued and the
+    /// connection task woken to finish it, or the connection aborted if the socket failed.
+    fn after_write(
+        &self,
+        out: &mut Outbound,
+        frames: &[Bytes],
+        order: &[u32],
+        written: io::Result<(usize, usize)>,
+        shared: &Shared,
+    ) -> Sent {
+        match written {
+            Ok((whole, _)) if whole == order.len() => Sent::Ok,
+            Ok((whole, partial)) => {
+                for (k, &index) in order[whole..].iter().enumerate() {
+                    let mut frame = frames[index as usize].clone();
+                    if k == 0 {
+                        frame.advance(partial);
+                    }
+                    out.push(frame);
+                }
+                out.front_partial = partial > 0;
+                out.state = WriteState::Blocked {
+                    since: Instant::now(),
+                };
+                self.wake.wake();
+                self.enforce_bound(out, shared)
+            }
+            Err(_) => {
+                self.abort_locked(out);
+                Sent::Closed
+            }
+        }
+    }
+
+    /// For a batched write (`uring.rs`): the client's lock, held, if it is an open TCP
+    /// connection (nothing queued). Otherwise the frames are sent as [`send`](Self::send)
+    /// sends them, and what became of them is the error.
+    #[cfg(all(feature = "io-uring", target_os = "linux"))]
+    pub(crate) fn hold_open(
+        &self,
+        frames: &[Bytes],
+        order: &[u32],
+        shared: &Shared,
+    ) -> Result<HeldOpen<'_>, Sent> {
+        let out = self.lock();
+        if let (WriteState::Open, Socket::Tcp(stream)) = (out.state, &self.socket) {
+            use std::os::fd::AsRawFd;
+            return Ok(HeldOpen {
+                conn: self,
+                fd: stream.as_raw_fd(),
+                out,
+            });
+        }
+        drop(out);
+        Err(self.send(frames, order, shared))
     }
 
     /// Sends one frame; see [`send`](Self::send).
@@ -596,6 +636,54 @@ impl Conn {
         }
         account_queued(shared, before, out.bytes);
         out.state
+    }
+}
+
+/// An open client whose lock the shard holds while its frames are in a batched write: nothing
+/// else writes to it or changes its state until the write is [settled](Self::settle), so the
+/// batched write is, to everyone else, the same single write that [`Conn::send`] makes.
+#[cfg(all(feature = "io-uring", target_os = "linux"))]
+pub(crate) struct HeldOpen<'a> {
+    conn: &'a Conn,
+    fd: std::os::fd::RawFd,
+    out: MutexGuard<'a, Outbound>,
+}
+
+#[cfg(all(feature = "io-uring", target_os = "linux"))]
+impl HeldOpen<'_> {
+    /// The socket to write to.
+    pub(crate) fn fd(&self) -> std::os::fd::RawFd {
+        self.fd
+    }
+
+    /// Settles a write of `frames[order]`, gathered, that took `written` bytes (or failed);
+    /// then the lock is released.
+    pub(crate) fn settle(
+        mut self,
+        frames: &[Bytes],
+        order: &[u32],
+        written: io::Result<usize>,
+        shared: &Shared,
+    ) -> Sent {
+        let written = match written {
+            Ok(0) => Err(io::ErrorKind::WriteZero.into()),
+            Ok(mut bytes) => {
+                let mut whole = 0;
+                while whole < order.len() && bytes >= frames[order[whole] as usize].len() {
+                    bytes -= frames[order[whole] as usize].len();
+                    whole += 1;
+                }
+                Ok((whole, bytes))
+            }
+            Err(err) if err.kind() == io::ErrorKind::WouldBlock => Ok((0, 0)),
+            Err(err) => Err(err),
+        };
+        let before = self.out.bytes;
+        let sent = self
+            .conn
+            .after_write(&mut self.out, frames, order, written, shared);
+        account_queued(shared, before, self.out.bytes);
+        sent
     }
 }
 

@@ -72,6 +72,8 @@ mod session;
 mod shard;
 mod stats;
 mod sys;
+#[cfg(all(feature = "io-uring", target_os = "linux"))]
+mod uring;
 mod wake;
 
 pub use auth::{

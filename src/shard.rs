@@ -120,6 +120,10 @@ pub(crate) struct Shard {
     /// Local channel by the address of its directory entry, which the channel keeps alive.
     channel_by_entry: HashMap<usize, u32, ahash::RandomState>,
     batch: Batch,
+    /// With the `io-uring` feature, where the kernel allows it: the flush's writes go out in
+    /// batches (see `uring.rs`).
+    #[cfg(all(feature = "io-uring", target_os = "linux"))]
+    uring: Option<crate::uring::Uring>,
     /// Reused for each client's frame indices in `flush`.
     order: Vec<u32>,
     delivered: u64,
@@ -253,6 +257,8 @@ impl Shard {
             free_channels: Vec::new(),
             channel_by_entry: HashMap::default(),
             batch: Batch::default(),
+            #[cfg(all(feature = "io-uring", target_os = "linux"))]
+            uring: crate::uring::Uring::new(),
             order: Vec::new(),
             delivered: 0,
             shutting_down: false,
@@ -344,6 +350,10 @@ impl Shard {
 
     /// The hot path's end: each client with staged frames gets them in one `Conn::send`.
     pub(crate) fn flush(&mut self) {
+        #[cfg(all(feature = "io-uring", target_os = "linux"))]
+        if self.uring.is_some() {
+            return self.flush_batched();
+        }
         let mut slow = SmallVec::<[u32; 4]>::new();
         // The sequence `self.order` holds: consecutive clients mostly share one.
         let mut in_order = Batch::EMPTY;
@@ -382,6 +392,11 @@ impl Shard {
         for slot in slow {
             self.remove_client(slot);
         }
+        self.count_delivered();
+    }
+
+    /// Adds what the batch delivered to the hub's counter: once per batch, not per client.
+    fn count_delivered(&mut self) {
         if self.delivered > 0 {
             self.shared
                 .counters
@@ -389,6 +404,88 @@ impl Shard {
                 .fetch_add(self.delivered, Ordering::Relaxed);
             self.delivered = 0;
         }
+    }
+
+    /// [`flush`](Self::flush) with io_uring: the same sends, submitted [`Uring::MAX_SENDS`]
+    /// clients at a time with one `io_uring_enter` each.
+    ///
+    /// [`Uring::MAX_SENDS`]: crate::uring::Uring::MAX_SENDS
+    #[cfg(all(feature = "io-uring", target_os = "linux"))]
+    fn flush_batched(&mut self) {
+        use crate::uring::Uring;
+        let mut slow = SmallVec::<[u32; 4]>::new();
+        // Each client's sequence, taken first: below, the clients are borrowed while their
+        // locks are held.
+        let mut pending = Vec::with_capacity(self.batch.dirty.len());
+        for &slot in &self.batch.dirty {
+            if let Some(client) = self.clients[slot as usize].as_mut() {
+                let sequence = std::mem::replace(&mut client.sequence, Batch::EMPTY);
+                if sequence != Batch::EMPTY {
+                    pending.push((slot, sequence));
+                }
+            }
+        }
+        let Some(uring) = self.uring.as_mut() else {
+            return;
+        };
+        let frames = &self.batch.frames;
+        let mut in_order = Batch::EMPTY;
+        let mut next = 0;
+        let mut held = Vec::with_capacity(Uring::MAX_SENDS);
+        while next < pending.len() {
+            while next < pending.len() && !uring.is_full() {
+                let (slot, sequence) = pending[next];
+                next += 1;
+                if let Some(&(after, _)) = pending.get(next) {
+                    if let Some(client) = &self.clients[after as usize] {
+                        client.conn.prefetch();
+                    }
+                }
+                let Some(client) = &self.clients[slot as usize] else {
+                    continue;
+                };
+                if sequence != in_order {
+                    Sequence::frames_of(&self.batch.sequences, sequence, &mut self.order);
+                    in_order = sequence;
+                }
+                let bytes: usize = self.order.iter().map(|&f| frames[f as usize].len()).sum();
+                let sent = if bytes > Uring::MAX_CLIENT_BYTES {
+                    client.conn.send(frames, &self.order, &self.shared)
+                } else {
+                    match client.conn.hold_open(frames, &self.order, &self.shared) {
+                        Ok(open) => {
+                            uring.push(open.fd(), self.order.iter().map(|&f| &frames[f as usize]));
+                            held.push((slot, sequence, open));
+                            continue;
+                        }
+                        Err(sent) => sent,
+                    }
+                };
+                match sent {
+                    Sent::Ok => self.delivered += self.order.len() as u64,
+                    Sent::SlowConsumer => slow.push(slot),
+                    Sent::Closed => {}
+                }
+            }
+            for ((slot, sequence, open), written) in held.drain(..).zip(uring.submit()) {
+                if sequence != in_order {
+                    Sequence::frames_of(&self.batch.sequences, sequence, &mut self.order);
+                    in_order = sequence;
+                }
+                match open.settle(frames, &self.order, written, &self.shared) {
+                    Sent::Ok => self.delivered += self.order.len() as u64,
+                    Sent::SlowConsumer => slow.push(slot),
+                    Sent::Closed => {}
+                }
+            }
+        }
+        drop(held);
+        self.order.clear();
+        self.batch.clear();
+        for slot in slow {
+            self.remove_client(slot);
+        }
+        self.count_delivered();
     }
 
     fn handle_register(&mut self, conn: Arc<Conn>) {
