@@ -4,12 +4,13 @@
 //! # The write path (hot)
 //!
 //! A shard hands a client every frame of one batch at once ([`Conn::send`]). When nothing is
-//! queued, they are written straight from the shard with one `write` (one syscall for the
+//! queued, they are written straight from the shard with one `send` (one syscall for the
 //! whole batch, gathered into a per-thread buffer; the coalescing that `DESIGN.md` measured as
-//! the difference between about 200 thousand and millions of deliveries per second per core). Only what the socket does not
-//! take is queued, and the connection task is woken to finish the job when the socket becomes
-//! writable. So an idle or keeping-up client holds no queue memory and costs the shard no
-//! wake-up of another task.
+//! the difference between about 200 thousand and millions of deliveries per second per core;
+//! with the `io-uring` feature, one submission for many clients, see `uring.rs`). Only what
+//! the socket does not take is queued, and the connection task is woken to finish the job
+//! when the socket becomes writable. So an idle or keeping-up client holds no queue memory
+//! and costs the shard no wake-up of another task.
 //!
 //! # Slow clients
 //!
@@ -83,7 +84,7 @@ pub(crate) enum Socket {
 enum Via {
     /// Straight to the kernel ([`sys::send`]): the shard's write to a client with nothing
     /// queued. If the socket is full, the connection task takes over and writes the rest
-    /// [`Via::Reactor`].
+    /// through tokio ([`Via::Reactor`]).
     Kernel,
     /// Through tokio (`TcpStream::try_write`), which clears its record of the socket being
     /// writable when the kernel says it is full: the connection task's writes, each followed
@@ -389,8 +390,8 @@ impl Conn {
     }
 
     /// Sends `frames[order[0]]`, `frames[order[1]]`, … in that order, after anything already
-    /// queued. This is the hot path: one lock and, when nothing is queued, one `writev` for
-    /// the client's whole batch, straight from the shard's frame table. A frame is cloned
+    /// queued. This is the hot path: one lock and, when nothing is queued, one `send` for the
+    /// client's whole batch (its frames gathered), straight to the kernel. A frame is cloned
     /// (a reference-count increment) only when it has to wait in the queue.
     pub(crate) fn send(&self, frames: &[Bytes], order: &[u32], shared: &Shared) -> Sent {
         let mut out = self.lock();
