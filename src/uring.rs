@@ -38,7 +38,8 @@ impl Uring {
     /// Sends per submission: also how many clients' locks a shard holds at once, for about
     /// as long as that many sends take (a millisecond or so on loopback).
     pub(crate) const MAX_SENDS: usize = 256;
-    /// Bytes gathered per submission, at most (plus one client's batch).
+    /// Bytes gathered per submission, at most (plus one client's batch): also what the buffer
+    /// a shard keeps between batches grows to, about 1 MiB per shard.
     const MAX_BYTES: usize = 1 << 20;
     /// A client's batch larger than this is written on its own, not copied into `gathered`.
     pub(crate) const MAX_CLIENT_BYTES: usize = 64 * 1024;
