@@ -225,23 +225,31 @@ fn write_indexed(socket: &Socket, frames: &[Bytes], order: &[u32]) -> io::Result
             order[whole..].iter().map(|&i| &frames[i as usize]),
             Via::Kernel,
         );
-        let mut written = match result {
+        let written = match result {
             Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
             Ok(n) => n,
             Err(err) if err.kind() == io::ErrorKind::WouldBlock => return Ok((whole, 0)),
             Err(err) => return Err(err),
         };
-        while written > 0 {
-            let len = frames[order[whole] as usize].len();
-            if written < len {
-                // The socket took less than offered: it is full.
-                return Ok((whole, written));
-            }
-            written -= len;
-            whole += 1;
+        let (taken, partial) = frames_covered(frames, &order[whole..], written);
+        whole += taken;
+        if partial > 0 {
+            // The socket took less than offered: it is full.
+            return Ok((whole, partial));
         }
     }
     Ok((whole, 0))
+}
+
+/// How far `bytes` written of `frames[order]`, end to end, got: the frames written whole, and
+/// the bytes written of the next one.
+fn frames_covered(frames: &[Bytes], order: &[u32], mut bytes: usize) -> (usize, usize) {
+    let mut whole = 0;
+    while whole < order.len() && bytes >= frames[order[whole] as usize].len() {
+        bytes -= frames[order[whole] as usize].len();
+        whole += 1;
+    }
+    (whole, bytes)
 }
 
 /// What a write attempt did.
@@ -668,14 +676,7 @@ impl HeldOpen<'_> {
     ) -> Sent {
         let written = match written {
             Ok(0) => Err(io::ErrorKind::WriteZero.into()),
-            Ok(mut bytes) => {
-                let mut whole = 0;
-                while whole < order.len() && bytes >= frames[order[whole] as usize].len() {
-                    bytes -= frames[order[whole] as usize].len();
-                    whole += 1;
-                }
-                Ok((whole, bytes))
-            }
+            Ok(bytes) => Ok(frames_covered(frames, order, bytes)),
             Err(err) if err.kind() == io::ErrorKind::WouldBlock => Ok((0, 0)),
             Err(err) => Err(err),
         };

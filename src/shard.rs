@@ -125,8 +125,7 @@ pub(crate) struct Shard {
     #[cfg(all(feature = "io-uring", target_os = "linux"))]
     uring: Option<crate::uring::Uring>,
     /// Reused for each client's frame indices in `flush`.
-    order: Vec<u32>,
-    delivered: u64,
+    order: Order,
     shutting_down: bool,
     last_ping: Instant,
 }
@@ -167,23 +166,64 @@ struct Sequence {
 }
 
 impl Sequence {
-    /// Writes the frames of node `sequence` of `sequences` into `order`, first frame first.
-    fn frames_of(sequences: &[Sequence], mut sequence: u32, order: &mut Vec<u32>) {
-        order.clear();
-        while sequence != Batch::EMPTY {
-            let node = &sequences[sequence as usize];
-            order.push(node.frame);
-            sequence = node.parent;
-        }
-        order.reverse();
-    }
-
     const fn root() -> Self {
         Sequence {
             frame: u32::MAX,
             parent: Batch::EMPTY,
             extended_by: u32::MAX,
             extension: Batch::EMPTY,
+        }
+    }
+}
+
+/// The frame indices of one sequence, as a client's `Conn::send` takes them: rebuilt only when
+/// the next client's sequence differs from the last one's, which for the members of one
+/// channel it does not.
+#[derive(Default)]
+struct Order {
+    /// The sequence `frames` holds ([`Batch::EMPTY`]: none yet this flush).
+    sequence: u32,
+    frames: Vec<u32>,
+}
+
+impl Order {
+    /// The frames of node `sequence` of `sequences`, first frame first.
+    fn of(&mut self, sequences: &[Sequence], sequence: u32) -> &[u32] {
+        if sequence != self.sequence {
+            self.frames.clear();
+            let mut node = sequence;
+            while node != Batch::EMPTY {
+                let step = &sequences[node as usize];
+                self.frames.push(step.frame);
+                node = step.parent;
+            }
+            self.frames.reverse();
+            self.sequence = sequence;
+        }
+        &self.frames
+    }
+
+    /// Forgets the sequence: node numbers are reused by the next batch.
+    fn clear(&mut self) {
+        self.frames.clear();
+        self.sequence = Batch::EMPTY;
+    }
+}
+
+/// What the sends of one flush came to.
+#[derive(Default)]
+struct Flushed {
+    delivered: u64,
+    /// Clients closed as slow consumers by their send, to remove once the sends are done.
+    slow: SmallVec<[u32; 4]>,
+}
+
+impl Flushed {
+    fn record(&mut self, slot: u32, frames: usize, sent: Sent) {
+        match sent {
+            Sent::Ok => self.delivered += frames as u64,
+            Sent::SlowConsumer => self.slow.push(slot),
+            Sent::Closed => {}
         }
     }
 }
@@ -259,8 +299,7 @@ impl Shard {
             batch: Batch::default(),
             #[cfg(all(feature = "io-uring", target_os = "linux"))]
             uring: crate::uring::Uring::new(),
-            order: Vec::new(),
-            delivered: 0,
+            order: Order::default(),
             shutting_down: false,
             last_ping: Instant::now(),
         }
@@ -351,12 +390,14 @@ impl Shard {
     /// The hot path's end: each client with staged frames gets them in one `Conn::send`.
     pub(crate) fn flush(&mut self) {
         #[cfg(all(feature = "io-uring", target_os = "linux"))]
-        if self.uring.is_some() {
-            return self.flush_batched();
+        if let Some(mut uring) = self.uring.take() {
+            let flushed = self.send_batched(&mut uring);
+            if !uring.failed() {
+                self.uring = Some(uring);
+            }
+            return self.end_flush(flushed);
         }
-        let mut slow = SmallVec::<[u32; 4]>::new();
-        // The sequence `self.order` holds: consecutive clients mostly share one.
-        let mut in_order = Batch::EMPTY;
+        let mut flushed = Flushed::default();
         for (k, &slot) in self.batch.dirty.iter().enumerate() {
             if let Some(Some(next)) = self
                 .batch
@@ -374,46 +415,37 @@ impl Shard {
                 // Removed and its slot reused within the batch.
                 continue;
             }
-            if sequence != in_order {
-                Sequence::frames_of(&self.batch.sequences, sequence, &mut self.order);
-                in_order = sequence;
-            }
-            match client
-                .conn
-                .send(&self.batch.frames, &self.order, &self.shared)
-            {
-                Sent::Ok => self.delivered += self.order.len() as u64,
-                Sent::SlowConsumer => slow.push(slot),
-                Sent::Closed => {}
-            }
+            let order = self.order.of(&self.batch.sequences, sequence);
+            let sent = client.conn.send(&self.batch.frames, order, &self.shared);
+            flushed.record(slot, order.len(), sent);
         }
-        self.order.clear();
-        self.batch.clear();
-        for slot in slow {
-            self.remove_client(slot);
-        }
-        self.count_delivered();
+        self.end_flush(flushed);
     }
 
-    /// Adds what the batch delivered to the hub's counter: once per batch, not per client.
-    fn count_delivered(&mut self) {
-        if self.delivered > 0 {
+    /// After the sends: forgets the batch, removes the clients closed as slow consumers, and
+    /// adds what was delivered to the hub's counter (once per batch, not per client).
+    fn end_flush(&mut self, flushed: Flushed) {
+        self.order.clear();
+        self.batch.clear();
+        for slot in flushed.slow {
+            self.remove_client(slot);
+        }
+        if flushed.delivered > 0 {
             self.shared
                 .counters
                 .delivered
-                .fetch_add(self.delivered, Ordering::Relaxed);
-            self.delivered = 0;
+                .fetch_add(flushed.delivered, Ordering::Relaxed);
         }
     }
 
-    /// [`flush`](Self::flush) with io_uring: the same sends, submitted [`Uring::MAX_SENDS`]
+    /// The sends of [`flush`](Self::flush) with io_uring: submitted [`Uring::MAX_SENDS`]
     /// clients at a time with one `io_uring_enter` each.
     ///
     /// [`Uring::MAX_SENDS`]: crate::uring::Uring::MAX_SENDS
     #[cfg(all(feature = "io-uring", target_os = "linux"))]
-    fn flush_batched(&mut self) {
+    fn send_batched(&mut self, uring: &mut crate::uring::Uring) -> Flushed {
         use crate::uring::Uring;
-        let mut slow = SmallVec::<[u32; 4]>::new();
+        let mut flushed = Flushed::default();
         // Each client's sequence, taken first: below, the clients are borrowed while their
         // locks are held.
         let mut pending = Vec::with_capacity(self.batch.dirty.len());
@@ -425,11 +457,7 @@ impl Shard {
                 }
             }
         }
-        let Some(uring) = self.uring.as_mut() else {
-            return;
-        };
         let frames = &self.batch.frames;
-        let mut in_order = Batch::EMPTY;
         let mut next = 0;
         let mut held = Vec::with_capacity(Uring::MAX_SENDS);
         while next < pending.len() {
@@ -444,48 +472,29 @@ impl Shard {
                 let Some(client) = &self.clients[slot as usize] else {
                     continue;
                 };
-                if sequence != in_order {
-                    Sequence::frames_of(&self.batch.sequences, sequence, &mut self.order);
-                    in_order = sequence;
-                }
-                let bytes: usize = self.order.iter().map(|&f| frames[f as usize].len()).sum();
+                let order = self.order.of(&self.batch.sequences, sequence);
+                let bytes: usize = order.iter().map(|&f| frames[f as usize].len()).sum();
                 let sent = if bytes > Uring::MAX_CLIENT_BYTES {
-                    client.conn.send(frames, &self.order, &self.shared)
+                    client.conn.send(frames, order, &self.shared)
                 } else {
-                    match client.conn.hold_open(frames, &self.order, &self.shared) {
+                    match client.conn.hold_open(frames, order, &self.shared) {
                         Ok(open) => {
-                            uring.push(open.fd(), self.order.iter().map(|&f| &frames[f as usize]));
+                            uring.push(open.fd(), order.iter().map(|&f| &frames[f as usize]));
                             held.push((slot, sequence, open));
                             continue;
                         }
                         Err(sent) => sent,
                     }
                 };
-                match sent {
-                    Sent::Ok => self.delivered += self.order.len() as u64,
-                    Sent::SlowConsumer => slow.push(slot),
-                    Sent::Closed => {}
-                }
+                flushed.record(slot, order.len(), sent);
             }
             for ((slot, sequence, open), written) in held.drain(..).zip(uring.submit()) {
-                if sequence != in_order {
-                    Sequence::frames_of(&self.batch.sequences, sequence, &mut self.order);
-                    in_order = sequence;
-                }
-                match open.settle(frames, &self.order, written, &self.shared) {
-                    Sent::Ok => self.delivered += self.order.len() as u64,
-                    Sent::SlowConsumer => slow.push(slot),
-                    Sent::Closed => {}
-                }
+                let order = self.order.of(&self.batch.sequences, sequence);
+                let sent = open.settle(frames, order, written, &self.shared);
+                flushed.record(slot, order.len(), sent);
             }
         }
-        drop(held);
-        self.order.clear();
-        self.batch.clear();
-        for slot in slow {
-            self.remove_client(slot);
-        }
-        self.count_delivered();
+        flushed
     }
 
     fn handle_register(&mut self, conn: Arc<Conn>) {

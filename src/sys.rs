@@ -60,11 +60,7 @@ pub(crate) fn send(stream: &TcpStream, buf: &[u8]) -> io::Result<usize> {
             libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
         )
     };
-    if sent < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(sent as usize)
-    }
+    bytes_sent(sent)
 }
 
 /// [`send`] of several buffers in order, with one `sendmsg(2)`.
@@ -83,11 +79,13 @@ pub(crate) fn send_vectored(stream: &TcpStream, bufs: &[IoSlice<'_>]) -> io::Res
             libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
         )
     };
-    if sent < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(sent as usize)
-    }
+    bytes_sent(sent)
+}
+
+/// What `send` or `sendmsg` returned: the bytes sent, or the error in `errno`.
+#[cfg(target_os = "linux")]
+fn bytes_sent(returned: isize) -> io::Result<usize> {
+    usize::try_from(returned).map_err(|_| io::Error::last_os_error())
 }
 
 /// Elsewhere the shard writes through tokio.

@@ -31,7 +31,10 @@ pub(crate) struct Uring {
     gathered: Vec<u8>,
     /// Each send's socket and where its bytes are in `gathered`.
     sends: Vec<(RawFd, usize, usize)>,
-    results: Vec<io::Result<usize>>,
+    /// Each send's result, once its completion is in.
+    results: Vec<Option<io::Result<usize>>>,
+    /// The ring itself failed once; the shard goes back to `send(2)`.
+    failed: bool,
 }
 
 impl Uring {
@@ -52,6 +55,7 @@ impl Uring {
                 gathered: Vec::new(),
                 sends: Vec::with_capacity(Self::MAX_SENDS),
                 results: Vec::with_capacity(Self::MAX_SENDS),
+                failed: false,
             }),
             Err(err) => {
                 tracing::info!(%err, "io_uring unavailable; shards write with send(2)");
@@ -77,19 +81,26 @@ impl Uring {
     /// Submits every send added since the last call with one `io_uring_enter` and waits for
     /// them all; returns their results in the order they were added, and starts a new
     /// submission.
-    pub(crate) fn submit(&mut self) -> std::vec::Drain<'_, io::Result<usize>> {
+    pub(crate) fn submit(&mut self) -> impl Iterator<Item = io::Result<usize>> + '_ {
         self.results.clear();
-        let outcome = self.submit_all();
+        self.results.resize_with(self.sends.len(), || None);
+        if let Err(err) = self.submit_all() {
+            tracing::warn!(%err, "io_uring failed; shards write with send(2) from now on");
+            self.failed = true;
+        }
+        self.sends.clear();
+        self.gathered.clear();
         // The ring itself failed (not one socket; not seen in practice): a send without a
         // completion may or may not have gone out, so its client cannot be continued
         // safely. The error closes it rather than risk a corrupt or repeated stream.
-        self.results.resize_with(self.sends.len(), || {
-            let err = outcome.as_ref().err();
-            Err(io::Error::other(format!("io_uring failed: {err:?}")))
-        });
-        self.sends.clear();
-        self.gathered.clear();
-        self.results.drain(..)
+        self.results.drain(..).map(|result| {
+            result.unwrap_or_else(|| Err(io::Error::other("io_uring failed before this send")))
+        })
+    }
+
+    /// The ring failed; it must not be used again (it may still hold this submission's work).
+    pub(crate) fn failed(&self) -> bool {
+        self.failed
     }
 
     fn submit_all(&mut self) -> io::Result<()> {
@@ -109,8 +120,6 @@ impl Uring {
                     .map_err(|_| io::Error::other("submission queue full"))?;
             }
         }
-        let mut completed: Vec<Option<io::Result<usize>>> =
-            self.sends.iter().map(|_| None).collect();
         let mut done = 0;
         while done < self.sends.len() {
             match self.ring.submit_and_wait(self.sends.len() - done) {
@@ -120,7 +129,7 @@ impl Uring {
             }
             for completion in self.ring.completion() {
                 let result = completion.result();
-                completed[completion.user_data() as usize] = Some(if result < 0 {
+                self.results[completion.user_data() as usize] = Some(if result < 0 {
                     Err(io::Error::from_raw_os_error(-result))
                 } else {
                     Ok(result as usize)
@@ -128,7 +137,6 @@ impl Uring {
                 done += 1;
             }
         }
-        self.results.extend(completed.into_iter().flatten());
         Ok(())
     }
 }
