@@ -225,7 +225,6 @@ impl ShardHarness {
         if entry.shard_mask() & 1 == 0 {
             return false;
         }
-        self.hub.shared().shard_backlog_added(0, frame.len());
         self.run(Command::Publish {
             channel: entry,
             frame,
@@ -269,7 +268,7 @@ pub fn attach_null_client(hub: &Hub, channel: &str) -> ClientId {
     let shared = hub.shared();
     let conn = null_conn(shared);
     let id = conn.info.id;
-    let _ = shared.to_client_shard(id, Command::Register(conn));
+    let _ = shared.enqueue(shared.shard_index(id), Command::Register(conn));
     let _ = hub.subscribe(id, channel);
     id
 }

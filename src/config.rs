@@ -106,6 +106,9 @@ pub struct HubConfig {
     pub(crate) max_message_size: usize,
     pub(crate) shards: usize,
     pub(crate) outbound_queue_bytes: usize,
+    pub(crate) queue_memory_budget: usize,
+    pub(crate) min_read_rate: usize,
+    pub(crate) shard_backlog_bytes: usize,
     pub(crate) slow_consumer: SlowConsumerPolicy,
     pub(crate) max_subscriptions: usize,
     pub(crate) max_channel_len: usize,
@@ -134,7 +137,10 @@ impl Default for HubConfig {
             write_timeout: Duration::from_secs(10),
             max_message_size: 64 * 1024,
             shards: default_shards(),
-            outbound_queue_bytes: 256 * 1024,
+            outbound_queue_bytes: 16 * 1024 * 1024,
+            queue_memory_budget: 256 * 1024 * 1024,
+            min_read_rate: 64 * 1024,
+            shard_backlog_bytes: crate::hub::SHARD_BACKLOG_BYTES,
             slow_consumer: SlowConsumerPolicy::Disconnect,
             max_subscriptions: 1024,
             max_channel_len: 256,
@@ -208,6 +214,9 @@ impl fmt::Debug for HubConfig {
             .field("max_message_size", &self.max_message_size)
             .field("shards", &self.shards)
             .field("outbound_queue_bytes", &self.outbound_queue_bytes)
+            .field("queue_memory_budget", &self.queue_memory_budget)
+            .field("min_read_rate", &self.min_read_rate)
+            .field("shard_backlog_bytes", &self.shard_backlog_bytes)
             .field("slow_consumer", &self.slow_consumer)
             .field("max_subscriptions", &self.max_subscriptions)
             .field("max_channel_len", &self.max_channel_len)
@@ -268,10 +277,47 @@ impl HubConfigBuilder {
         self
     }
 
-    /// The most bytes one client may have queued for sending; past it the
-    /// [slow-consumer policy](Self::slow_consumer_policy) applies. Default: 256 KiB.
+    /// The most bytes one client may have queued for sending while it is behind; past it the
+    /// [slow-consumer policy](Self::slow_consumer_policy) applies. Default: 16 MiB (as Bun's
+    /// per-socket limit), so a client that keeps reading survives a burst of that size, such
+    /// as a build log or a market open arriving at once. What the kernel's socket buffer
+    /// already took (a few MB on loopback) is not counted. See [`Hub`](crate::Hub#slow-clients).
     pub fn outbound_queue_bytes(mut self, bytes: usize) -> Self {
         self.config.outbound_queue_bytes = bytes;
+        self
+    }
+
+    /// The most memory that the frames queued for all slow clients together may hold, counted
+    /// as real memory: a frame queued for a thousand clients is one buffer and counts once.
+    /// When a frame queued on a shard takes the hub over it, that shard closes its clients
+    /// with the largest queues first, with 4000 (counted in
+    /// [`HubStats::budget_disconnects`](crate::HubStats::budget_disconnects)), until its
+    /// share (the budget divided by the shards) holds. Default: 256 MiB.
+    pub fn queue_memory_budget(mut self, bytes: usize) -> Self {
+        self.config.queue_memory_budget = bytes;
+        self
+    }
+
+    /// The slowest a client that is behind may read, in bytes per second, and still count as
+    /// making progress. Each [write timeout](Self::write_timeout) while a client has frames
+    /// queued, it must have taken either everything that was queued when that period began,
+    /// or `bytes_per_second` times the period; otherwise it is closed with 4000 (counted in
+    /// [`HubStats::stalled_disconnects`](crate::HubStats::stalled_disconnects)). One byte
+    /// every few seconds is not a reader that keeps up. Default: 64 KiB/s.
+    pub fn min_read_rate(mut self, bytes_per_second: usize) -> Self {
+        self.config.min_read_rate = bytes_per_second;
+        self
+    }
+
+    /// The most bytes of work waiting in one shard's inbox: published frames, per-client
+    /// sends, server-side subscribes and the like, and clients' own requests. Past it, calls
+    /// that would add work to that shard return an error that
+    /// [`is_overloaded`](crate::Error::is_overloaded) (nothing is sent), and the hub stops
+    /// reading requests from the shard's clients until there is room again, so a flooding
+    /// client backs up into its own TCP socket. Connects, disconnects and shutdown are never
+    /// refused. Default: [`SHARD_BACKLOG_BYTES`](crate::SHARD_BACKLOG_BYTES), 64 MiB.
+    pub fn shard_backlog_bytes(mut self, bytes: usize) -> Self {
+        self.config.shard_backlog_bytes = bytes;
         self
     }
 
@@ -424,8 +470,9 @@ impl HubConfigBuilder {
     ///
     /// An error that [`is_config`](Error::is_config) when: shards are 0 or over
     /// [`MAX_SHARDS`]; the heartbeat is zero or the pong timeout is not above it; the write
-    /// timeout, handshake timeout, message size, queue bound, subscription limit, channel
-    /// length or connection limit is zero; the path does not start with `/`; an allowed
+    /// timeout, handshake timeout, message size, queue bound, queue memory budget, shard
+    /// backlog, subscription limit, channel length or connection limit is zero; the queue
+    /// bound is over 4 GiB; the path does not start with `/`; an allowed
     /// origin is not `scheme://host[:port]`.
     pub fn build(self) -> Result<HubConfig> {
         let mut config = self.config;
@@ -452,6 +499,8 @@ impl HubConfigBuilder {
             ("handshake timeout", c.handshake_timeout.is_zero()),
             ("max message size", c.max_message_size == 0),
             ("outbound queue bytes", c.outbound_queue_bytes == 0),
+            ("queue memory budget", c.queue_memory_budget == 0),
+            ("shard backlog bytes", c.shard_backlog_bytes == 0),
             ("max subscriptions", c.max_subscriptions == 0),
             ("max channel length", c.max_channel_len == 0),
             ("max connections", c.max_connections == 0),
@@ -459,6 +508,9 @@ impl HubConfigBuilder {
             if zero {
                 return Err(Error::config(format!("{name} must be above zero")));
             }
+        }
+        if c.outbound_queue_bytes > u32::MAX as usize {
+            return Err(Error::config("outbound queue bytes must be at most 4 GiB"));
         }
         if let Some(limit) = c.rate_limit {
             if limit.per_second == 0 || limit.burst == 0 {

@@ -14,12 +14,23 @@
 //!
 //! # Slow clients
 //!
-//! The queue is bounded in bytes ([`HubConfigBuilder::outbound_queue_bytes`]). A frame that
-//! takes it over the bound applies the slow-consumer policy at once: close with 4000 (what was
-//! queued is discarded; only a frame already partly written is finished first, since the
-//! stream would be corrupt otherwise) or drop the oldest frames. A client whose queue has not
-//! moved for the write timeout is closed with 4000 as well. Every frame lost this way is
-//! counted in [`HubStats::dropped`]; no other client waits for a slow one.
+//! A client is behind while its queue holds frames. Three things cut it, each with 4000 `slow
+//! consumer` (what was queued is discarded; only a frame already partly written is finished
+//! first, since the stream would be corrupt otherwise), each counted on its own in the stats:
+//!
+//! - **Its bound.** A frame that takes its queue over
+//!   [`HubConfigBuilder::outbound_queue_bytes`] applies the slow-consumer policy at once:
+//!   close, or drop the oldest frames.
+//! - **No progress.** Every write timeout while it is behind, it must have taken what was
+//!   queued when that period began, or at least
+//!   [`min_read_rate`](crate::HubConfigBuilder::min_read_rate) times the period
+//!   ([`Conn::check_progress`]). A reader that keeps making progress survives a burst of up
+//!   to its bound, however long it takes to drain.
+//! - **The hub's budget.** The shard closes its largest queues first when all queues
+//!   together hold more memory than the budget (see `shard.rs`, `Retained`).
+//!
+//! Every frame lost this way is counted in [`HubStats::dropped`]; no other client waits for
+//! a slow one.
 //!
 //! [`HubConfigBuilder::outbound_queue_bytes`]: crate::HubConfigBuilder::outbound_queue_bytes
 //! [`HubStats::dropped`]: crate::HubStats::dropped
@@ -125,8 +136,9 @@ impl Socket {
 pub(crate) enum WriteState {
     /// Nothing queued: frames are written as they come.
     Open,
-    /// The socket did not take everything; the queue holds the rest since `since`, and the
-    /// connection task is writing it as the socket allows.
+    /// The socket did not take everything; the queue holds the rest, and the connection task
+    /// is writing it as the socket allows. `since` is when the current progress period began
+    /// (see [`Conn::check_progress`]).
     Blocked { since: Instant },
     /// A close frame is queued last; once it is written (or at `deadline`) the connection ends.
     Closing { deadline: Instant },
@@ -146,8 +158,11 @@ pub(crate) enum CloseMode {
 /// What became of a send.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Sent {
-    /// Written, or queued behind earlier frames.
+    /// Written.
     Ok,
+    /// Queued, in whole or in part, behind what the socket did not take: the client is
+    /// behind.
+    Queued,
     /// The client was closed with 4000 as a slow consumer by this send.
     SlowConsumer,
     /// The connection is closing or closed; the frames were dropped.
@@ -161,6 +176,22 @@ struct Outbound {
     /// The front frame was partly written: it must be finished before anything else.
     front_partial: bool,
     state: WriteState,
+    /// While blocked: bytes queued when the current progress period began, and bytes
+    /// written since (see [`Conn::check_progress`]). u32: the queue bound is at most 4 GiB.
+    period_owed: u32,
+    period_written: u32,
+}
+
+/// Why a client is cut as a slow consumer: each has its own counter.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Slow {
+    /// Its queue went over its bound.
+    QueueBound,
+    /// It read too little over a write timeout.
+    Stalled,
+    /// The hub's queues held more memory than the budget, and its queue was among the
+    /// largest.
+    Budget,
 }
 
 /// A client connection, shared by its shard (which writes to it) and its connection task
@@ -324,6 +355,21 @@ impl Outbound {
         dropped
     }
 
+    /// Puts a control frame (a pong) ahead of queued data: behind a partly written frame only,
+    /// which must be finished first or the stream would be corrupt.
+    fn push_control(&mut self, frame: Bytes) {
+        let at = usize::from(self.front_partial);
+        self.bytes += frame.len();
+        self.frames.insert(at, frame);
+    }
+
+    /// Starts a progress period with what is queued now.
+    fn begin_period(&mut self, now: Instant) {
+        self.state = WriteState::Blocked { since: now };
+        self.period_owed = u32::try_from(self.bytes).unwrap_or(u32::MAX);
+        self.period_written = 0;
+    }
+
     /// Writes what is queued; returns whether the queue is now empty.
     fn flush(&mut self, socket: &Socket) -> io::Result<bool> {
         let progress = write_some(socket, self.frames.make_contiguous())?;
@@ -352,6 +398,8 @@ impl Conn {
                 bytes: 0,
                 front_partial: false,
                 state: WriteState::Open,
+                period_owed: 0,
+                period_written: 0,
             }),
             wake: Wake::default(),
             last_seen_ms: AtomicU64::new(now_ms),
@@ -413,7 +461,7 @@ impl Conn {
                 for &index in order {
                     out.push(frames[index as usize].clone());
                 }
-                self.enforce_bound(&mut out, shared)
+                self.enforce_bound(&mut out, shared).unwrap_or(Sent::Queued)
             }
             WriteState::Closing { .. } | WriteState::Closed => {
                 shared
@@ -449,11 +497,9 @@ impl Conn {
                     out.push(frame);
                 }
                 out.front_partial = partial > 0;
-                out.state = WriteState::Blocked {
-                    since: Instant::now(),
-                };
+                out.begin_period(Instant::now());
                 self.wake.wake();
-                self.enforce_bound(out, shared)
+                self.enforce_bound(out, shared).unwrap_or(Sent::Queued)
             }
             Err(_) => {
                 self.abort_locked(out);
@@ -491,34 +537,33 @@ impl Conn {
     }
 
     /// Sends a control frame (a pong) ahead of queued data: it only waits for a frame already
-    /// partly written. Dropped if the connection is closing.
+    /// partly written. Dropped if the connection is closing. The state is looked at and the
+    /// frame written or queued under one lock, so nothing the shard sends meanwhile can go
+    /// ahead of it.
     pub(crate) fn send_control(&self, frame: Bytes, shared: &Shared) {
         let mut out = self.lock();
+        let before = out.bytes;
         match out.state {
             WriteState::Open => {
-                drop(out);
-                self.send_one(frame, shared);
+                let frames = std::slice::from_ref(&frame);
+                let written = write_indexed(&self.socket, frames, &[0]);
+                self.after_write(&mut out, frames, &[0], written, shared);
             }
-            WriteState::Blocked { .. } => {
-                let at = usize::from(out.front_partial);
-                let len = frame.len();
-                out.bytes += len;
-                out.frames.insert(at, frame);
-                account_queued(shared, 0, len);
-            }
+            WriteState::Blocked { .. } => out.push_control(frame),
             WriteState::Closing { .. } | WriteState::Closed => {}
         }
+        account_queued(shared, before, out.bytes);
     }
 
-    /// Applies the slow-consumer policy if the queue is over its bound.
-    fn enforce_bound(&self, out: &mut Outbound, shared: &Shared) -> Sent {
+    /// Applies the slow-consumer policy if the queue is over its bound; `None` if it is not.
+    fn enforce_bound(&self, out: &mut Outbound, shared: &Shared) -> Option<Sent> {
         let bound = shared.config.outbound_queue_bytes;
         if out.bytes <= bound {
-            return Sent::Ok;
+            return None;
         }
-        match shared.config.slow_consumer {
+        Some(match shared.config.slow_consumer {
             SlowConsumerPolicy::Disconnect => {
-                self.close_slow_locked(out, shared);
+                self.close_slow_locked(out, Slow::QueueBound, shared);
                 Sent::SlowConsumer
             }
             SlowConsumerPolicy::DropOldest => {
@@ -527,21 +572,23 @@ impl Conn {
                     .counters
                     .dropped
                     .fetch_add(dropped as u64, Ordering::Relaxed);
-                Sent::Ok
+                Sent::Queued
             }
-        }
+        })
     }
 
-    fn close_slow_locked(&self, out: &mut Outbound, shared: &Shared) {
+    fn close_slow_locked(&self, out: &mut Outbound, why: Slow, shared: &Shared) {
         let dropped = out.discard();
-        shared
-            .counters
+        let counters = &shared.counters;
+        counters
             .dropped
             .fetch_add(dropped as u64, Ordering::Relaxed);
-        shared
-            .counters
-            .slow_consumer_disconnects
-            .fetch_add(1, Ordering::Relaxed);
+        match why {
+            Slow::QueueBound => &counters.queue_bound_disconnects,
+            Slow::Stalled => &counters.stalled_disconnects,
+            Slow::Budget => &counters.budget_disconnects,
+        }
+        .fetch_add(1, Ordering::Relaxed);
         out.push(frame::close_frame(
             close_code::SLOW_CONSUMER,
             "slow consumer",
@@ -552,16 +599,48 @@ impl Conn {
         self.wake.wake();
     }
 
-    /// Closes as a slow consumer (the write timed out). Returns false if it was already closing.
-    pub(crate) fn close_slow(&self, shared: &Shared) -> bool {
+    /// Ends a progress period of a client that is behind (the connection task calls this
+    /// each write timeout): if it took what was queued when the period began, or at least
+    /// [`min_read_rate`](crate::HubConfigBuilder::min_read_rate) times the period, a new
+    /// period begins; otherwise it is cut with 4000. Returns true if it was cut.
+    pub(crate) fn check_progress(&self, shared: &Shared) -> bool {
+        let mut out = self.lock();
+        let WriteState::Blocked { since } = out.state else {
+            return false;
+        };
+        let period = shared.config.write_timeout;
+        let now = Instant::now();
+        if now < since + period {
+            return false;
+        }
+        let at_min_rate = shared.config.min_read_rate as f64 * period.as_secs_f64();
+        let required = (f64::from(out.period_owed).min(at_min_rate) as u32).max(1);
+        if out.period_written >= required {
+            out.begin_period(now);
+            return false;
+        }
+        let before = out.bytes;
+        self.close_slow_locked(&mut out, Slow::Stalled, shared);
+        account_queued(shared, before, out.bytes);
+        true
+    }
+
+    /// Cuts the client with 4000 to bring the hub's queue memory under its budget. Returns
+    /// false if it was already closing.
+    pub(crate) fn close_over_budget(&self, shared: &Shared) -> bool {
         let mut out = self.lock();
         if matches!(out.state, WriteState::Closing { .. } | WriteState::Closed) {
             return false;
         }
         let before = out.bytes;
-        self.close_slow_locked(&mut out, shared);
+        self.close_slow_locked(&mut out, Slow::Budget, shared);
         account_queued(shared, before, out.bytes);
         true
+    }
+
+    /// Bytes queued now.
+    pub(crate) fn queued_bytes(&self) -> usize {
+        self.lock().bytes
     }
 
     /// Begins the close handshake with `code` and `reason`. Returns false if the connection
@@ -632,12 +711,9 @@ impl Conn {
                         };
                     }
                     Ok(false) => {
-                        // Progress: the write timeout counts from the last write that moved.
-                        if before != out.bytes && matches!(out.state, WriteState::Blocked { .. }) {
-                            out.state = WriteState::Blocked {
-                                since: Instant::now(),
-                            };
-                        }
+                        // Progress, measured against the floor at the end of the period.
+                        let written = u32::try_from(before - out.bytes).unwrap_or(u32::MAX);
+                        out.period_written = out.period_written.saturating_add(written);
                     }
                     Err(_) => self.abort_locked(&mut out),
                 }
@@ -696,5 +772,117 @@ fn account_queued(shared: &Shared, before: usize, after: usize) {
         counter.fetch_add((after - before) as u64, Ordering::Relaxed);
     } else if before > after {
         counter.fetch_sub((before - after) as u64, Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::client::{ClientId, ClientInfo};
+    use std::io::Read;
+
+    fn frame(len: usize, fill: u8) -> Bytes {
+        Bytes::from(vec![fill; len])
+    }
+
+    fn pong() -> Bytes {
+        frame::control_frame(frame::OPCODE_PONG, b"p")
+    }
+
+    fn queue(frames: &[Bytes], front_partial: bool) -> Outbound {
+        let mut out = Outbound {
+            frames: VecDeque::new(),
+            bytes: 0,
+            front_partial,
+            state: WriteState::Blocked {
+                since: Instant::now(),
+            },
+            period_owed: 0,
+            period_written: 0,
+        };
+        for f in frames {
+            out.push(f.clone());
+        }
+        out
+    }
+
+    /// PROTOCOL.md: pong frames go ahead of queued data, behind only a frame already partly
+    /// on the wire (which must be finished or the stream is corrupt).
+    #[test]
+    fn a_pong_goes_ahead_of_queued_data_in_every_state() {
+        let data = [frame(100, 1), frame(100, 2), frame(100, 3)];
+
+        let mut empty = queue(&[], false);
+        empty.push_control(pong());
+        assert_eq!(empty.frames[0], pong());
+
+        let mut partly_written = queue(&data, true);
+        partly_written.push_control(pong());
+        assert_eq!(
+            partly_written.frames[0], data[0],
+            "the partial frame is finished first"
+        );
+        assert_eq!(partly_written.frames[1], pong());
+        assert_eq!(partly_written.bytes, 300 + pong().len());
+
+        let mut full = queue(&data, false);
+        full.push_control(pong());
+        assert_eq!(full.frames[0], pong());
+        assert_eq!(full.frames.len(), 4);
+    }
+
+    /// The same through `Conn`, with a real socket that stops taking bytes half-way through
+    /// a large frame: the pong is written right after that frame, before the data queued
+    /// behind it.
+    #[tokio::test]
+    async fn a_pong_sent_to_a_blocked_client_arrives_right_after_the_partly_written_frame() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (server, _) = listener.accept().unwrap();
+        server.set_nonblocking(true).unwrap();
+        let server = TcpStream::from_std(server).unwrap();
+        let hub = crate::Hub::with_config(
+            crate::HubConfig::builder()
+                .outbound_queue_bytes(64 << 20)
+                .build()
+                .unwrap(),
+        );
+        let shared = hub.shared();
+        let info = ClientInfo {
+            id: ClientId(1),
+            remote_addr: None,
+            user_id: None,
+            claims: serde_json::Value::Null,
+            connected_at: std::time::SystemTime::now(),
+        };
+        let conn = Conn::new(info, Socket::Tcp(server), 0);
+
+        // Larger than any loopback socket buffer: the kernel takes part of it.
+        let big = frame(32 << 20, b'a');
+        let after = frame(1000, b'b');
+        assert_eq!(conn.send_one(big.clone(), shared), Sent::Queued);
+        assert_eq!(conn.send_one(after.clone(), shared), Sent::Queued);
+        assert!(conn.lock().front_partial, "the big frame is partly written");
+        conn.send_control(pong(), shared);
+
+        let reader = std::thread::spawn(move || {
+            let mut all = Vec::new();
+            let want = big.len() + pong().len() + after.len();
+            let mut chunk = vec![0u8; 1 << 20];
+            while all.len() < want {
+                let n = client.read(&mut chunk).unwrap();
+                assert!(n > 0);
+                all.extend_from_slice(&chunk[..n]);
+            }
+            all
+        });
+        while !matches!(conn.flush_queued(shared), WriteState::Open) {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        let all = reader.join().unwrap();
+        let pong_at = 32 << 20;
+        assert!(all[..pong_at].iter().all(|&b| b == b'a'));
+        assert_eq!(&all[pong_at..pong_at + pong().len()], &pong()[..]);
+        assert!(all[pong_at + pong().len()..].iter().all(|&b| b == b'b'));
     }
 }

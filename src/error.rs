@@ -27,6 +27,11 @@ enum Kind {
     Config(String),
     /// An argument was invalid: an empty channel name, a close code a server may not send.
     InvalidArgument(String),
+    /// A shard's inbox was over its bound: nothing was sent.
+    Overloaded {
+        /// The shard that refused, for a caller that waits for its room.
+        shard: usize,
+    },
 }
 
 impl Error {
@@ -52,6 +57,20 @@ impl Error {
         }
     }
 
+    pub(crate) fn overloaded(shard: usize) -> Self {
+        Error {
+            kind: Kind::Overloaded { shard },
+        }
+    }
+
+    /// The shard that refused an overloaded call.
+    pub(crate) fn refusing_shard(&self) -> Option<usize> {
+        match self.kind {
+            Kind::Overloaded { shard } => Some(shard),
+            _ => None,
+        }
+    }
+
     /// The hub has shut down (or every [`Hub`](crate::Hub) handle was dropped), so nothing was
     /// sent.
     pub fn is_closed(&self) -> bool {
@@ -73,6 +92,19 @@ impl Error {
     pub fn is_invalid_argument(&self) -> bool {
         matches!(self.kind, Kind::InvalidArgument(_))
     }
+
+    /// A shard that had to take the message was over its
+    /// [backlog bound](crate::HubConfigBuilder::shard_backlog_bytes), so the call was refused
+    /// and **nothing was sent to anyone**: a publish is all or nothing across shards, so
+    /// retrying it later does not duplicate it for anybody. Counted in
+    /// [`HubStats::backlog_refused`](crate::HubStats::backlog_refused).
+    ///
+    /// The publishing methods never wait; a producer that can wait for room instead calls the
+    /// `*_async` variants ([`Hub::send_to_channel_async`](crate::Hub::send_to_channel_async)
+    /// and the others).
+    pub fn is_overloaded(&self) -> bool {
+        matches!(self.kind, Kind::Overloaded { .. })
+    }
 }
 
 impl fmt::Display for Error {
@@ -82,6 +114,9 @@ impl fmt::Display for Error {
             Kind::Encode(err) => write!(f, "message not encodable: {err}"),
             Kind::Config(why) => write!(f, "invalid configuration: {why}"),
             Kind::InvalidArgument(why) => write!(f, "invalid argument: {why}"),
+            Kind::Overloaded { .. } => {
+                f.write_str("hub overloaded: a shard's inbox is full, nothing was sent")
+            }
         }
     }
 }
@@ -120,6 +155,7 @@ mod tests {
             Error::closed(),
             Error::config("x"),
             Error::invalid_argument("y"),
+            Error::overloaded(0),
         ] {
             let text = err.to_string();
             assert!(text.chars().next().unwrap().is_lowercase(), "{text}");

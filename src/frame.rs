@@ -93,7 +93,15 @@ pub(crate) fn close_frame(code: u16, reason: &str) -> Bytes {
 
 /// The server's keep-alive ping, with an empty payload.
 pub(crate) fn ping_frame() -> Bytes {
-    Bytes::from_static(&[0x80 | OPCODE_PING, 0])
+    Bytes::from_static(&PING)
+}
+
+/// The bytes of every [`ping_frame`]: one static buffer, which no queue's memory owns.
+static PING: [u8; 2] = [0x80 | OPCODE_PING, 0];
+
+/// Whether `frame` is a [`ping_frame`] (its memory is static, not a buffer queues hold).
+pub(crate) fn is_ping(frame: &Bytes) -> bool {
+    std::ptr::eq(frame.as_ptr(), PING.as_ptr())
 }
 
 /// Unmasks (or masks: the operation is its own inverse) `payload` with `mask`, eight bytes at

@@ -1,7 +1,7 @@
 //! The [`Hub`] handle: the public API, and routing of every call to the shards.
 
 use std::future::Future;
-use std::sync::atomic::{AtomicU64, AtomicU8, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -20,9 +20,11 @@ use crate::protocol::{self, Envelope, ErrorReason, Message, TYPE_ERROR, TYPE_EVE
 use crate::shard::{Command, Shard};
 use crate::stats::{Counters, HubStats};
 
-/// The most bytes of published frames waiting in one shard's inbox. Past it, publishes to
-/// that shard are refused and counted in [`HubStats::backlog_refused`], so a publisher that
-/// outruns the shards never grows memory without bound and is never made to wait.
+/// The default of [`HubConfigBuilder::shard_backlog_bytes`](crate::HubConfigBuilder::shard_backlog_bytes):
+/// the most bytes of work waiting in one shard's inbox. Past it, calls that add work to that
+/// shard are refused with an error that [`is_overloaded`](Error::is_overloaded), so a
+/// publisher that outruns the shards never grows memory without bound and is never made to
+/// wait (unless it asks to, with the `*_async` methods).
 pub const SHARD_BACKLOG_BYTES: usize = 64 * 1024 * 1024;
 
 const RUNNING: u8 = 0;
@@ -33,10 +35,20 @@ const STOPPED: u8 = 2;
 /// close handshakes before it stops the shards anyway.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
 
+/// One shard's inbox, and the bound on the work waiting in it.
+///
+/// The channel itself is unbounded so that what must never be refused or wait (a client's
+/// register and remove, shutdown, stop: at most a few per connection) goes through it in
+/// order with everything else; everything else is bounded by `backlog`, in bytes of
+/// [`Command::cost`]. Every command is charged its cost when it is sent and gives it back
+/// where the shard takes it out of the inbox ([`Shard::run`]), whatever it then does.
 struct ShardHandle {
     inbox: mpsc::UnboundedSender<Command>,
-    /// Bytes of published frames in the inbox.
+    /// Bytes of work in the inbox: the sum of its commands' [`Command::cost`].
     backlog: AtomicUsize,
+    /// Someone waits in [`Shared::wait_for_room`]; the shard wakes them when it makes room.
+    waiting: AtomicBool,
+    room: Notify,
 }
 
 /// What the hub, its shards and its connection tasks share.
@@ -68,42 +80,133 @@ impl Shared {
         ClientId(self.next_client.fetch_add(1, Ordering::Relaxed))
     }
 
-    fn shard_of(&self, client: ClientId) -> &ShardHandle {
-        &self.shards[(client.0 % self.shards.len() as u64) as usize]
+    /// The shard that owns `client`.
+    pub(crate) fn shard_index(&self, client: ClientId) -> usize {
+        (client.0 % self.shards.len() as u64) as usize
     }
 
-    /// Sends a command to the shard that owns `client`.
-    pub(crate) fn to_client_shard(&self, client: ClientId, command: Command) -> Result<()> {
-        self.shard_of(client)
-            .inbox
-            .send(command)
-            .map_err(|_| Error::closed())
-    }
-
-    /// Sends a frame-carrying command to shard `index`, unless its backlog is full.
-    fn publish_to_shard(&self, index: usize, len: usize, command: Command) {
+    /// Sends `command` to shard `index` whatever its backlog: for what must never be refused
+    /// (lifecycle commands, whose cost is zero) and for a client's requests, which its
+    /// connection task only reads while the shard has room ([`has_room`](Self::has_room)).
+    pub(crate) fn enqueue(&self, index: usize, command: Command) -> Result<()> {
         let shard = &self.shards[index];
-        if shard.backlog.load(Ordering::Relaxed) > SHARD_BACKLOG_BYTES {
+        let cost = command.cost();
+        shard.backlog.fetch_add(cost, Ordering::Relaxed);
+        if shard.inbox.send(command).is_err() {
+            shard.backlog.fetch_sub(cost, Ordering::Relaxed);
+            return Err(Error::closed());
+        }
+        Ok(())
+    }
+
+    /// Sends `command` to shard `index` unless its backlog is over the bound: the API calls
+    /// that carry work to one client's shard.
+    fn try_enqueue(&self, index: usize, command: Command) -> Result<()> {
+        if !self.reserve(index, command.cost()) {
             self.counters
                 .backlog_refused
                 .fetch_add(1, Ordering::Relaxed);
-            return;
+            return Err(Error::overloaded(index));
         }
-        shard.backlog.fetch_add(len, Ordering::Relaxed);
-        if shard.inbox.send(command).is_err() {
-            shard.backlog.fetch_sub(len, Ordering::Relaxed);
+        self.send_reserved(index, command);
+        Ok(())
+    }
+
+    /// Charges `cost` to shard `index`'s backlog, unless that takes it over the bound (an
+    /// empty inbox takes anything, so a single large frame is never refused forever).
+    fn reserve(&self, index: usize, cost: usize) -> bool {
+        let backlog = &self.shards[index].backlog;
+        let before = backlog.fetch_add(cost, Ordering::Relaxed);
+        if before > 0 && before + cost > self.config.shard_backlog_bytes {
+            self.give_back(index, cost);
+            return false;
+        }
+        true
+    }
+
+    /// Sends a command whose cost was reserved; a shard that has stopped gives it back.
+    fn send_reserved(&self, index: usize, command: Command) {
+        let cost = command.cost();
+        if self.shards[index].inbox.send(command).is_err() {
+            self.give_back(index, cost);
         }
     }
 
-    /// A frame of `len` bytes went into shard `index`'s inbox by another way than
-    /// `publish_to_shard` (the benchmark harness).
-    pub(crate) fn shard_backlog_added(&self, index: usize, len: usize) {
-        self.shards[index].backlog.fetch_add(len, Ordering::Relaxed);
+    /// Returns `cost` bytes to shard `index`'s backlog: the shard took commands worth that
+    /// out of its inbox (or a reservation was undone). Wakes whoever waits for room once
+    /// there is some.
+    pub(crate) fn give_back(&self, index: usize, cost: usize) {
+        let shard = &self.shards[index];
+        let after = shard.backlog.fetch_sub(cost, Ordering::SeqCst) - cost;
+        // SeqCst, with the waiter's store and load in `wait_for_room`: either the waiter sees
+        // this room, or this sees the waiter.
+        if after <= self.config.shard_backlog_bytes && shard.waiting.load(Ordering::SeqCst) {
+            shard.waiting.store(false, Ordering::SeqCst);
+            shard.room.notify_waiters();
+        }
     }
 
-    /// A shard took a frame of `len` bytes out of its inbox.
-    pub(crate) fn shard_done_with(&self, index: usize, len: usize) {
-        self.shards[index].backlog.fetch_sub(len, Ordering::Relaxed);
+    /// Whether shard `index` takes more work now.
+    pub(crate) fn has_room(&self, index: usize) -> bool {
+        self.shards[index].backlog.load(Ordering::SeqCst) <= self.config.shard_backlog_bytes
+    }
+
+    /// Waits until shard `index` has room for more work (or the hub stops).
+    pub(crate) async fn wait_for_room(&self, index: usize) {
+        let shard = &self.shards[index];
+        loop {
+            let notified = shard.room.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            shard.waiting.store(true, Ordering::SeqCst);
+            if self.has_room(index) || !self.is_running() {
+                return;
+            }
+            notified.await;
+        }
+    }
+
+    /// Sends one command to each shard in `mask`, all or nothing: the cost is reserved on
+    /// every shard first, and if one is over its bound none is sent and the call is refused.
+    /// `make(index, last)` builds shard `index`'s command; `last` is true for the last one.
+    fn fan_out(
+        &self,
+        mask: u64,
+        cost: usize,
+        mut make: impl FnMut(usize, bool) -> Command,
+    ) -> Result<()> {
+        let mut reserved = 0u64;
+        let mut rest = mask;
+        while rest != 0 {
+            let index = rest.trailing_zeros() as usize;
+            rest &= rest - 1;
+            if !self.reserve(index, cost) {
+                let mut undo = reserved;
+                while undo != 0 {
+                    self.give_back(undo.trailing_zeros() as usize, cost);
+                    undo &= undo - 1;
+                }
+                self.counters
+                    .backlog_refused
+                    .fetch_add(1, Ordering::Relaxed);
+                return Err(Error::overloaded(index));
+            }
+            reserved |= 1 << index;
+        }
+        let mut rest = mask;
+        while rest != 0 {
+            let index = rest.trailing_zeros() as usize;
+            rest &= rest - 1;
+            let command = make(index, rest == 0);
+            debug_assert_eq!(command.cost(), cost, "reserved what the command costs");
+            self.send_reserved(index, command);
+        }
+        Ok(())
+    }
+
+    /// Every shard's bit.
+    fn all_shards(&self) -> u64 {
+        u64::MAX >> (64 - self.shards.len())
     }
 
     fn check_running(&self) -> Result<()> {
@@ -129,11 +232,11 @@ impl Shared {
             return Ok(());
         }
         let frame = encode()?;
-        self.counters.published.fetch_add(1, Ordering::Relaxed);
         let payload = self.broker().map(|_| protocol::frame_payload(&frame));
         if let Some(entry) = entry {
-            self.fan_out_to_entry(&entry, frame);
+            self.fan_out_to_entry(&entry, frame)?;
         }
+        self.counters.published.fetch_add(1, Ordering::Relaxed);
         if let (Some(broker), Some(payload)) = (self.broker(), payload) {
             broker.publish(Target::Channel(channel), payload);
         }
@@ -145,42 +248,40 @@ impl Shared {
     }
 
     /// Hands `frame` to the local shards that have subscribers to `channel`.
-    pub(crate) fn fan_out_to_channel(&self, channel: &str, frame: Bytes) {
-        if let Some(entry) = self.channels.get(channel) {
-            self.fan_out_to_entry(&entry, frame);
+    pub(crate) fn fan_out_to_channel(&self, channel: &str, frame: Bytes) -> Result<()> {
+        match self.channels.get(channel) {
+            Some(entry) => self.fan_out_to_entry(&entry, frame),
+            None => Ok(()),
         }
     }
 
-    /// Hands `frame` to the shards whose bits are set in `entry`'s mask.
-    fn fan_out_to_entry(&self, entry: &Arc<ChannelEntry>, frame: Bytes) {
-        let mut mask = entry.shard_mask();
-        while mask != 0 {
-            let index = mask.trailing_zeros() as usize;
-            mask &= mask - 1;
-            let command = Command::Publish {
+    /// Hands `frame` to the shards whose bits are set in `entry`'s mask, all or nothing.
+    fn fan_out_to_entry(&self, entry: &Arc<ChannelEntry>, frame: Bytes) -> Result<()> {
+        self.fan_out(
+            entry.shard_mask(),
+            Command::frame_cost(&frame),
+            |_, last| Command::Publish {
                 channel: Arc::clone(entry),
-                frame: frame_for_shard(&frame, mask == 0),
-            };
-            self.publish_to_shard(index, frame.len(), command);
-        }
+                frame: frame_for_shard(&frame, last),
+            },
+        )
     }
 
-    fn broadcast_frame(&self, frame: Bytes) {
-        self.counters.published.fetch_add(1, Ordering::Relaxed);
+    fn broadcast_frame(&self, frame: Bytes) -> Result<()> {
         let payload = self.broker().map(|_| protocol::frame_payload(&frame));
-        self.fan_out_to_all(frame);
+        self.fan_out_to_all(frame)?;
+        self.counters.published.fetch_add(1, Ordering::Relaxed);
         if let (Some(broker), Some(payload)) = (self.broker(), payload) {
             broker.publish(Target::Broadcast, payload);
         }
+        Ok(())
     }
 
-    /// Hands `frame` to every local shard, for all its clients.
-    pub(crate) fn fan_out_to_all(&self, frame: Bytes) {
-        let last = self.shards.len() - 1;
-        for index in 0..self.shards.len() {
-            let command = Command::Broadcast(frame_for_shard(&frame, index == last));
-            self.publish_to_shard(index, frame.len(), command);
-        }
+    /// Hands `frame` to every local shard, for all its clients, all or nothing.
+    pub(crate) fn fan_out_to_all(&self, frame: Bytes) -> Result<()> {
+        self.fan_out(self.all_shards(), Command::frame_cost(&frame), |_, last| {
+            Command::Broadcast(frame_for_shard(&frame, last))
+        })
     }
 
     /// A client's `publish`, already allowed by the policy: its data is copied raw into the
@@ -253,8 +354,8 @@ struct Inner {
 impl Drop for Inner {
     /// The last handle is gone: tell the shards to stop. Never blocks.
     fn drop(&mut self) {
-        for shard in self.shared.shards.iter() {
-            let _ = shard.inbox.send(Command::Stop);
+        for index in 0..self.shared.shards.len() {
+            let _ = self.shared.enqueue(index, Command::Stop);
         }
         if let Some(broker) = self.shared.broker() {
             broker.shutdown();
@@ -344,6 +445,8 @@ impl Hub {
             .map(|inbox| ShardHandle {
                 inbox,
                 backlog: AtomicUsize::new(0),
+                waiting: AtomicBool::new(false),
+                room: Notify::new(),
             })
             .collect();
         let broker = config.broker.clone();
@@ -430,8 +533,8 @@ impl Hub {
         }
         shared.shutting_down.send_replace(true);
         let deadline = Instant::now() + shared.config.shutdown_drain;
-        for shard in shared.shards.iter() {
-            let _ = shard.inbox.send(Command::Shutdown { deadline });
+        for index in 0..shared.shards.len() {
+            let _ = shared.enqueue(index, Command::Shutdown { deadline });
         }
         let give_up = tokio::time::Instant::from_std(deadline + SHUTDOWN_GRACE);
         loop {
@@ -448,8 +551,12 @@ impl Hub {
             }
         }
         shared.state.store(STOPPED, Ordering::Release);
+        for index in 0..shared.shards.len() {
+            let _ = shared.enqueue(index, Command::Stop);
+        }
         for shard in shared.shards.iter() {
-            let _ = shard.inbox.send(Command::Stop);
+            // Publishers waiting for room see the hub stopped.
+            shard.room.notify_waiters();
         }
         let tasks = std::mem::take(
             &mut *self
@@ -476,14 +583,14 @@ impl Hub {
     ///
     /// # Errors
     ///
-    /// The hub has shut down ([`Error::is_closed`]); nothing was sent.
+    /// The hub has shut down ([`Error::is_closed`]), or a shard is over its backlog
+    /// ([`Error::is_overloaded`]); either way nothing was sent.
     pub fn broadcast(&self, message: &Message) -> Result<()> {
         let shared = &self.inner.shared;
         shared.check_running()?;
         let frame = protocol::encode_frame(&Envelope::of(message, None), SystemTime::now())
             .map_err(Error::encode)?;
-        shared.broadcast_frame(frame);
-        Ok(())
+        shared.broadcast_frame(frame)
     }
 
     /// Sends `message` to the subscribers of `channel`, with its `channel` field set to
@@ -491,7 +598,8 @@ impl Hub {
     ///
     /// # Errors
     ///
-    /// The hub has shut down ([`Error::is_closed`]); nothing was sent.
+    /// The hub has shut down ([`Error::is_closed`]), or a shard with subscribers is over its
+    /// backlog ([`Error::is_overloaded`]); either way nothing was sent, to anyone.
     pub fn send_to_channel(&self, channel: &str, message: &Message) -> Result<()> {
         self.inner.shared.publish_with(channel, || {
             protocol::encode_frame(&Envelope::of(message, Some(channel)), SystemTime::now())
@@ -504,7 +612,7 @@ impl Hub {
     ///
     /// # Errors
     ///
-    /// The hub has shut down ([`Error::is_closed`]).
+    /// As [`send_to_channel`](Hub::send_to_channel).
     pub fn send_process_output(&self, process_id: &str, line: &str) -> Result<()> {
         let message = Message::process_output(process_id, line);
         self.send_to_channel(&protocol::process_channel(process_id), &message)
@@ -515,7 +623,7 @@ impl Hub {
     ///
     /// # Errors
     ///
-    /// The hub has shut down ([`Error::is_closed`]).
+    /// As [`send_to_channel`](Hub::send_to_channel).
     pub fn send_process_status(
         &self,
         process_id: &str,
@@ -546,7 +654,7 @@ impl Hub {
     ///
     /// # Errors
     ///
-    /// The hub has shut down ([`Error::is_closed`]).
+    /// As [`broadcast`](Hub::broadcast).
     pub fn send_error(&self, text: &str) -> Result<()> {
         self.broadcast(&Message::error(text))
     }
@@ -555,7 +663,7 @@ impl Hub {
     ///
     /// # Errors
     ///
-    /// The hub has shut down ([`Error::is_closed`]), or `data` could not be serialized
+    /// As [`broadcast`](Hub::broadcast), or `data` could not be serialized
     /// ([`Error::is_encode`]).
     pub fn send_event(&self, name: &str, data: impl Serialize) -> Result<()> {
         #[derive(Serialize)]
@@ -572,8 +680,7 @@ impl Hub {
             data: Some(&Event { event: name, data }),
         };
         let frame = protocol::encode_frame(&envelope, SystemTime::now()).map_err(Error::encode)?;
-        shared.broadcast_frame(frame);
-        Ok(())
+        shared.broadcast_frame(frame)
     }
 
     /// Sends `message` to one client. A client that has already gone gets nothing, without an
@@ -581,35 +688,40 @@ impl Hub {
     ///
     /// # Errors
     ///
-    /// The hub has shut down ([`Error::is_closed`]).
+    /// The hub has shut down ([`Error::is_closed`]), or the client's shard is over its
+    /// backlog ([`Error::is_overloaded`]); nothing was sent.
     pub fn send_to_client(&self, client: ClientId, message: &Message) -> Result<()> {
         let shared = &self.inner.shared;
         shared.check_running()?;
         let frame = protocol::encode_frame(&Envelope::of(message, None), SystemTime::now())
             .map_err(Error::encode)?;
+        shared.try_enqueue(
+            shared.shard_index(client),
+            Command::SendToClient { client, frame },
+        )?;
         shared.counters.published.fetch_add(1, Ordering::Relaxed);
-        shared.to_client_shard(client, Command::SendToClient { client, frame })
+        Ok(())
     }
 
     /// Sends `message` to every connection of the user that authentication named `user_id`.
     ///
     /// # Errors
     ///
-    /// The hub has shut down ([`Error::is_closed`]).
+    /// As [`broadcast`](Hub::broadcast): every shard is asked, since a user's connections
+    /// may be on any of them.
     pub fn send_to_user(&self, user_id: &str, message: &Message) -> Result<()> {
         let shared = &self.inner.shared;
         shared.check_running()?;
         let frame = protocol::encode_frame(&Envelope::of(message, None), SystemTime::now())
             .map_err(Error::encode)?;
-        shared.counters.published.fetch_add(1, Ordering::Relaxed);
         let user: Arc<str> = user_id.into();
-        for index in 0..shared.shards.len() {
-            let command = Command::SendToUser {
+        shared.fan_out(shared.all_shards(), Command::frame_cost(&frame), |_, _| {
+            Command::SendToUser {
                 user: Arc::clone(&user),
                 frame: frame.clone(),
-            };
-            shared.publish_to_shard(index, frame.len(), command);
-        }
+            }
+        })?;
+        shared.counters.published.fetch_add(1, Ordering::Relaxed);
         Ok(())
     }
 
@@ -619,15 +731,16 @@ impl Hub {
     ///
     /// # Errors
     ///
-    /// The hub has shut down, or `channel` is empty ([`Error::is_invalid_argument`]).
+    /// The hub has shut down, the client's shard is over its backlog
+    /// ([`Error::is_overloaded`]), or `channel` is empty ([`Error::is_invalid_argument`]).
     pub fn subscribe(&self, client: ClientId, channel: &str) -> Result<()> {
         let shared = &self.inner.shared;
         shared.check_running()?;
         if channel.is_empty() {
             return Err(Error::invalid_argument("empty channel name"));
         }
-        shared.to_client_shard(
-            client,
+        shared.try_enqueue(
+            shared.shard_index(client),
             Command::Subscribe {
                 client,
                 channel: channel.into(),
@@ -642,12 +755,13 @@ impl Hub {
     ///
     /// # Errors
     ///
-    /// The hub has shut down.
+    /// The hub has shut down, or the client's shard is over its backlog
+    /// ([`Error::is_overloaded`]).
     pub fn unsubscribe(&self, client: ClientId, channel: &str) -> Result<()> {
         let shared = &self.inner.shared;
         shared.check_running()?;
-        shared.to_client_shard(
-            client,
+        shared.try_enqueue(
+            shared.shard_index(client),
             Command::Unsubscribe {
                 client,
                 channel: channel.into(),
@@ -660,8 +774,9 @@ impl Hub {
     ///
     /// # Errors
     ///
-    /// The hub has shut down, or `code` is not one a server may send (1000 to 1003, 1007 to
-    /// 1014, 3000 to 4999).
+    /// The hub has shut down, the client's shard is over its backlog
+    /// ([`Error::is_overloaded`]), or `code` is not one a server may send (1000 to 1003, 1007
+    /// to 1014, 3000 to 4999).
     pub fn disconnect(&self, client: ClientId, code: u16, reason: &str) -> Result<()> {
         let shared = &self.inner.shared;
         shared.check_running()?;
@@ -670,14 +785,123 @@ impl Hub {
                 "close code {code} may not be sent"
             )));
         }
-        shared.to_client_shard(
-            client,
+        shared.try_enqueue(
+            shared.shard_index(client),
             Command::Disconnect {
                 client,
                 code,
                 reason: reason.into(),
             },
         )
+    }
+
+    /// As [`send_to_channel`](Hub::send_to_channel), but when a shard is over its backlog
+    /// it waits for room and tries again instead of returning the overload error: for
+    /// producers that can wait, such as a task reading a child process's pipes or a queue
+    /// consumer. What is waited for is the shard, not the clients: a slow client still gets
+    /// the [slow-consumer policy](Hub#slow-clients).
+    ///
+    /// # Errors
+    ///
+    /// The hub has shut down ([`Error::is_closed`]) or the message cannot be encoded.
+    pub async fn send_to_channel_async(&self, channel: &str, message: &Message) -> Result<()> {
+        self.when_room(|| self.send_to_channel(channel, message))
+            .await
+    }
+
+    /// [`send_process_output`](Hub::send_process_output), waiting for room as
+    /// [`send_to_channel_async`](Hub::send_to_channel_async) does.
+    ///
+    /// ```no_run
+    /// # async fn stream(hub: wshub::Hub, mut lines: tokio::io::Lines<tokio::io::BufReader<tokio::process::ChildStdout>>) -> Result<(), Box<dyn std::error::Error>> {
+    /// while let Some(line) = lines.next_line().await? {
+    ///     // Waits while the hub is overloaded, so the child's pipe backs up instead.
+    ///     hub.send_process_output_async("build-1", &line).await?;
+    /// }
+    /// # Ok(())
+    /// # }
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// As [`send_to_channel_async`](Hub::send_to_channel_async).
+    pub async fn send_process_output_async(&self, process_id: &str, line: &str) -> Result<()> {
+        self.when_room(|| self.send_process_output(process_id, line))
+            .await
+    }
+
+    /// [`send_process_status`](Hub::send_process_status), waiting for room as
+    /// [`send_to_channel_async`](Hub::send_to_channel_async) does.
+    ///
+    /// # Errors
+    ///
+    /// As [`send_to_channel_async`](Hub::send_to_channel_async).
+    pub async fn send_process_status_async(
+        &self,
+        process_id: &str,
+        status: &str,
+        exit_code: i32,
+    ) -> Result<()> {
+        self.when_room(|| self.send_process_status(process_id, status, exit_code))
+            .await
+    }
+
+    /// [`broadcast`](Hub::broadcast), waiting for room as
+    /// [`send_to_channel_async`](Hub::send_to_channel_async) does.
+    ///
+    /// # Errors
+    ///
+    /// As [`send_to_channel_async`](Hub::send_to_channel_async).
+    pub async fn broadcast_async(&self, message: &Message) -> Result<()> {
+        self.when_room(|| self.broadcast(message)).await
+    }
+
+    /// [`send_event`](Hub::send_event), waiting for room as
+    /// [`send_to_channel_async`](Hub::send_to_channel_async) does.
+    ///
+    /// # Errors
+    ///
+    /// As [`send_event`](Hub::send_event), but never overloaded.
+    pub async fn send_event_async(&self, name: &str, data: impl Serialize) -> Result<()> {
+        self.when_room(|| self.send_event(name, &data)).await
+    }
+
+    /// [`send_to_client`](Hub::send_to_client), waiting for room as
+    /// [`send_to_channel_async`](Hub::send_to_channel_async) does.
+    ///
+    /// # Errors
+    ///
+    /// As [`send_to_channel_async`](Hub::send_to_channel_async).
+    pub async fn send_to_client_async(&self, client: ClientId, message: &Message) -> Result<()> {
+        self.when_room(|| self.send_to_client(client, message))
+            .await
+    }
+
+    /// [`send_to_user`](Hub::send_to_user), waiting for room as
+    /// [`send_to_channel_async`](Hub::send_to_channel_async) does.
+    ///
+    /// # Errors
+    ///
+    /// As [`send_to_channel_async`](Hub::send_to_channel_async).
+    pub async fn send_to_user_async(&self, user_id: &str, message: &Message) -> Result<()> {
+        self.when_room(|| self.send_to_user(user_id, message)).await
+    }
+
+    /// Calls `attempt` until a shard's backlog no longer refuses it, waiting between tries
+    /// for the shard that refused. A refused attempt sent nothing, so trying again does not
+    /// duplicate anything.
+    async fn when_room(&self, mut attempt: impl FnMut() -> Result<()>) -> Result<()> {
+        // Shards that were never started would never make room.
+        self.ensure_started();
+        loop {
+            match attempt() {
+                Err(err) => match err.refusing_shard() {
+                    Some(shard) => self.inner.shared.wait_for_room(shard).await,
+                    None => return Err(err),
+                },
+                done => return done,
+            }
+        }
     }
 
     /// Clients connected now.
@@ -699,6 +923,11 @@ impl Hub {
     pub fn stats(&self) -> HubStats {
         let shared = &self.inner.shared;
         let mut stats = shared.counters.snapshot(shared.channels.channel_count());
+        stats.shard_backlog_bytes = shared
+            .shards
+            .iter()
+            .map(|s| s.backlog.load(Ordering::Relaxed))
+            .collect();
         stats.broker = shared.broker().map(|b| b.stats());
         stats
     }
@@ -712,7 +941,7 @@ impl Hub {
     /// once the hub has stopped.
     pub async fn clients(&self) -> Vec<ClientSnapshot> {
         let mut clients = Vec::new();
-        for shard in self.inner.shared.shards.iter() {
+        for shard in 0..self.inner.shared.shards.len() {
             clients.extend(self.snapshot_of(shard).await);
         }
         clients.sort_by_key(|c| c.info.id);
@@ -721,7 +950,7 @@ impl Hub {
 
     /// One client's snapshot, if it is connected: asked of its own shard only.
     pub async fn client(&self, id: ClientId) -> Option<ClientSnapshot> {
-        let shard = self.inner.shared.shard_of(id);
+        let shard = self.inner.shared.shard_index(id);
         self.snapshot_of(shard)
             .await
             .into_iter()
@@ -729,11 +958,16 @@ impl Hub {
     }
 
     /// The clients of one shard; none once the hub has stopped.
-    async fn snapshot_of(&self, shard: &ShardHandle) -> Vec<ClientSnapshot> {
+    async fn snapshot_of(&self, shard: usize) -> Vec<ClientSnapshot> {
         // Shards that were never started would never answer.
         self.ensure_started();
         let (reply, answer) = oneshot::channel();
-        if shard.inbox.send(Command::Snapshot(reply)).is_err() {
+        if self
+            .inner
+            .shared
+            .enqueue(shard, Command::Snapshot(reply))
+            .is_err()
+        {
             return Vec::new();
         }
         answer.await.unwrap_or_default()

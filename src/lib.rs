@@ -67,6 +67,7 @@ mod error;
 mod frame;
 mod hub;
 mod protocol;
+mod retained;
 mod server;
 mod session;
 mod shard;

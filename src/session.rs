@@ -142,8 +142,13 @@ impl Reader {
 struct Responder<'a> {
     shared: &'a Arc<Shared>,
     conn: &'a Arc<Conn>,
+    /// The client's shard, where its requests go.
+    shard: usize,
     /// The client's message budget, when a rate limit is configured.
     budget: Cell<Option<TokenBucket>>,
+    /// The shard's inbox went over its bound with one of this client's requests: read and
+    /// decode nothing more until it has room (see [`serve_client`]).
+    throttled: Cell<bool>,
 }
 
 /// A token bucket: `burst` messages at once, refilled at `per_second`.
@@ -211,6 +216,10 @@ impl Responder<'_> {
                     self.echo(text, payload);
                 } else {
                     self.handle_request(payload);
+                    if self.throttled.get() {
+                        // The rest of what was read waits, undecoded, in the reader.
+                        return ControlFlow::Break(());
+                    }
                 }
             }
             Event::Ping(payload) => self
@@ -292,8 +301,14 @@ impl Responder<'_> {
                 if !config.publish_policy.allows(client, &channel) {
                     return self.reply_error(ErrorReason::PublishRefused, Some(&channel));
                 }
-                // Fails only when the hub is shutting down; the client is about to get 1001.
-                let _ = self.shared.publish_from_client(&channel, data);
+                // Refused for overload: the client is told (nothing was delivered, and the
+                // refusal is counted in `backlog_refused`). Otherwise it fails only when the
+                // hub is shutting down, and the client is about to get 1001.
+                if let Err(err) = self.shared.publish_from_client(&channel, data) {
+                    if err.is_overloaded() {
+                        self.reply_error(ErrorReason::PublishRefused, Some(&channel));
+                    }
+                }
             }
             Err(err) => self.reply_error(err.reason, err.channel.as_deref()),
         }
@@ -310,9 +325,21 @@ impl Responder<'_> {
         }
     }
 
+    /// Sends one of the client's requests to its shard. Never refused: the connection task
+    /// reads requests only while the shard has room, and stops reading once a request takes
+    /// the shard over its bound, so a client can overshoot it by one request at most.
     fn to_shard(&self, command: Command) {
         // Fails only once the shards have stopped, when this connection is being dropped.
-        let _ = self.shared.to_client_shard(self.conn.info.id, command);
+        let _ = self.shared.enqueue(self.shard, command);
+        if !self.shared.has_room(self.shard) {
+            self.throttled.set(true);
+        }
+    }
+
+    /// Decodes what was read before the client was throttled, now that its shard has room.
+    fn resume(&self, reader: &mut Reader) -> Flow {
+        self.throttled.set(false);
+        self.on_bytes(reader, &mut [])
     }
 }
 
@@ -324,8 +351,9 @@ pub(crate) async fn run(shared: Arc<Shared>, conn: Arc<Conn>, early: Bytes, guar
     let early_bytes = (!early.is_empty()).then(|| early.to_vec());
     drop(early);
     let id = conn.info.id;
+    let shard = shared.shard_index(id);
     if shared
-        .to_client_shard(id, Command::Register(Arc::clone(&conn)))
+        .enqueue(shard, Command::Register(Arc::clone(&conn)))
         .is_ok()
     {
         if let Some(tcp) = conn.socket.tcp() {
@@ -336,7 +364,7 @@ pub(crate) async fn run(shared: Arc<Shared>, conn: Arc<Conn>, early: Bytes, guar
             client: id,
             done: Some(done),
         };
-        if shared.to_client_shard(id, remove).is_ok() {
+        if shared.enqueue(shard, remove).is_ok() {
             let _ = removed.await;
         }
     }
@@ -355,7 +383,9 @@ async fn serve_client(
     let responder = Responder {
         shared,
         conn,
+        shard: shared.shard_index(conn.info.id),
         budget: Cell::new(shared.config.rate_limit.map(|l| TokenBucket::full(l.burst))),
+        throttled: Cell::new(false),
     };
     let mut reader = Reader::new(shared.config.max_message_size);
     let mut flow = Flow::Open;
@@ -364,6 +394,23 @@ async fn serve_client(
     }
     while flow == Flow::Open {
         match conn.write_state() {
+            WriteState::Open if responder.throttled.get() => {
+                // The shard's inbox is full: read nothing more from this client until it has
+                // room, so that a flood backs up into the client's own TCP socket and nothing
+                // ever blocks the shard. Boxed: only a throttled client pays for the wait.
+                let room = shared.wait_for_room(responder.shard);
+                let woken = Box::pin(async {
+                    tokio::select! {
+                        () = room => true,
+                        () = conn.wake.woken() => false,
+                    }
+                })
+                .await;
+                // Woken otherwise, the outbound side changed: the loop looks at it first.
+                if woken {
+                    flow = responder.resume(&mut reader);
+                }
+            }
             WriteState::Open => {
                 // A hand-written select rather than `tokio::select!` over `wake.woken()` and
                 // `tcp.readable()`: those two futures would be 216 bytes of every idle
@@ -399,8 +446,9 @@ async fn serve_client(
     }
 }
 
-/// The client is not reading: finishes the shard's write as the socket allows, or gives up on
-/// the client at the write timeout. Its requests wait meanwhile (back-pressure).
+/// The client is behind: finishes the shard's write as the socket allows, and at the end of
+/// each progress period (a write timeout) checks that the client read enough to stay (see
+/// [`Conn::check_progress`]). Its requests wait meanwhile (back-pressure).
 async fn write_blocked(
     shared: &Arc<Shared>,
     conn: &Arc<Conn>,
@@ -419,8 +467,8 @@ async fn write_blocked(
             Err(_) => Flow::Gone,
         },
         () = tokio::time::sleep_until(deadline.into()) => {
-            if conn.close_slow(shared) {
-                tracing::debug!(client = %conn.info.id, "write timed out: slow consumer");
+            if conn.check_progress(shared) {
+                tracing::debug!(client = %conn.info.id, "too little read in a write timeout: slow consumer");
             }
             Flow::Open
         }
@@ -431,7 +479,7 @@ fn read_requests(responder: &Responder<'_>, reader: &mut Reader, tcp: &TcpStream
     let mut flow = Flow::Open;
     let read = reader.read_available(tcp, |reader, input| {
         flow = responder.on_bytes(reader, input);
-        if flow == Flow::Open {
+        if flow == Flow::Open && !responder.throttled.get() {
             ControlFlow::Continue(())
         } else {
             ControlFlow::Break(())

@@ -29,11 +29,19 @@ use crate::conn::{CloseMode, Conn, Sent};
 use crate::frame::{self, close_code};
 use crate::hub::Shared;
 use crate::protocol::{self, ErrorReason, TYPE_SUBSCRIBED, TYPE_UNSUBSCRIBED};
+use crate::retained::Retained;
 
 /// The most commands taken from the inbox before flushing. Large enough that a reader's burst
 /// of publishes lands in one batch (so each subscriber gets one write for all of them), small
 /// enough that a flood cannot hold frames back from the sockets for long.
 pub(crate) const BATCH: usize = 256;
+
+/// The most clients a flush writes to before it yields the worker thread. A write to a
+/// client is one `send(2)` of a few microseconds on loopback, so this holds a worker for
+/// about a millisecond at most (the README has the measured longest turn, from
+/// [`HubStats::longest_shard_turn`](crate::HubStats::longest_shard_turn)); large enough that
+/// yielding (a trip through tokio's scheduler) costs nothing measurable per client.
+pub(crate) const FLUSH_CHUNK: usize = 256;
 
 /// What a shard can be asked to do.
 pub(crate) enum Command {
@@ -85,6 +93,41 @@ pub(crate) enum Command {
     Stop,
 }
 
+impl Command {
+    /// What one command in the inbox counts against the shard's backlog bound: the bytes it
+    /// holds (a frame, a channel name) and itself. Lifecycle commands cost nothing: they
+    /// are never refused, and there are at most a few per connection.
+    ///
+    /// The sender charges this ([`Shared::enqueue`] and the others) and the shard gives it
+    /// back where it takes the command out of its inbox ([`Shard::run`]), so no command kind
+    /// can forget to.
+    pub(crate) fn cost(&self) -> usize {
+        const ITSELF: usize = std::mem::size_of::<Command>();
+        match self {
+            Command::Publish { frame, .. }
+            | Command::Broadcast(frame)
+            | Command::SendToClient { frame, .. }
+            | Command::SendToUser { frame, .. }
+            | Command::Reply { frame, .. } => ITSELF + frame.len(),
+            Command::Subscribe { channel, .. } | Command::Unsubscribe { channel, .. } => {
+                ITSELF + channel.len()
+            }
+            Command::Disconnect { reason, .. } => ITSELF + reason.len(),
+            Command::Register(_)
+            | Command::Remove { .. }
+            | Command::Snapshot(_)
+            | Command::Shutdown { .. }
+            | Command::Stop => 0,
+        }
+    }
+
+    /// The cost of a command carrying `frame`, for a sender that reserves it before it makes
+    /// the command.
+    pub(crate) fn frame_cost(frame: &Bytes) -> usize {
+        std::mem::size_of::<Command>() + frame.len()
+    }
+}
+
 /// One of the client's subscriptions: which local channel, and where the client sits in that
 /// channel's member array (so leaving is O(1), by swap-remove).
 #[derive(Clone, Copy)]
@@ -126,8 +169,13 @@ pub(crate) struct Shard {
     uring: Option<crate::uring::Uring>,
     /// Reused for each client's frame indices in `flush`.
     order: Order,
+    /// The frames slow clients' queues hold: the memory the hub's budget bounds.
+    retained: Retained,
     shutting_down: bool,
     last_ping: Instant,
+    /// When the current turn on the worker thread began, and the longest turn so far.
+    turn_start: Instant,
+    longest_turn_us: u64,
 }
 
 /// What one batch of commands delivers: each frame once, and for each client the sequence of
@@ -150,6 +198,8 @@ struct Batch {
     sequences: Vec<Sequence>,
     /// Clients with staged frames, in the order they got their first one.
     dirty: Vec<u32>,
+    /// How many of `dirty` have had their send in this flush.
+    next_dirty: usize,
 }
 
 /// A node of [`Batch::sequences`].
@@ -214,6 +264,8 @@ impl Order {
 #[derive(Default)]
 struct Flushed {
     delivered: u64,
+    /// Some client is behind: frames of this batch may be in queues.
+    queued: bool,
     /// Clients closed as slow consumers by their send, to remove once the sends are done.
     slow: SmallVec<[u32; 4]>,
 }
@@ -222,6 +274,10 @@ impl Flushed {
     fn record(&mut self, slot: u32, frames: usize, sent: Sent) {
         match sent {
             Sent::Ok => self.delivered += frames as u64,
+            Sent::Queued => {
+                self.delivered += frames as u64;
+                self.queued = true;
+            }
             Sent::SlowConsumer => self.slow.push(slot),
             Sent::Closed => {}
         }
@@ -234,6 +290,7 @@ impl Default for Batch {
             frames: Vec::new(),
             sequences: vec![Sequence::root()],
             dirty: Vec::new(),
+            next_dirty: 0,
         }
     }
 }
@@ -278,6 +335,7 @@ impl Batch {
     /// Forgets the batch, keeping its memory.
     fn clear(&mut self) {
         self.dirty.clear();
+        self.next_dirty = 0;
         self.frames.clear();
         self.sequences.truncate(1);
         self.sequences[0] = Sequence::root();
@@ -300,40 +358,74 @@ impl Shard {
             #[cfg(all(feature = "io-uring", target_os = "linux"))]
             uring: crate::uring::Uring::new(),
             order: Order::default(),
+            retained: Retained::default(),
             shutting_down: false,
             last_ping: Instant::now(),
+            turn_start: Instant::now(),
+            longest_turn_us: 0,
         }
     }
 
     /// The shard's loop: batches of commands, each followed by a flush; and a tick for
     /// keep-alive. Ends on [`Command::Stop`] or when every sender is gone.
+    ///
+    /// Fairness: the inbox is preferred, so a busy shard makes large batches, but the tick
+    /// runs as soon as it is due, between batches, however busy the inbox (a shard kept busy
+    /// by publishes must still ping its clients and close the silent ones); and a flush
+    /// yields the worker thread every [`FLUSH_CHUNK`] clients, so that the connection tasks
+    /// and other shards on the same worker are not held up behind one fan-out.
     pub(crate) async fn run(mut self, mut inbox: mpsc::UnboundedReceiver<Command>) {
         let mut commands = Vec::with_capacity(BATCH);
-        let mut tick = tokio::time::interval(self.tick_period());
+        let period = self.tick_period();
+        let mut tick = tokio::time::interval(period);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut next_tick = Instant::now() + period;
         loop {
-            tokio::select! {
+            let received = tokio::select! {
                 biased;
-                received = inbox.recv_many(&mut commands, BATCH) => {
-                    if received == 0 {
-                        break;
-                    }
-                    let mut stop = false;
-                    for command in commands.drain(..) {
-                        stop |= self.handle(command).is_break();
-                    }
-                    self.flush();
-                    if stop {
-                        break;
-                    }
-                }
-                _ = tick.tick() => {
-                    self.handle_tick();
-                    self.flush();
-                }
+                received = inbox.recv_many(&mut commands, BATCH) => received,
+                _ = tick.tick() => 0,
+            };
+            self.turn_began();
+            let mut stop = received == 0 && commands.is_empty() && inbox.is_closed();
+            // What the commands cost is given back as they leave the inbox, whatever their
+            // handling does with them (see `Command::cost`).
+            let cost: usize = commands.iter().map(Command::cost).sum();
+            if cost > 0 {
+                self.shared.give_back(self.index, cost);
+            }
+            for command in commands.drain(..) {
+                stop |= self.handle(command).is_break();
+            }
+            let now = Instant::now();
+            if now >= next_tick {
+                self.handle_tick();
+                next_tick = now + period;
+                tick.reset();
+            }
+            self.flush_yielding().await;
+            if stop {
+                break;
             }
         }
         self.drop_all_clients();
+    }
+
+    /// Starts timing a turn: the time the shard holds its worker thread before it yields.
+    fn turn_began(&mut self) {
+        self.turn_start = Instant::now();
+    }
+
+    /// Ends a turn (the shard is about to yield or wait): keeps the longest.
+    fn turn_ended(&mut self) {
+        let took = self.turn_start.elapsed().as_micros() as u64;
+        if took > self.longest_turn_us {
+            self.longest_turn_us = took;
+            self.shared
+                .counters
+                .longest_shard_turn_us
+                .fetch_max(took, Ordering::Relaxed);
+        }
     }
 
     /// The keep-alive tick: a quarter of the heartbeat, so a silent client is noticed within
@@ -387,18 +479,45 @@ impl Shard {
         self.batch.stage(&mut self.clients, slot, index);
     }
 
-    /// The hot path's end: each client with staged frames gets them in one `Conn::send`.
+    /// The hot path's end: each client with staged frames gets them in one `Conn::send`, all
+    /// at once. For the shard's own loop, [`flush_yielding`](Self::flush_yielding).
     pub(crate) fn flush(&mut self) {
+        let mut flushed = Flushed::default();
+        while !self.flush_chunk(&mut flushed, usize::MAX) {}
+        self.end_flush(flushed);
+    }
+
+    /// [`flush`](Self::flush), yielding the worker thread after every [`FLUSH_CHUNK`]
+    /// clients.
+    async fn flush_yielding(&mut self) {
+        let mut flushed = Flushed::default();
+        while !self.flush_chunk(&mut flushed, FLUSH_CHUNK) {
+            self.turn_ended();
+            tokio::task::yield_now().await;
+            self.turn_began();
+        }
+        self.end_flush(flushed);
+        self.turn_ended();
+    }
+
+    /// Sends to the next `limit` clients with staged frames; true once every one has had
+    /// its send.
+    fn flush_chunk(&mut self, flushed: &mut Flushed, limit: usize) -> bool {
         #[cfg(all(feature = "io-uring", target_os = "linux"))]
         if let Some(mut uring) = self.uring.take() {
-            let flushed = self.send_batched(&mut uring);
+            let done = self.send_batched(&mut uring, flushed, limit);
             if !uring.failed() {
                 self.uring = Some(uring);
             }
-            return self.end_flush(flushed);
+            return done;
         }
-        let mut flushed = Flushed::default();
-        for (k, &slot) in self.batch.dirty.iter().enumerate() {
+        let end = self
+            .batch
+            .dirty
+            .len()
+            .min(self.batch.next_dirty.saturating_add(limit));
+        for k in self.batch.next_dirty..end {
+            let slot = self.batch.dirty[k];
             if let Some(Some(next)) = self
                 .batch
                 .dirty
@@ -419,12 +538,16 @@ impl Shard {
             let sent = client.conn.send(&self.batch.frames, order, &self.shared);
             flushed.record(slot, order.len(), sent);
         }
-        self.end_flush(flushed);
+        self.batch.next_dirty = end;
+        end == self.batch.dirty.len()
     }
 
     /// After the sends: forgets the batch, removes the clients closed as slow consumers, and
     /// adds what was delivered to the hub's counter (once per batch, not per client).
     fn end_flush(&mut self, flushed: Flushed) {
+        if flushed.queued {
+            self.retained.keep_queued(&self.batch.frames);
+        }
         self.order.clear();
         self.batch.clear();
         for slot in flushed.slow {
@@ -436,20 +559,103 @@ impl Shard {
                 .delivered
                 .fetch_add(flushed.delivered, Ordering::Relaxed);
         }
+        if !self.retained.is_empty() {
+            self.retained.release(false);
+            if flushed.queued {
+                self.enforce_budget();
+            }
+            self.publish_queued_memory();
+        }
     }
 
-    /// The sends of [`flush`](Self::flush) with io_uring: submitted [`Uring::MAX_SENDS`]
-    /// clients at a time with one `io_uring_enter` each.
+    /// Tells the hub how much memory this shard's frames hold in queues.
+    fn publish_queued_memory(&self) {
+        self.shared.counters.queued_memory[self.index]
+            .store(self.retained.bytes(), Ordering::Relaxed);
+    }
+
+    /// When all queues together hold more memory than the hub's budget, and this shard more
+    /// than its share of it (the budget over the shards, so that every shard holding its
+    /// share keeps the hub within budget), closes this shard's clients with the largest
+    /// queues first, with 4000, until its share holds.
+    fn enforce_budget(&mut self) {
+        let budget = self.shared.config.queue_memory_budget as u64;
+        let counters = &self.shared.counters;
+        if counters.queued_memory_bytes() <= budget {
+            return;
+        }
+        self.retained.release(true);
+        self.publish_queued_memory();
+        let share = budget / self.shared.config.shards as u64;
+        let over = |shard: &Shard| {
+            shard.retained.bytes() > share && shard.shared.counters.queued_memory_bytes() > budget
+        };
+        if !over(self) {
+            return;
+        }
+        let mut queues: Vec<(usize, u32)> = self
+            .clients
+            .iter()
+            .enumerate()
+            .filter_map(|(slot, c)| Some((c.as_ref()?.conn.queued_bytes(), slot as u32)))
+            .filter(|&(bytes, _)| bytes > 0)
+            .collect();
+        queues.sort_unstable_by(|a, b| b.0.cmp(&a.0));
+        // Clients behind on the same channel share its frames, so cutting one frees nothing
+        // until the last is cut: look again after 1, 2, 4, ... cuts, not after each.
+        let mut look_after = 1;
+        let mut cut = Vec::new();
+        for (k, &(_, slot)) in queues.iter().enumerate() {
+            if let Some(client) = self.clients[slot as usize].as_ref() {
+                if client.conn.close_over_budget(&self.shared) {
+                    cut.push(slot);
+                }
+            }
+            if k + 1 == look_after || k + 1 == queues.len() {
+                look_after *= 2;
+                self.retained.release(true);
+                self.publish_queued_memory();
+                if !over(self) {
+                    break;
+                }
+            }
+        }
+        if !cut.is_empty() {
+            tracing::warn!(
+                shard = self.index,
+                clients = cut.len(),
+                "queue memory over budget: closed the largest queues with 4000"
+            );
+        }
+        for slot in cut {
+            self.remove_client(slot);
+        }
+    }
+
+    /// The sends of one chunk of a [`flush`](Self::flush) (the next `limit` clients) with
+    /// io_uring: submitted [`Uring::MAX_SENDS`] clients at a time with one `io_uring_enter`
+    /// each. True once every client of the batch has had its send.
     ///
     /// [`Uring::MAX_SENDS`]: crate::uring::Uring::MAX_SENDS
     #[cfg(all(feature = "io-uring", target_os = "linux"))]
-    fn send_batched(&mut self, uring: &mut crate::uring::Uring) -> Flushed {
+    fn send_batched(
+        &mut self,
+        uring: &mut crate::uring::Uring,
+        flushed: &mut Flushed,
+        limit: usize,
+    ) -> bool {
         use crate::uring::Uring;
-        let mut flushed = Flushed::default();
+        let end = self
+            .batch
+            .dirty
+            .len()
+            .min(self.batch.next_dirty.saturating_add(limit));
+        let chunk = self.batch.next_dirty..end;
+        self.batch.next_dirty = end;
         // Each client's sequence, taken first: below, the clients are borrowed while their
         // locks are held.
-        let mut pending = Vec::with_capacity(self.batch.dirty.len());
-        for &slot in &self.batch.dirty {
+        let mut pending = Vec::with_capacity(chunk.len());
+        for &slot in &self.batch.dirty[chunk] {
             if let Some(client) = self.clients[slot as usize].as_mut() {
                 let sequence = std::mem::replace(&mut client.sequence, Batch::EMPTY);
                 if sequence != Batch::EMPTY {
@@ -494,7 +700,7 @@ impl Shard {
                 flushed.record(slot, order.len(), sent);
             }
         }
-        flushed
+        end == self.batch.dirty.len()
     }
 
     fn handle_register(&mut self, conn: Arc<Conn>) {
@@ -675,7 +881,6 @@ impl Shard {
     }
 
     fn handle_publish(&mut self, entry: &Arc<ChannelEntry>, frame: Bytes) {
-        self.shared.shard_done_with(self.index, frame.len());
         let Some(&local) = self.channel_by_entry.get(&entry_key(entry)) else {
             return;
         };
@@ -689,7 +894,6 @@ impl Shard {
     }
 
     fn handle_broadcast(&mut self, frame: Bytes) {
-        self.shared.shard_done_with(self.index, frame.len());
         let index = self.batch.add_frame(frame);
         for slot in 0..self.clients.len() as u32 {
             self.batch.stage(&mut self.clients, slot, index);
@@ -762,6 +966,10 @@ impl Shard {
         for slot in silent {
             self.remove_client(slot);
         }
+        if !self.retained.is_empty() {
+            self.retained.release(true);
+            self.publish_queued_memory();
+        }
     }
 
     fn acknowledge(&mut self, slot: u32, kind: &str, channel: &str) {
@@ -809,4 +1017,74 @@ impl Shard {
 /// A directory entry's identity: its address, stable while the local channel holds it.
 fn entry_key(entry: &Arc<ChannelEntry>) -> usize {
     Arc::as_ptr(entry) as usize
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::client::ClientInfo;
+    use crate::conn::Socket;
+    use crate::{Hub, HubConfig, Message};
+    use std::sync::atomic::AtomicU64;
+
+    fn null_client(hub: &Hub, id: u64) -> Arc<Conn> {
+        let info = ClientInfo {
+            id: ClientId(id),
+            remote_addr: None,
+            user_id: None,
+            claims: serde_json::Value::Null,
+            connected_at: std::time::SystemTime::now(),
+        };
+        Arc::new(Conn::new(info, Socket::Null(AtomicU64::new(0)), 0))
+    }
+
+    fn frames_written(conns: &[Arc<Conn>]) -> u64 {
+        conns
+            .iter()
+            .map(|c| match &c.socket {
+                Socket::Null(frames) => frames.load(Ordering::Relaxed),
+                Socket::Tcp(_) => 0,
+            })
+            .sum()
+    }
+
+    /// A fan-out to 10,000 clients must not hold the worker thread for all 10,000 writes:
+    /// on a one-thread runtime, a task spawned right after the publish runs once the shard
+    /// has written to at most `FLUSH_CHUNK` clients.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_large_flush_lets_other_tasks_run_between_chunks() {
+        const CLIENTS: u64 = 10_000;
+        let hub = Hub::with_config(HubConfig::builder().shards(1).build().unwrap());
+        hub.ensure_started();
+        let shared = Arc::clone(hub.shared());
+        let conns: Vec<_> = (1..=CLIENTS).map(|id| null_client(&hub, id)).collect();
+        for conn in &conns {
+            shared
+                .enqueue(0, Command::Register(Arc::clone(conn)))
+                .unwrap();
+            hub.subscribe(conn.info.id, "fanout").unwrap();
+        }
+        while hub.channel_subscriber_count("fanout") < CLIENTS as usize
+            || shared.counters.delivered.load(Ordering::Relaxed) < CLIENTS
+        {
+            tokio::task::yield_now().await;
+        }
+        let before = frames_written(&conns);
+
+        hub.send_to_channel("fanout", &Message::new("tick"))
+            .unwrap();
+        let probe = {
+            let conns = conns.clone();
+            tokio::spawn(async move { frames_written(&conns) })
+        };
+        let seen = probe.await.unwrap() - before;
+        assert!(
+            seen <= FLUSH_CHUNK as u64,
+            "another task waited for {seen} client writes"
+        );
+        while frames_written(&conns) - before < CLIENTS {
+            tokio::task::yield_now().await;
+        }
+        assert!(hub.stats().longest_shard_turn > Duration::ZERO);
+    }
 }

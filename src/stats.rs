@@ -22,21 +22,55 @@ pub struct HubStats {
     pub published: u64,
     /// Frames handed to clients' connections (written, or queued to be written).
     pub delivered: u64,
-    /// Frames that a client was meant to get and did not: discarded by the slow-consumer
-    /// policy, queued to a client that was closing, or refused by a shard over its backlog.
+    /// Frames that a client was meant to get and did not, though they had reached its shard:
+    /// discarded by the slow-consumer policy (the queue of a client cut with 4000, or the
+    /// oldest frames under [`DropOldest`](crate::SlowConsumerPolicy::DropOldest)), queued to
+    /// a client that was already closing, or still queued when a client's connection ended.
+    /// Calls refused for overload are not here: they reached no shard (see
+    /// [`backlog_refused`](Self::backlog_refused)).
     pub dropped: u64,
-    /// Clients closed with 4000 as slow consumers.
+    /// Clients closed with 4000 as slow consumers, for any of the three reasons below:
+    /// the sum of `queue_bound_disconnects`, `stalled_disconnects` and `budget_disconnects`.
     pub slow_consumer_disconnects: u64,
-    /// Bytes waiting in clients' outbound queues now, for clients that are not keeping up.
+    /// Clients closed with 4000 because a frame took their queue over
+    /// [`outbound_queue_bytes`](crate::HubConfigBuilder::outbound_queue_bytes).
+    pub queue_bound_disconnects: u64,
+    /// Clients closed with 4000 because, while behind, they read less than
+    /// [`min_read_rate`](crate::HubConfigBuilder::min_read_rate) over a write timeout (a
+    /// client that reads nothing at all is one of these).
+    pub stalled_disconnects: u64,
+    /// Clients closed with 4000 to bring the memory of all queues back under
+    /// [`queue_memory_budget`](crate::HubConfigBuilder::queue_memory_budget), largest queues
+    /// first.
+    pub budget_disconnects: u64,
+    /// Bytes waiting in clients' outbound queues now, summed over the queues: a frame queued
+    /// for a thousand clients counts a thousand times. See `queued_memory_bytes` for the
+    /// memory they hold.
     pub queued_bytes: u64,
+    /// Memory held now by the frames waiting in clients' outbound queues: each frame counted
+    /// once however many queues hold it (a shard's own copy of a frame counts once per
+    /// shard). This is what [`queue_memory_budget`](crate::HubConfigBuilder::queue_memory_budget)
+    /// bounds. Updated as the shards notice frames leave the queues, so it may lag by a
+    /// batch.
+    pub queued_memory_bytes: u64,
     /// Connection tasks alive now: equal to `clients` when idle, and back to zero after
     /// shutdown.
     pub connection_tasks: usize,
     /// Upgrades refused: 401, 403 and 503 answers.
     pub upgrades_refused: u64,
-    /// Publishes a shard refused because its inbox held more than
-    /// [`SHARD_BACKLOG_BYTES`](crate::SHARD_BACKLOG_BYTES) of frames (counted once per shard).
+    /// Calls refused with an error that [`is_overloaded`](crate::Error::is_overloaded)
+    /// (one per call, however many shards it was for), plus client `publish` requests refused
+    /// for the same reason (the client gets the per-client error `publish refused`) and
+    /// messages from other nodes that could not be delivered here for it. Nothing of a
+    /// refused call reached any client.
     pub backlog_refused: u64,
+    /// Bytes of work waiting in each shard's inbox now (see
+    /// [`shard_backlog_bytes`](crate::HubConfigBuilder::shard_backlog_bytes)), indexed by
+    /// shard.
+    pub shard_backlog_bytes: Vec<usize>,
+    /// The longest a shard has held a worker thread without yielding since the hub started:
+    /// handling one batch of commands, or writing to up to 256 clients of a flush.
+    pub longest_shard_turn: std::time::Duration,
     /// Clients per shard, indexed by shard.
     pub shard_clients: Vec<usize>,
     /// The broker's counters, when the hub has one (several nodes).
@@ -49,8 +83,13 @@ pub(crate) struct Counters {
     pub(crate) published: AtomicU64,
     pub(crate) delivered: AtomicU64,
     pub(crate) dropped: AtomicU64,
-    pub(crate) slow_consumer_disconnects: AtomicU64,
+    pub(crate) queue_bound_disconnects: AtomicU64,
+    pub(crate) stalled_disconnects: AtomicU64,
+    pub(crate) budget_disconnects: AtomicU64,
     pub(crate) queued_bytes: AtomicU64,
+    /// Per shard: the memory its frames hold in queues (see `Shard::retained`).
+    pub(crate) queued_memory: Box<[AtomicU64]>,
+    pub(crate) longest_shard_turn_us: AtomicU64,
     pub(crate) connection_tasks: AtomicUsize,
     pub(crate) upgrades_refused: AtomicU64,
     pub(crate) backlog_refused: AtomicU64,
@@ -64,13 +103,22 @@ impl Counters {
             published: AtomicU64::new(0),
             delivered: AtomicU64::new(0),
             dropped: AtomicU64::new(0),
-            slow_consumer_disconnects: AtomicU64::new(0),
+            queue_bound_disconnects: AtomicU64::new(0),
+            stalled_disconnects: AtomicU64::new(0),
+            budget_disconnects: AtomicU64::new(0),
             queued_bytes: AtomicU64::new(0),
+            queued_memory: (0..shards).map(|_| AtomicU64::new(0)).collect(),
+            longest_shard_turn_us: AtomicU64::new(0),
             connection_tasks: AtomicUsize::new(0),
             upgrades_refused: AtomicU64::new(0),
             backlog_refused: AtomicU64::new(0),
             shard_clients: (0..shards).map(|_| AtomicUsize::new(0)).collect(),
         }
+    }
+
+    /// The memory all queues hold, over every shard.
+    pub(crate) fn queued_memory_bytes(&self) -> u64 {
+        self.queued_memory.iter().map(|m| m.load(Relaxed)).sum()
     }
 
     pub(crate) fn snapshot(&self, channels: usize) -> HubStats {
@@ -80,12 +128,22 @@ impl Counters {
             published: self.published.load(Relaxed),
             delivered: self.delivered.load(Relaxed),
             dropped: self.dropped.load(Relaxed),
-            slow_consumer_disconnects: self.slow_consumer_disconnects.load(Relaxed),
+            slow_consumer_disconnects: self.queue_bound_disconnects.load(Relaxed)
+                + self.stalled_disconnects.load(Relaxed)
+                + self.budget_disconnects.load(Relaxed),
+            queue_bound_disconnects: self.queue_bound_disconnects.load(Relaxed),
+            stalled_disconnects: self.stalled_disconnects.load(Relaxed),
+            budget_disconnects: self.budget_disconnects.load(Relaxed),
             queued_bytes: self.queued_bytes.load(Relaxed),
+            queued_memory_bytes: self.queued_memory_bytes(),
             connection_tasks: self.connection_tasks.load(Relaxed),
             upgrades_refused: self.upgrades_refused.load(Relaxed),
             backlog_refused: self.backlog_refused.load(Relaxed),
             shard_clients: self.shard_clients.iter().map(|c| c.load(Relaxed)).collect(),
+            shard_backlog_bytes: Vec::new(),
+            longest_shard_turn: std::time::Duration::from_micros(
+                self.longest_shard_turn_us.load(Relaxed),
+            ),
             broker: None,
         }
     }

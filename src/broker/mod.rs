@@ -110,8 +110,10 @@ impl Inbound {
     /// as it came when it already names the channel; otherwise it is encoded again with the
     /// channel set, keeping its timestamp.
     ///
-    /// Returns false when the message is not a JSON object with a string `type`, or the hub
-    /// is gone; nothing is delivered then.
+    /// Returns false when the message is not a JSON object with a string `type`, the hub is
+    /// gone, or a shard with subscribers is over its backlog (counted in
+    /// [`HubStats::backlog_refused`](crate::HubStats::backlog_refused)); nothing is delivered
+    /// then.
     pub fn deliver(&self, target: Target<'_>, message: &[u8]) -> bool {
         let Some(shared) = self.shared.upgrade() else {
             return false;
@@ -123,11 +125,11 @@ impl Inbound {
         let Some(frame) = protocol::frame_remote(channel, message) else {
             return false;
         };
-        match channel {
+        let delivered = match channel {
             Some(channel) => shared.fan_out_to_channel(channel, frame),
             None => shared.fan_out_to_all(frame),
-        }
-        true
+        };
+        delivered.is_ok()
     }
 
     /// Whether this node has subscribers to `channel` now.
