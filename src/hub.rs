@@ -813,7 +813,9 @@ impl Hub {
     /// [`send_to_channel_async`](Hub::send_to_channel_async) does.
     ///
     /// ```no_run
-    /// # async fn stream(hub: wshub::Hub, mut lines: tokio::io::Lines<tokio::io::BufReader<tokio::process::ChildStdout>>) -> Result<(), Box<dyn std::error::Error>> {
+    /// # use tokio::io::AsyncBufRead;
+    /// // `lines`: a child process's stdout, say, through `BufReader::lines`.
+    /// # async fn stream(hub: wshub::Hub, mut lines: tokio::io::Lines<impl AsyncBufRead + Unpin>) -> Result<(), Box<dyn std::error::Error>> {
     /// while let Some(line) = lines.next_line().await? {
     ///     // Waits while the hub is overloaded, so the child's pipe backs up instead.
     ///     hub.send_process_output_async("build-1", &line).await?;
