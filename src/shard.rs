@@ -286,6 +286,10 @@ impl Batch {
 
 impl Shard {
     pub(crate) fn new(index: usize, shared: Arc<Shared>) -> Self {
+        #[cfg(all(feature = "io-uring", target_os = "linux"))]
+        let uring = crate::uring::Uring::for_shard(index, &shared.counters.io_uring_shards);
+        #[cfg(not(all(feature = "io-uring", target_os = "linux")))]
+        tracing::info!(shard = index, "shard writes with send(2)");
         Shard {
             index,
             shared,
@@ -298,7 +302,7 @@ impl Shard {
             channel_by_entry: HashMap::default(),
             batch: Batch::default(),
             #[cfg(all(feature = "io-uring", target_os = "linux"))]
-            uring: crate::uring::Uring::new(),
+            uring,
             order: Order::default(),
             shutting_down: false,
             last_ping: Instant::now(),
@@ -392,6 +396,8 @@ impl Shard {
         #[cfg(all(feature = "io-uring", target_os = "linux"))]
         if let Some(mut uring) = self.uring.take() {
             let flushed = self.send_batched(&mut uring);
+            // A failed ring leaked what the kernel may still read (see `uring.rs`); what is
+            // left is safe to drop, and the shard writes with send(2) from now on.
             if !uring.failed() {
                 self.uring = Some(uring);
             }
