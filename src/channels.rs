@@ -78,32 +78,48 @@ impl ChannelDirectory {
     /// Shard `shard` has its first subscriber to `channel`: sets its bit (creating the entry)
     /// and counts the subscriber. Returns the entry for the shard to keep.
     pub(crate) fn join(&self, channel: &str, shard: usize) -> Arc<ChannelEntry> {
-        let mut bucket = write(self.bucket(channel));
-        let entry = bucket.entry(channel.into()).or_insert_with(|| {
-            self.count.fetch_add(1, Ordering::Relaxed);
+        let mut created = false;
+        let entry = {
+            let mut bucket = write(self.bucket(channel));
+            let entry = bucket.entry(channel.into()).or_insert_with(|| {
+                created = true;
+                self.count.fetch_add(1, Ordering::Relaxed);
+                Arc::new(ChannelEntry {
+                    name: channel.into(),
+                    shards: AtomicU64::new(0),
+                    subscribers: AtomicUsize::new(0),
+                })
+            });
+            entry.shards.fetch_or(1 << shard, Ordering::Release);
+            entry.subscribers.fetch_add(1, Ordering::Relaxed);
+            Arc::clone(entry)
+        };
+        // After the bucket's lock is released: a broker may read the directory through
+        // `Inbound`, which takes that lock. The broker reconciles with the directory, since
+        // a `leave` that comes in between may tell it first (see `Broker::channel_active`).
+        if created {
             if let Some(broker) = &self.broker {
                 broker.channel_active(channel);
             }
-            Arc::new(ChannelEntry {
-                name: channel.into(),
-                shards: AtomicU64::new(0),
-                subscribers: AtomicUsize::new(0),
-            })
-        });
-        entry.shards.fetch_or(1 << shard, Ordering::Release);
-        entry.subscribers.fetch_add(1, Ordering::Relaxed);
-        Arc::clone(entry)
+        }
+        entry
     }
 
     /// Shard `shard` lost its last subscriber to `entry`'s channel: clears its bit, and removes
     /// the channel when no shard has subscribers left.
     pub(crate) fn leave(&self, entry: &ChannelEntry, shard: usize) {
-        let mut bucket = write(self.bucket(&entry.name));
-        entry.subscribers.fetch_sub(1, Ordering::Relaxed);
-        let left = entry.shards.fetch_and(!(1 << shard), Ordering::Release) & !(1 << shard);
-        if left == 0 {
-            bucket.remove(&entry.name);
-            self.count.fetch_sub(1, Ordering::Relaxed);
+        let removed = {
+            let mut bucket = write(self.bucket(&entry.name));
+            entry.subscribers.fetch_sub(1, Ordering::Relaxed);
+            let left = entry.shards.fetch_and(!(1 << shard), Ordering::Release) & !(1 << shard);
+            if left == 0 {
+                bucket.remove(&entry.name);
+                self.count.fetch_sub(1, Ordering::Relaxed);
+            }
+            left == 0
+        };
+        // Outside the lock, as in `join`.
+        if removed {
             if let Some(broker) = &self.broker {
                 broker.channel_inactive(&entry.name);
             }
@@ -152,7 +168,11 @@ fn write(
 
 #[cfg(test)]
 mod tests {
+    use bytes::Bytes;
+
     use super::*;
+    use crate::broker::{BrokerStats, Inbound, Target};
+    use crate::{Hub, HubConfig};
 
     #[test]
     fn masks_and_counts_follow_joins_and_leaves() {
@@ -173,6 +193,79 @@ mod tests {
         assert!(dir.get("a").is_none());
         assert_eq!(dir.channel_count(), 0);
         assert_eq!(dir.subscriber_count("a"), 0);
+    }
+
+    /// A broker that reads the hub back through `Inbound` whenever it is told of a channel,
+    /// as the Redis broker does (from its own task) to reconcile.
+    #[derive(Default)]
+    struct CallingBack {
+        inbound: std::sync::OnceLock<Inbound>,
+        active: AtomicUsize,
+        inactive: AtomicUsize,
+    }
+
+    impl CallingBack {
+        fn call_back(&self, channel: &str) {
+            let inbound = self.inbound.get().expect("the test sets it first");
+            let _ = inbound.has_subscribers(channel);
+            let _ = inbound.active_channels();
+            inbound.deliver(Target::Channel(channel), br#"{"type":"event"}"#);
+        }
+    }
+
+    impl Broker for Arc<CallingBack> {
+        fn start(&self, _: Inbound) {}
+        fn publish(&self, _: Target<'_>, _: Bytes) {}
+        fn channel_active(&self, channel: &str) {
+            self.call_back(channel);
+            self.active.fetch_add(1, Ordering::Relaxed);
+        }
+        fn channel_inactive(&self, channel: &str) {
+            self.call_back(channel);
+            self.inactive.fetch_add(1, Ordering::Relaxed);
+        }
+        fn stats(&self) -> BrokerStats {
+            BrokerStats::new(true)
+        }
+        fn shutdown(&self) {}
+    }
+
+    /// The directory tells the broker outside its locks: a broker that calls back into
+    /// `Inbound` from `channel_active` and `channel_inactive` does not deadlock, while shards
+    /// (here, threads) join and leave the same channels.
+    #[test]
+    fn a_broker_may_call_back_into_the_hub() {
+        let broker = Arc::new(CallingBack::default());
+        let config = HubConfig::builder()
+            .shards(4)
+            .broker(Arc::clone(&broker))
+            .build()
+            .unwrap();
+        let hub = Hub::with_config(config);
+        let shared = Arc::clone(hub.shared());
+        let _ = broker.inbound.set(Inbound::new(&shared));
+        let (done, finished) = std::sync::mpsc::channel();
+        for shard in 0..4 {
+            let shared = Arc::clone(&shared);
+            let done = done.clone();
+            std::thread::spawn(move || {
+                for round in 0..500 {
+                    let channel = ["a", "b", "c"][round % 3];
+                    let entry = shared.channels.join(channel, shard);
+                    shared.channels.leave(&entry, shard);
+                }
+                let _ = done.send(());
+            });
+        }
+        for _ in 0..4 {
+            finished
+                .recv_timeout(std::time::Duration::from_secs(20))
+                .expect("joins and leaves finish (a broker calling back must not deadlock)");
+        }
+        assert_eq!(shared.channels.channel_count(), 0);
+        let active = broker.active.load(Ordering::Relaxed);
+        assert!(active > 0);
+        assert_eq!(active, broker.inactive.load(Ordering::Relaxed));
     }
 
     #[test]

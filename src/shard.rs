@@ -344,6 +344,10 @@ impl Batch {
 
 impl Shard {
     pub(crate) fn new(index: usize, shared: Arc<Shared>) -> Self {
+        #[cfg(all(feature = "io-uring", target_os = "linux"))]
+        let uring = crate::uring::Uring::for_shard(index, &shared.counters.io_uring_shards);
+        #[cfg(not(all(feature = "io-uring", target_os = "linux")))]
+        tracing::info!(shard = index, "shard writes with send(2)");
         Shard {
             index,
             shared,
@@ -356,7 +360,7 @@ impl Shard {
             channel_by_entry: HashMap::default(),
             batch: Batch::default(),
             #[cfg(all(feature = "io-uring", target_os = "linux"))]
-            uring: crate::uring::Uring::new(),
+            uring,
             order: Order::default(),
             retained: Retained::default(),
             shutting_down: false,
@@ -506,6 +510,8 @@ impl Shard {
         #[cfg(all(feature = "io-uring", target_os = "linux"))]
         if let Some(mut uring) = self.uring.take() {
             let done = self.send_batched(&mut uring, flushed, limit);
+            // A failed ring leaked what the kernel may still read (see `uring.rs`); what is
+            // left is safe to drop, and the shard writes with send(2) from now on.
             if !uring.failed() {
                 self.uring = Some(uring);
             }
@@ -1027,7 +1033,7 @@ mod tests {
     use crate::{Hub, HubConfig, Message};
     use std::sync::atomic::AtomicU64;
 
-    fn null_client(hub: &Hub, id: u64) -> Arc<Conn> {
+    fn null_client(id: u64) -> Arc<Conn> {
         let info = ClientInfo {
             id: ClientId(id),
             remote_addr: None,
@@ -1057,7 +1063,7 @@ mod tests {
         let hub = Hub::with_config(HubConfig::builder().shards(1).build().unwrap());
         hub.ensure_started();
         let shared = Arc::clone(hub.shared());
-        let conns: Vec<_> = (1..=CLIENTS).map(|id| null_client(&hub, id)).collect();
+        let conns: Vec<_> = (1..=CLIENTS).map(null_client).collect();
         for conn in &conns {
             shared
                 .enqueue(0, Command::Register(Arc::clone(conn)))

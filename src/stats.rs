@@ -4,6 +4,7 @@
 //! does not bounce a shared cache line between cores on every frame.
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::sync::Arc;
 
 /// A snapshot of a hub's counters, from [`Hub::stats`](crate::Hub::stats).
 ///
@@ -73,6 +74,11 @@ pub struct HubStats {
     pub longest_shard_turn: std::time::Duration,
     /// Clients per shard, indexed by shard.
     pub shard_clients: Vec<usize>,
+    /// Shards writing to their clients with io_uring now (cargo feature `io-uring`, Linux),
+    /// the others with `send(2)`. 0 without the feature, where the kernel refuses io_uring,
+    /// before the shards start and after shutdown; a shard whose ring fails goes back to
+    /// `send(2)` for good and stops counting.
+    pub io_uring_shards: usize,
     /// The broker's counters, when the hub has one (several nodes).
     pub broker: Option<crate::BrokerStats>,
 }
@@ -94,6 +100,8 @@ pub(crate) struct Counters {
     pub(crate) upgrades_refused: AtomicU64,
     pub(crate) backlog_refused: AtomicU64,
     pub(crate) shard_clients: Box<[AtomicUsize]>,
+    /// Shared with each shard's ring, which counts itself while it works (`uring.rs`).
+    pub(crate) io_uring_shards: Arc<AtomicUsize>,
 }
 
 impl Counters {
@@ -113,6 +121,7 @@ impl Counters {
             upgrades_refused: AtomicU64::new(0),
             backlog_refused: AtomicU64::new(0),
             shard_clients: (0..shards).map(|_| AtomicUsize::new(0)).collect(),
+            io_uring_shards: Arc::new(AtomicUsize::new(0)),
         }
     }
 
@@ -144,6 +153,7 @@ impl Counters {
             longest_shard_turn: std::time::Duration::from_micros(
                 self.longest_shard_turn_us.load(Relaxed),
             ),
+            io_uring_shards: self.io_uring_shards.load(Relaxed),
             broker: None,
         }
     }

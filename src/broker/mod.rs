@@ -74,9 +74,26 @@ pub trait Broker: Send + Sync + 'static {
     fn publish(&self, target: Target<'_>, message: Bytes);
 
     /// This node has its first subscriber to `channel`.
+    ///
+    /// # Ordering
+    ///
+    /// Called without any of the hub's locks held, so a broker may call back into
+    /// [`Inbound`] from here. The price is that, when subscribers come and go concurrently,
+    /// the calls for one channel may arrive out of order: a `channel_active` after the
+    /// [`channel_inactive`](Self::channel_inactive) that followed it (the last word is then
+    /// "active" for a channel without subscribers), or a `channel_inactive` after the
+    /// `channel_active` of the channel's next first subscriber (the last word is then
+    /// "inactive" for a channel with subscribers). A broker must therefore take both calls
+    /// as hints and reconcile with [`Inbound::has_subscribers`] before it acts on them; a
+    /// change after that check comes with a call of its own. The Redis broker checks when
+    /// it applies either change, from its own task.
     fn channel_active(&self, channel: &str);
 
     /// This node's last subscriber to `channel` has gone.
+    ///
+    /// Called without any of the hub's locks held, and possibly out of order with
+    /// [`channel_active`](Self::channel_active): see its "Ordering" section. Before leaving
+    /// a channel, check [`Inbound::has_subscribers`].
     fn channel_inactive(&self, channel: &str);
 
     /// The broker's counters.

@@ -7,8 +7,10 @@
 //!   `PREFIX:broadcast`, subscribes `PREFIX:channel:NAME` when the node gains its first local
 //!   subscriber to `NAME` (changes are collected in a map and sent as one SUBSCRIBE for many
 //!   channels), and unsubscribes a moment after the last one leaves, if the channel is still
-//!   without subscribers then. Messages it receives are handed to [`Inbound::deliver`]; its own
-//!   (by `sourceId`) are dropped.
+//!   without subscribers then. The hub's calls for one channel may arrive out of order (see
+//!   [`Broker::channel_active`]), so either change is checked against
+//!   [`Inbound::has_subscribers`] when it is applied. Messages it receives are handed to
+//!   [`Inbound::deliver`]; its own (by `sourceId`) are dropped.
 //! - the **publisher** takes messages from a bounded queue and sends them in pipelines (many
 //!   PUBLISH in one round trip), one pipeline at a time, so messages from this node keep their
 //!   order. While Redis is away, publishing counts the messages as dropped instead of queueing
@@ -803,7 +805,7 @@ async fn session(
             biased;
             () = &mut stopped => return Ended::Stopped,
             () = state.changed.notified() => {
-                if let Err(why) = apply_changes(state, &mut sink, &mut subs).await {
+                if let Err(why) = apply_changes(state, inbound, &mut sink, &mut subs).await {
                     return Ended::Lost(why);
                 }
             }
@@ -847,8 +849,16 @@ fn key_bytes(state: &State, channel: &str) -> Vec<u8> {
 
 /// Applies the channel changes noted since the last time: subscribes new channels at once
 /// (one command for many), and marks the ones left to be unsubscribed after the delay.
+///
+/// The hub's calls may arrive out of order, so the last one noted for a channel is only a
+/// hint; the node's directory decides. An "active" for a channel that has no subscribers
+/// (its last one left and that "inactive" came first) is taken as "inactive": a later
+/// subscriber makes the hub call `channel_active` again, after its entry is visible here.
+/// An "inactive" for a channel that has subscribers again is caught by [`sweep_leaving`],
+/// which checks again when the delay has passed.
 async fn apply_changes(
     state: &State,
+    inbound: &Inbound,
     sink: &mut PubSubSink,
     subs: &mut Subscriptions,
 ) -> std::result::Result<(), String> {
@@ -856,7 +866,7 @@ async fn apply_changes(
     let now = Instant::now();
     let mut new = Vec::new();
     for (channel, active) in changes {
-        if active {
+        if active && inbound.has_subscribers(&channel) {
             subs.leaving.remove(&channel);
             if !subs.subscribed.contains(&channel) {
                 new.push(key_bytes(state, &channel));
