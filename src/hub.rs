@@ -388,15 +388,36 @@ impl Drop for Inner {
 ///
 /// # Slow clients
 ///
-/// Each client has an outbound queue bounded in bytes
-/// ([`outbound_queue_bytes`](crate::HubConfigBuilder::outbound_queue_bytes)). Frames are
-/// written at once when the client keeps up, and queued only when its socket is full. A
-/// client whose queue goes over the bound, or whose writes do not move for the
-/// [write timeout](crate::HubConfigBuilder::write_timeout), gets the
-/// [slow-consumer policy](crate::SlowConsumerPolicy): by default it is closed at once with
-/// code 4000 `slow consumer` and what it had queued is discarded; or its oldest frames are
-/// dropped. Either way it is counted ([`HubStats::slow_consumer_disconnects`],
-/// [`HubStats::dropped`]), and no other client waits for it.
+/// Frames are written at once when a client keeps up, and queued only when its socket is
+/// full. A client is behind while its queue holds frames; it is cut with 4000 `slow
+/// consumer` (what it had queued is discarded) when:
+///
+/// - a frame takes its queue over
+///   [`outbound_queue_bytes`](crate::HubConfigBuilder::outbound_queue_bytes) (16 MiB), or,
+///   with [`SlowConsumerPolicy::DropOldest`](crate::SlowConsumerPolicy::DropOldest), its
+///   oldest frames are dropped instead;
+/// - over a [write timeout](crate::HubConfigBuilder::write_timeout) it took neither what was
+///   queued when that period began nor
+///   [`min_read_rate`](crate::HubConfigBuilder::min_read_rate) times the period: it is not
+///   making progress;
+/// - the queues of all slow clients hold more memory than
+///   [`queue_memory_budget`](crate::HubConfigBuilder::queue_memory_budget) (each frame
+///   counted once however many queues share it), and its queue is among the largest of a
+///   shard over its share.
+///
+/// A client whose socket buffer is full sees the connection end rather than the close frame.
+/// Each cut is counted ([`HubStats::queue_bound_disconnects`],
+/// [`HubStats::stalled_disconnects`], [`HubStats::budget_disconnects`], and the frames in
+/// [`HubStats::dropped`]); no other client and no publisher waits for a slow client.
+///
+/// # Overload
+///
+/// Each shard's inbox is bounded in bytes
+/// ([`shard_backlog_bytes`](crate::HubConfigBuilder::shard_backlog_bytes)). A call that would
+/// take a shard over it returns an error that [`is_overloaded`](Error::is_overloaded), and
+/// nothing was sent to anyone (a publish is all or nothing across shards); the `*_async`
+/// variants wait for room instead. Clients' own requests are never refused: the hub stops
+/// reading a client's socket while its shard is full.
 ///
 /// # Closing
 ///

@@ -606,7 +606,7 @@ impl Shard {
             .filter_map(|(slot, c)| Some((c.as_ref()?.conn.queued_bytes(), slot as u32)))
             .filter(|&(bytes, _)| bytes > 0)
             .collect();
-        queues.sort_unstable_by(|a, b| b.0.cmp(&a.0));
+        queues.sort_unstable_by_key(|&(bytes, _)| std::cmp::Reverse(bytes));
         // Clients behind on the same channel share its frames, so cutting one frees nothing
         // until the last is cut: look again after 1, 2, 4, ... cuts, not after each.
         let mut look_after = 1;
