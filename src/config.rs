@@ -472,7 +472,7 @@ impl HubConfigBuilder {
     /// [`MAX_SHARDS`]; the heartbeat is zero or the pong timeout is not above it; the write
     /// timeout, handshake timeout, message size, queue bound, queue memory budget, shard
     /// backlog, subscription limit, channel length or connection limit is zero; the queue
-    /// bound is over 4 GiB; the path does not start with `/`; an allowed
+    /// bound is over 2 GiB; the path does not start with `/`; an allowed
     /// origin is not `scheme://host[:port]`.
     pub fn build(self) -> Result<HubConfig> {
         let mut config = self.config;
@@ -509,8 +509,8 @@ impl HubConfigBuilder {
                 return Err(Error::config(format!("{name} must be above zero")));
             }
         }
-        if c.outbound_queue_bytes > u32::MAX as usize {
-            return Err(Error::config("outbound queue bytes must be at most 4 GiB"));
+        if c.outbound_queue_bytes > (u32::MAX / 2) as usize {
+            return Err(Error::config("outbound queue bytes must be at most 2 GiB"));
         }
         if let Some(limit) = c.rate_limit {
             if limit.per_second == 0 || limit.burst == 0 {

@@ -171,13 +171,15 @@ pub(crate) enum Sent {
 
 struct Outbound {
     frames: VecDeque<Bytes>,
-    /// Bytes in `frames`.
-    bytes: usize,
+    /// Bytes in `frames`. u32, as the periods' counts below: the queue bound is at most
+    /// 2 GiB (`HubConfigBuilder::build`), and a queue over it by a batch still fits; four
+    /// bytes each keep `Outbound`, in every connection, as small as before they were added.
+    bytes: u32,
     /// The front frame was partly written: it must be finished before anything else.
     front_partial: bool,
     state: WriteState,
     /// While blocked: bytes queued when the current progress period began, and bytes
-    /// written since (see [`Conn::check_progress`]). u32: the queue bound is at most 4 GiB.
+    /// written since (see [`Conn::check_progress`]).
     period_owed: u32,
     period_written: u32,
 }
@@ -328,7 +330,7 @@ fn write_some(socket: &Socket, frames: &mut [Bytes]) -> io::Result<Progress> {
 
 impl Outbound {
     fn push(&mut self, frame: Bytes) {
-        self.bytes += frame.len();
+        self.bytes = self.bytes.saturating_add(len32(&frame));
         self.frames.push_back(frame);
     }
 
@@ -337,18 +339,18 @@ impl Outbound {
         let keep = usize::from(self.front_partial);
         let dropped = self.frames.len().saturating_sub(keep);
         for frame in self.frames.drain(keep..) {
-            self.bytes -= frame.len();
+            self.bytes = self.bytes.saturating_sub(len32(&frame));
         }
         dropped
     }
 
     /// Drops the oldest whole frames until the queue is within `bound`; returns how many.
-    fn drop_oldest(&mut self, bound: usize) -> usize {
+    fn drop_oldest(&mut self, bound: u32) -> usize {
         let first = usize::from(self.front_partial);
         let mut dropped = 0;
         while self.bytes > bound && self.frames.len() > first {
             if let Some(frame) = self.frames.remove(first) {
-                self.bytes -= frame.len();
+                self.bytes = self.bytes.saturating_sub(len32(&frame));
                 dropped += 1;
             }
         }
@@ -359,14 +361,14 @@ impl Outbound {
     /// which must be finished first or the stream would be corrupt.
     fn push_control(&mut self, frame: Bytes) {
         let at = usize::from(self.front_partial);
-        self.bytes += frame.len();
+        self.bytes = self.bytes.saturating_add(len32(&frame));
         self.frames.insert(at, frame);
     }
 
     /// Starts a progress period with what is queued now.
     fn begin_period(&mut self, now: Instant) {
         self.state = WriteState::Blocked { since: now };
-        self.period_owed = u32::try_from(self.bytes).unwrap_or(u32::MAX);
+        self.period_owed = self.bytes;
         self.period_written = 0;
     }
 
@@ -374,11 +376,11 @@ impl Outbound {
     fn flush(&mut self, socket: &Socket) -> io::Result<bool> {
         let progress = write_some(socket, self.frames.make_contiguous())?;
         for frame in self.frames.drain(..progress.whole) {
-            self.bytes -= frame.len();
+            self.bytes = self.bytes.saturating_sub(len32(&frame));
         }
         if progress.partial {
             // `advance` shortened the front frame in place.
-            self.bytes = self.frames.iter().map(Bytes::len).sum();
+            self.bytes = self.frames.iter().map(len32).fold(0, u32::saturating_add);
         }
         // A flush that wrote nothing leaves a partly written front frame partly written:
         // forgetting it let `discard`/`drop_oldest` drop its rest (or a pong go in front of
@@ -557,7 +559,7 @@ impl Conn {
 
     /// Applies the slow-consumer policy if the queue is over its bound; `None` if it is not.
     fn enforce_bound(&self, out: &mut Outbound, shared: &Shared) -> Option<Sent> {
-        let bound = shared.config.outbound_queue_bytes;
+        let bound = shared.config.outbound_queue_bytes as u32;
         if out.bytes <= bound {
             return None;
         }
@@ -640,7 +642,7 @@ impl Conn {
 
     /// Bytes queued now.
     pub(crate) fn queued_bytes(&self) -> usize {
-        self.lock().bytes
+        self.lock().bytes as usize
     }
 
     /// Begins the close handshake with `code` and `reason`. Returns false if the connection
@@ -712,7 +714,7 @@ impl Conn {
                     }
                     Ok(false) => {
                         // Progress, measured against the floor at the end of the period.
-                        let written = u32::try_from(before - out.bytes).unwrap_or(u32::MAX);
+                        let written = before - out.bytes;
                         out.period_written = out.period_written.saturating_add(written);
                     }
                     Err(_) => self.abort_locked(&mut out),
@@ -765,8 +767,14 @@ impl HeldOpen<'_> {
     }
 }
 
+/// A frame's length as the queue counts it (no frame comes near 4 GiB; one that did would
+/// count as 4 GiB and be over any bound).
+fn len32(frame: &Bytes) -> u32 {
+    u32::try_from(frame.len()).unwrap_or(u32::MAX)
+}
+
 /// Keeps the hub-wide count of queued bytes in step with one queue's change.
-fn account_queued(shared: &Shared, before: usize, after: usize) {
+fn account_queued(shared: &Shared, before: u32, after: u32) {
     let counter = &shared.counters.queued_bytes;
     if after > before {
         counter.fetch_add((after - before) as u64, Ordering::Relaxed);
@@ -823,7 +831,7 @@ mod tests {
             "the partial frame is finished first"
         );
         assert_eq!(partly_written.frames[1], pong());
-        assert_eq!(partly_written.bytes, 300 + pong().len());
+        assert_eq!(partly_written.bytes as usize, 300 + pong().len());
 
         let mut full = queue(&data, false);
         full.push_control(pong());

@@ -137,7 +137,10 @@ impl Shared {
     /// there is some.
     pub(crate) fn give_back(&self, index: usize, cost: usize) {
         let shard = &self.shards[index];
-        let after = shard.backlog.fetch_sub(cost, Ordering::SeqCst) - cost;
+        let after = shard
+            .backlog
+            .fetch_sub(cost, Ordering::SeqCst)
+            .saturating_sub(cost);
         // SeqCst, with the waiter's store and load in `wait_for_room`: either the waiter sees
         // this room, or this sees the waiter.
         if after <= self.config.shard_backlog_bytes && shard.waiting.load(Ordering::SeqCst) {

@@ -60,6 +60,10 @@ impl Drop for TaskGuard {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Flow {
     Open,
+    /// The client's shard has no room for more of its requests: read and decode nothing
+    /// more until it has (see [`serve_client`]). Kept here rather than in a field of its own
+    /// so that it costs the idle connection's task nothing.
+    Throttled,
     /// A close frame is queued (by either side); finish the handshake.
     Closing {
         peer_closed: bool,
@@ -142,13 +146,8 @@ impl Reader {
 struct Responder<'a> {
     shared: &'a Arc<Shared>,
     conn: &'a Arc<Conn>,
-    /// The client's shard, where its requests go.
-    shard: usize,
     /// The client's message budget, when a rate limit is configured.
     budget: Cell<Option<TokenBucket>>,
-    /// The shard's inbox went over its bound with one of this client's requests: read and
-    /// decode nothing more until it has room (see [`serve_client`]).
-    throttled: Cell<bool>,
 }
 
 /// A token bucket: `burst` messages at once, refilled at `per_second`.
@@ -216,8 +215,9 @@ impl Responder<'_> {
                     self.echo(text, payload);
                 } else {
                     self.handle_request(payload);
-                    if self.throttled.get() {
+                    if !self.shared.has_room(self.shard()) {
                         // The rest of what was read waits, undecoded, in the reader.
+                        *flow = Flow::Throttled;
                         return ControlFlow::Break(());
                     }
                 }
@@ -325,21 +325,17 @@ impl Responder<'_> {
         }
     }
 
-    /// Sends one of the client's requests to its shard. Never refused: the connection task
-    /// reads requests only while the shard has room, and stops reading once a request takes
-    /// the shard over its bound, so a client can overshoot it by one request at most.
-    fn to_shard(&self, command: Command) {
-        // Fails only once the shards have stopped, when this connection is being dropped.
-        let _ = self.shared.enqueue(self.shard, command);
-        if !self.shared.has_room(self.shard) {
-            self.throttled.set(true);
-        }
+    /// The client's shard, where its requests go.
+    fn shard(&self) -> usize {
+        self.shared.shard_index(self.conn.info.id)
     }
 
-    /// Decodes what was read before the client was throttled, now that its shard has room.
-    fn resume(&self, reader: &mut Reader) -> Flow {
-        self.throttled.set(false);
-        self.on_bytes(reader, &mut [])
+    /// Sends one of the client's requests to its shard. Never refused: the connection task
+    /// reads requests only while the shard has room, and stops after a request that finds it
+    /// over its bound, so a client can overshoot it by one request at most.
+    fn to_shard(&self, command: Command) {
+        // Fails only once the shards have stopped, when this connection is being dropped.
+        let _ = self.shared.enqueue(self.shard(), command);
     }
 }
 
@@ -351,9 +347,10 @@ pub(crate) async fn run(shared: Arc<Shared>, conn: Arc<Conn>, early: Bytes, guar
     let early_bytes = (!early.is_empty()).then(|| early.to_vec());
     drop(early);
     let id = conn.info.id;
-    let shard = shared.shard_index(id);
+    // The shard is worked out again rather than kept: a local kept across the awaits below
+    // would be 8 bytes more in every idle connection's task.
     if shared
-        .enqueue(shard, Command::Register(Arc::clone(&conn)))
+        .enqueue(shared.shard_index(id), Command::Register(Arc::clone(&conn)))
         .is_ok()
     {
         if let Some(tcp) = conn.socket.tcp() {
@@ -364,7 +361,7 @@ pub(crate) async fn run(shared: Arc<Shared>, conn: Arc<Conn>, early: Bytes, guar
             client: id,
             done: Some(done),
         };
-        if shared.enqueue(shard, remove).is_ok() {
+        if shared.enqueue(shared.shard_index(id), remove).is_ok() {
             let _ = removed.await;
         }
     }
@@ -383,32 +380,21 @@ async fn serve_client(
     let responder = Responder {
         shared,
         conn,
-        shard: shared.shard_index(conn.info.id),
         budget: Cell::new(shared.config.rate_limit.map(|l| TokenBucket::full(l.burst))),
-        throttled: Cell::new(false),
     };
     let mut reader = Reader::new(shared.config.max_message_size);
     let mut flow = Flow::Open;
     if let Some(mut early) = early {
         flow = responder.on_bytes(&mut reader, &mut early);
     }
-    while flow == Flow::Open {
+    while matches!(flow, Flow::Open | Flow::Throttled) {
         match conn.write_state() {
-            WriteState::Open if responder.throttled.get() => {
-                // The shard's inbox is full: read nothing more from this client until it has
-                // room, so that a flood backs up into the client's own TCP socket and nothing
-                // ever blocks the shard. Boxed: only a throttled client pays for the wait.
-                let room = shared.wait_for_room(responder.shard);
-                let woken = Box::pin(async {
-                    tokio::select! {
-                        () = room => true,
-                        () = conn.wake.woken() => false,
-                    }
-                })
-                .await;
-                // Woken otherwise, the outbound side changed: the loop looks at it first.
-                if woken {
-                    flow = responder.resume(&mut reader);
+            WriteState::Open if flow == Flow::Throttled => {
+                // Boxed: only a throttled client pays for the wait.
+                let shard = responder.shard();
+                if Box::pin(wait_for_room(shared, conn, shard)).await {
+                    // Decode what was read before the client was throttled.
+                    flow = responder.on_bytes(&mut reader, &mut []);
                 }
             }
             WriteState::Open => {
@@ -442,7 +428,17 @@ async fn serve_client(
         Flow::Closing { peer_closed } => {
             Box::pin(finish_close(shared, conn, tcp, &mut reader, peer_closed)).await
         }
-        Flow::Gone | Flow::Open => conn.abort(shared),
+        Flow::Gone | Flow::Open | Flow::Throttled => conn.abort(shared),
+    }
+}
+
+/// The client's shard is full: reads nothing more from the client until it has room (true),
+/// so that a flood backs up into the client's own TCP socket and nothing ever blocks the
+/// shard. Returns false early if the outbound side changed (the caller looks at it first).
+async fn wait_for_room(shared: &Shared, conn: &Conn, shard: usize) -> bool {
+    tokio::select! {
+        () = shared.wait_for_room(shard) => true,
+        () = conn.wake.woken() => false,
     }
 }
 
@@ -479,7 +475,7 @@ fn read_requests(responder: &Responder<'_>, reader: &mut Reader, tcp: &TcpStream
     let mut flow = Flow::Open;
     let read = reader.read_available(tcp, |reader, input| {
         flow = responder.on_bytes(reader, input);
-        if flow == Flow::Open && !responder.throttled.get() {
+        if flow == Flow::Open {
             ControlFlow::Continue(())
         } else {
             ControlFlow::Break(())

@@ -385,13 +385,13 @@ impl Shard {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut next_tick = Instant::now() + period;
         loop {
-            let received = tokio::select! {
+            let (received, ticked) = tokio::select! {
                 biased;
-                received = inbox.recv_many(&mut commands, BATCH) => received,
-                _ = tick.tick() => 0,
+                received = inbox.recv_many(&mut commands, BATCH) => (received, false),
+                _ = tick.tick() => (0, true),
             };
             self.turn_began();
-            let mut stop = received == 0 && commands.is_empty() && inbox.is_closed();
+            let mut stop = received == 0 && !ticked;
             // What the commands cost is given back as they leave the inbox, whatever their
             // handling does with them (see `Command::cost`).
             let cost: usize = commands.iter().map(Command::cost).sum();
@@ -402,7 +402,7 @@ impl Shard {
                 stop |= self.handle(command).is_break();
             }
             let now = Instant::now();
-            if now >= next_tick {
+            if ticked || now >= next_tick {
                 self.handle_tick();
                 next_tick = now + period;
                 tick.reset();
