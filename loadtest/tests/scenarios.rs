@@ -422,14 +422,21 @@ fn connection_failures_are_reported() {
 // Two nodes joined by Redis
 // ---------------------------------------------------------------------------------------------
 
-/// Whether `redis-server` can be run here (CI installs it: .ci/install-redis.sh).
-fn have_redis_server() -> bool {
+/// Fails the test unless `redis-server` can be run here. A test that skipped itself would pass
+/// in CI without having run, hiding a broken two-node path; CI installs Redis
+/// (.ci/install-redis.sh), and so must anyone running these tests.
+fn require_redis_server() {
     match Command::new("redis-server").arg("--version").output() {
-        Ok(o) if o.status.success() => true,
-        _ => {
-            println!("skipped: redis-server is not installed (see .ci/install-redis.sh)");
-            false
-        }
+        Ok(o) if o.status.success() => {}
+        Ok(o) => panic!(
+            "`redis-server --version` failed ({}): the two-node tests need a working redis-server \
+             (install it with .ci/install-redis.sh)",
+            o.status
+        ),
+        Err(e) => panic!(
+            "redis-server cannot be run ({e}): the two-node tests need it on the PATH \
+             (install it with .ci/install-redis.sh)"
+        ),
     }
 }
 
@@ -513,9 +520,7 @@ fn check_two_nodes(s: &Value, subscribers: u64, embedded: bool) {
 
 #[test]
 fn two_embedded_nodes_lose_nothing_across_redis() {
-    if !have_redis_server() {
-        return;
-    }
+    require_redis_server();
     // loadtest starts and stops a redis-server of its own.
     let v = run_json(&[
         "fanout",
@@ -542,9 +547,7 @@ fn two_embedded_nodes_lose_nothing_across_redis() {
 
 #[test]
 fn two_embedded_nodes_on_a_given_redis_open_loop() {
-    if !have_redis_server() {
-        return;
-    }
+    require_redis_server();
     let redis = RedisServer::start();
     let v = run_json(&[
         "fanout",
@@ -565,9 +568,7 @@ fn two_embedded_nodes_on_a_given_redis_open_loop() {
 /// Two hubs of the test's own, joined by Redis, driven with --target twice.
 #[test]
 fn two_targets_lose_nothing_across_redis() {
-    if !have_redis_server() {
-        return;
-    }
+    require_redis_server();
     let redis = RedisServer::start();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
