@@ -24,6 +24,7 @@ mod conn;
 #[cfg(feature = "embedded")]
 mod embedded;
 mod engine;
+mod mailbox;
 mod plot;
 mod ramp;
 #[cfg(feature = "embedded")]
