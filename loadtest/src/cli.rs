@@ -51,7 +51,12 @@ pub(crate) enum Scenario {
 /// duplicated messages and the publish-to-receive latency. Subscriptions are proven live by a
 /// first delivery before anything is measured (no acknowledgement is needed).
 #[derive(Debug, Parser, Serialize)]
-#[command(name = "loadtest", version, verbatim_doc_comment)]
+#[command(
+    name = "loadtest",
+    version,
+    verbatim_doc_comment,
+    after_help = crate::verdict::EXIT_STATUS_HELP
+)]
 pub(crate) struct Args {
     /// The scenario.
     #[arg(value_enum, default_value_t = Scenario::Fanout)]

@@ -33,6 +33,7 @@ mod report;
 mod scenarios;
 mod stats;
 mod sys;
+mod verdict;
 mod ws;
 
 use std::process::ExitCode;
@@ -44,23 +45,26 @@ use serde_json::json;
 use cli::Args;
 use conn::Target;
 use scenarios::Server;
+use verdict::{StepTally, Verdict, EXIT_FAILED, EXIT_USAGE};
 
 fn main() -> ExitCode {
     let args = Args::parse();
     if let Err(e) = args.validate() {
         eprintln!("error: {e}");
-        return ExitCode::from(2);
+        return ExitCode::from(EXIT_USAGE);
     }
     match run(&args) {
-        Ok(()) => ExitCode::SUCCESS,
+        // The statuses are listed in `--help` (verdict::EXIT_STATUS_HELP) and the README.
+        Ok(v) => ExitCode::from(v.exit_code),
         Err(e) => {
             eprintln!("error: {e}");
-            ExitCode::FAILURE
+            ExitCode::from(EXIT_FAILED)
         }
     }
 }
 
-fn run(args: &Args) -> Result<(), String> {
+/// Runs the scenario, reports, and judges the run.
+fn run(args: &Args) -> Result<Verdict, String> {
     let targets = args
         .target
         .iter()
@@ -121,6 +125,8 @@ fn run(args: &Args) -> Result<(), String> {
         drop(server.redis.take());
     }
     let out = result?;
+    let tallies: Vec<StepTally> = out.steps.iter().map(StepTally::from).collect();
+    let verdict = verdict::judge(args.scenario, &tallies, &out.sweep);
     if let Some(path) = &args.json {
         let doc = json!({
             "tool": "loadtest",
@@ -139,13 +145,15 @@ fn run(args: &Args) -> Result<(), String> {
             "live_seconds": out.live_seconds,
             "steps": out.steps,
             "summary": out.summary,
+            "verdict": verdict,
         });
         let text = serde_json::to_string_pretty(&doc)
             .map_err(|e| format!("cannot encode the JSON report: {e}"))?;
         std::fs::write(path, text).map_err(|e| format!("cannot write {}: {e}", path.display()))?;
         say!("JSON report written to {}", path.display());
     }
-    Ok(())
+    say!("{}", verdict.text());
+    Ok(verdict)
 }
 
 #[cfg(feature = "embedded")]

@@ -116,6 +116,9 @@ pub(crate) struct Output {
     pub(crate) steps: Vec<StepReport>,
     /// What the steps mean together.
     pub(crate) summary: Value,
+    /// Sweep: one point per step, in the same order (for the verdict; in `summary` too).
+    #[serde(skip)]
+    pub(crate) sweep: Vec<SweepPoint>,
 }
 
 /// Runs the scenario `args` names against `server`.
@@ -661,5 +664,6 @@ fn sweep(r: &mut Runner<'_>) -> Result<(), String> {
     }
     r.out.summary = json!({ "p99_bound_ms": args.p99_ms, "points": points, "knee": knee });
     r.out.steps = steps;
+    r.out.sweep = points;
     Ok(())
 }
