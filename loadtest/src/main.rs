@@ -178,6 +178,7 @@ fn start_server(args: &Args, targets: Vec<Target>) -> Result<Server, String> {
             .transpose()?
             .unwrap_or_default(),
         queue_bytes: args.hub_queue_bytes,
+        slow_consumer: args.hub_slow_consumer,
     };
     let nodes = args.node_count();
     let (redis, redis_url) = if nodes > 1 {

@@ -22,20 +22,44 @@ fn loadtest(args: &[&str]) -> Output {
         .expect("the loadtest binary runs")
 }
 
-/// Runs loadtest with `--json`, expects success, returns the parsed report.
+/// The exit statuses `loadtest --help` documents.
+const EXIT_CLEAN: i32 = 0;
+const EXIT_FAILED: i32 = 1;
+const EXIT_USAGE: i32 = 2;
+const EXIT_LOST: i32 = 3;
+
+/// Runs loadtest with `--json`, expects a clean run (exit status 0), returns the parsed report.
 fn run_json(args: &[&str]) -> Value {
+    let (out, v) = run_json_status(args);
+    assert_eq!(
+        out.status.code(),
+        Some(EXIT_CLEAN),
+        "{}",
+        describe(args, &out)
+    );
+    assert_eq!(v["verdict"]["exit_code"], EXIT_CLEAN);
+    v
+}
+
+fn describe(args: &[&str], out: &Output) -> String {
+    format!(
+        "loadtest {args:?}: {}\nstdout:\n{}\nstderr:\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// Runs loadtest with `--json` whatever its exit status, returns it and the parsed report.
+fn run_json_status(args: &[&str]) -> (Output, Value) {
     let path = temp("json");
     let p = path.to_string_lossy().to_string();
     let mut all: Vec<&str> = args.to_vec();
     all.extend(["--json", &p]);
     let out = loadtest(&all);
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        out.status.success(),
-        "loadtest {args:?} failed\nstdout:\n{stdout}\nstderr:\n{stderr}"
-    );
-    let text = std::fs::read_to_string(&path).expect("the JSON report is written");
+    let Ok(text) = std::fs::read_to_string(&path) else {
+        panic!("no JSON report: {}", describe(args, &out));
+    };
     let _ = std::fs::remove_file(&path);
     let v: Value = serde_json::from_str(&text).expect("the JSON report is valid JSON");
     for key in [
@@ -46,11 +70,19 @@ fn run_json(args: &[&str]) -> Value {
         "cpu_model",
         "steps",
         "summary",
+        "verdict",
     ] {
         assert!(v.get(key).is_some(), "no {key} in the report");
     }
     assert!(v["git_revision"].is_string() && v["cpu_model"].is_string());
-    v
+    // The JSON's verdict is what the process exited with.
+    assert_eq!(
+        out.status.code().map(i64::from),
+        v["verdict"]["exit_code"].as_i64(),
+        "{}",
+        describe(args, &out)
+    );
+    (out, v)
 }
 
 fn u(v: &Value) -> u64 {
@@ -129,6 +161,74 @@ fn fanout_closed_loop_adds_up() {
     assert_eq!(u(&s["hub"]["published"]), u(&s["published"]));
     assert!(s["hub_cpu_seconds"].as_f64().is_some());
     assert!(u(&s["rss_bytes"]) > 0);
+}
+
+#[test]
+fn a_clean_run_exits_0() {
+    let args = ["fanout", "-n", "5", "-r", "100", "-d", "1"];
+    let (out, v) = run_json_status(&args);
+    assert_eq!(
+        out.status.code(),
+        Some(EXIT_CLEAN),
+        "{}",
+        describe(&args, &out)
+    );
+    assert_eq!(u(&v["verdict"]["lost"]), 0);
+    assert_eq!(u(&v["verdict"]["duplicated"]), 0);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("verdict: clean"), "{stdout}");
+}
+
+/// Measured subscribers that really lose messages: an embedded hub with 1 KiB outbound queues
+/// that drops the oldest frames, and bursts of 20 kB messages to 50 subscribers that one
+/// generator thread cannot read as fast as the hub writes them (the publisher falls behind
+/// its 3,000/s and sends what is due in one write). The report counts the losses, the hub's
+/// own counter shows it dropped frames, and the exit status says so.
+#[test]
+fn measured_losses_exit_3() {
+    let args = [
+        "fanout",
+        "-n",
+        "50",
+        "-r",
+        "3000",
+        "-p",
+        "20000",
+        "-d",
+        "1",
+        "--drain-ms",
+        "300",
+        "--hub-queue-bytes",
+        "1024",
+        "--hub-slow-consumer",
+        "drop-oldest",
+    ];
+    let (out, v) = run_json_status(&args);
+    assert_eq!(
+        out.status.code(),
+        Some(EXIT_LOST),
+        "{}",
+        describe(&args, &out)
+    );
+    assert_eq!(v["config"]["hub_slow_consumer"], "drop-oldest");
+    let s = &v["steps"][0];
+    check_step(s, 50);
+    let lost = u(&s["lost"]);
+    assert!(lost > 0, "nothing lost: {}", describe(&args, &out));
+    assert!(
+        u(&s["hub"]["dropped"]) > 0,
+        "the hub dropped nothing: {}",
+        s["hub"]
+    );
+    // Drop-oldest keeps the clients: they lose messages without being told.
+    assert_eq!(u(&s["hub"]["slow_consumer_disconnects"]), 0);
+    assert_eq!(u(&s["connections_held"]), 50);
+    assert_eq!(u(&v["verdict"]["lost"]), lost);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("verdict: measured subscribers lost"),
+        "{stdout}"
+    );
 }
 
 #[test]
@@ -377,11 +477,18 @@ fn bad_arguments_exit_without_panic() {
             "--hub-queue-bytes",
             "100000",
         ],
+        &["--hub-slow-consumer", "sometimes"],
+        &[
+            "--target",
+            "ws://127.0.0.1:1/ws",
+            "--hub-slow-consumer",
+            "drop-oldest",
+        ],
     ];
     for args in cases {
         let out = loadtest(args);
         let stderr = String::from_utf8_lossy(&out.stderr);
-        assert!(!out.status.success(), "{args:?} succeeded");
+        assert_eq!(out.status.code(), Some(EXIT_USAGE), "{args:?}: {stderr}");
         assert!(!stderr.contains("panicked"), "{args:?} panicked: {stderr}");
         assert!(!stderr.trim().is_empty(), "{args:?} said nothing");
     }
@@ -414,7 +521,7 @@ fn connection_failures_are_reported() {
     // Port 1 on loopback: nothing listens there.
     let out = loadtest(&["--target", "ws://127.0.0.1:1/ws", "-n", "2", "-d", "1"]);
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success());
+    assert_eq!(out.status.code(), Some(EXIT_FAILED), "{stderr}");
     assert!(stderr.contains("connect refused"), "{stderr}");
 }
 
