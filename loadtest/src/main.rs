@@ -4,7 +4,8 @@
 //! server speaking wshub's protocol with `--target`), publishes through them, and reports
 //! published and delivered messages per second, losses, duplicates, publish-to-receive latency
 //! percentiles, errors, and the CPU and memory both sides used. `loadtest --help` lists the
-//! scenarios and every option.
+//! scenarios and every option. The exit status says whether measured messages were lost or
+//! errors happened (`verdict`), so scripts and CI can act on it.
 //!
 //! The generator is a minimal WebSocket client written for this: frames are built and masked
 //! here, server frames parsed here, and of each delivered message only the sequence number and
