@@ -369,6 +369,46 @@ fn sweep_writes_the_plot() {
     }
 }
 
+/// The step past the knee loses messages on purpose (the same bursts as
+/// measured_losses_exit_3); the knee's own step is clean, so the run is.
+#[test]
+fn sweep_losses_past_the_knee_do_not_fail() {
+    let (out, v) = run_json_status(&[
+        "sweep",
+        "--sweep-subs",
+        "50",
+        "--sweep-rates",
+        "10,3000",
+        "-p",
+        "20000",
+        "--step-seconds",
+        "1",
+        "--drain-ms",
+        "300",
+        "--hub-queue-bytes",
+        "1024",
+        "--hub-slow-consumer",
+        "drop-oldest",
+    ]);
+    let points = v["summary"]["points"].as_array().expect("points");
+    assert_eq!(points.len(), 2, "{}", v["summary"]);
+    assert_eq!(
+        points[0]["ok"], true,
+        "the first step is not the knee: {}",
+        v["summary"]
+    );
+    assert!(
+        u(&points[1]["lost"]) > 0,
+        "nothing lost past the knee: {}",
+        v["summary"]
+    );
+    assert_eq!(out.status.code(), Some(EXIT_CLEAN), "{}", v["verdict"]);
+    assert_eq!(
+        v["verdict"]["uncounted_steps"].as_array().map(Vec::len),
+        Some(1)
+    );
+}
+
 /// A server that sends no acknowledgements (go-ws mode) on its own port, driven with --target.
 #[test]
 fn target_mode_needs_no_acks() {
