@@ -35,6 +35,18 @@ pub(crate) enum Scenario {
     Sweep,
 }
 
+/// What the embedded hub does with a client whose outbound queue goes over its bound
+/// (wshub's `SlowConsumerPolicy`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, ValueEnum, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub(crate) enum SlowConsumer {
+    /// Close it with 4000 `slow consumer` (the hub's default).
+    #[default]
+    Disconnect,
+    /// Keep it and drop its oldest queued messages: it loses messages without being told.
+    DropOldest,
+}
+
 /// Drive a WebSocket hub with many connections and report throughput and latency.
 ///
 /// Without --target, a wshub hub runs in this process (on its own threads, on 127.0.0.1 at a
@@ -51,7 +63,12 @@ pub(crate) enum Scenario {
 /// duplicated messages and the publish-to-receive latency. Subscriptions are proven live by a
 /// first delivery before anything is measured (no acknowledgement is needed).
 #[derive(Debug, Parser, Serialize)]
-#[command(name = "loadtest", version, verbatim_doc_comment)]
+#[command(
+    name = "loadtest",
+    version,
+    verbatim_doc_comment,
+    after_help = crate::verdict::EXIT_STATUS_HELP
+)]
 pub(crate) struct Args {
     /// The scenario.
     #[arg(value_enum, default_value_t = Scenario::Fanout)]
@@ -140,6 +157,12 @@ pub(crate) struct Args {
     /// [default: 262144, the hub's own default of 256 KiB]
     #[arg(long, value_name = "BYTES")]
     pub(crate) hub_queue_bytes: Option<usize>,
+
+    /// Embedded hub: what it does with a client over --hub-queue-bytes
+    /// (HubConfigBuilder::slow_consumer_policy). drop-oldest makes measured subscribers that
+    /// fall behind lose messages, which the report counts and the exit status shows.
+    #[arg(long, value_enum, value_name = "POLICY")]
+    pub(crate) hub_slow_consumer: Option<SlowConsumer>,
 
     /// Milliseconds per reporting interval.
     #[arg(long, default_value_t = 1000, value_name = "MS")]
@@ -363,6 +386,9 @@ impl Args {
             self.hub_queue_bytes.map_or(true, |n| n >= 1024),
             "--hub-queue-bytes must be at least 1024",
         )?;
+        for t in &self.target {
+            crate::conn::Target::split(t)?;
+        }
         if self.target.len() > 2 {
             return Err("--target may be given at most twice (two nodes)".into());
         }
@@ -391,9 +417,10 @@ impl Args {
             && (self.hub_threads.is_some()
                 || self.hub_shards.is_some()
                 || self.hub_cpus.is_some()
-                || self.hub_queue_bytes.is_some())
+                || self.hub_queue_bytes.is_some()
+                || self.hub_slow_consumer.is_some())
         {
-            return Err("--hub-threads, --hub-shards, --hub-cpus and --hub-queue-bytes apply to the embedded hub, not to --target".into());
+            return Err("--hub-threads, --hub-shards, --hub-cpus, --hub-queue-bytes and --hub-slow-consumer apply to the embedded hub, not to --target".into());
         }
         if self.pid.is_some() && self.target.is_empty() {
             return Err("--pid goes with --target (the embedded hub is this process)".into());
@@ -467,5 +494,17 @@ mod tests {
             .validate()
             .is_err());
         assert!(a(&["--hub-queue-bytes", "100"]).validate().is_err());
+        assert_eq!(
+            a(&["--hub-slow-consumer", "drop-oldest"]).hub_slow_consumer,
+            Some(SlowConsumer::DropOldest)
+        );
+        assert!(a(&[
+            "--target",
+            "ws://127.0.0.1:1/ws",
+            "--hub-slow-consumer",
+            "disconnect"
+        ])
+        .validate()
+        .is_err());
     }
 }

@@ -21,16 +21,7 @@ pub(crate) struct Target {
 impl Target {
     /// Parses and resolves `ws://HOST:PORT/PATH` (`wss` is refused: there is no TLS here).
     pub(crate) fn parse(url: &str) -> Result<Target, String> {
-        let rest = url.strip_prefix("ws://").ok_or_else(|| {
-            format!("{url}: the target must start with ws:// (wss is not supported)")
-        })?;
-        let (authority, path) = match rest.find('/') {
-            Some(i) => (&rest[..i], &rest[i..]),
-            None => (rest, "/ws"),
-        };
-        if authority.is_empty() {
-            return Err(format!("{url}: no host"));
-        }
+        let (authority, path) = Target::split(url)?;
         let with_port = if authority
             .rsplit_once(':')
             .is_some_and(|(_, p)| p.parse::<u16>().is_ok())
@@ -49,6 +40,23 @@ impl Target {
             host: authority.to_string(),
             path: path.to_string(),
         })
+    }
+
+    /// Checks the URL's form without resolving it, and splits it into host[:port] and path
+    /// (a malformed URL is a usage error; a name that does not resolve is found when the run
+    /// starts).
+    pub(crate) fn split(url: &str) -> Result<(&str, &str), String> {
+        let rest = url.strip_prefix("ws://").ok_or_else(|| {
+            format!("{url}: the target must start with ws:// (wss is not supported)")
+        })?;
+        let (authority, path) = match rest.find('/') {
+            Some(i) => (&rest[..i], &rest[i..]),
+            None => (rest, "/ws"),
+        };
+        if authority.is_empty() {
+            return Err(format!("{url}: no host"));
+        }
+        Ok((authority, path))
     }
 
     /// The target of a server listening on `addr`, at `/ws`.

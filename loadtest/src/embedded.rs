@@ -18,6 +18,8 @@ pub(crate) struct HubOptions {
     pub(crate) cpus: Vec<usize>,
     /// Most bytes queued per client (None: the hub's default).
     pub(crate) queue_bytes: Option<usize>,
+    /// What to do with a client over its queue bound (None: the hub's default).
+    pub(crate) slow_consumer: Option<crate::cli::SlowConsumer>,
 }
 
 /// Joins an embedded hub to others through Redis.
@@ -67,6 +69,12 @@ impl Embedded {
         }
         if let Some(n) = opts.queue_bytes {
             builder = builder.outbound_queue_bytes(n);
+        }
+        if let Some(p) = opts.slow_consumer {
+            builder = builder.slow_consumer_policy(match p {
+                crate::cli::SlowConsumer::Disconnect => wshub::SlowConsumerPolicy::Disconnect,
+                crate::cli::SlowConsumer::DropOldest => wshub::SlowConsumerPolicy::DropOldest,
+            });
         }
         if let Some(j) = join {
             let broker =

@@ -22,6 +22,7 @@ use tokio::net::TcpStream;
 use tokio::sync::{mpsc as tmpsc, Notify, Semaphore};
 
 use crate::conn::{self, ConnectOpts, Target};
+use crate::mailbox::{self, Tagged};
 use crate::stats::{Counts, NodeCounts};
 use crate::sys;
 use crate::ws::{self, opcode, FrameParser};
@@ -41,6 +42,13 @@ const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 const ROUND_TIMEOUT: Duration = Duration::from_secs(5);
 /// Connections each generator thread opens at once.
 const CONNECT_CONCURRENCY: usize = 128;
+/// How long a generator thread has to answer a command before the run is stopped. The slowest
+/// answer is to EndStep, which waits for the publishers' last write (WRITE_TIMEOUT) and
+/// closed-loop round (ROUND_TIMEOUT); Final reads the slow clients for at most 3 s.
+const REPLY_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long stopping waits for each generator thread to end; one that is stuck is left behind
+/// (the process exits soon after) rather than hanging the run.
+const STOP_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// What a connection does in the run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -277,8 +285,8 @@ pub(crate) struct StepOutcome {
 pub(crate) type OnInterval<'a> = &'a mut dyn FnMut(f64, &Counts);
 
 struct Worker {
-    tx: tmpsc::UnboundedSender<Cmd>,
-    rx: mpsc::Receiver<Reply>,
+    tx: tmpsc::UnboundedSender<Tagged<Cmd>>,
+    rx: mpsc::Receiver<Tagged<Reply>>,
     join: Option<std::thread::JoinHandle<()>>,
 }
 
@@ -291,6 +299,8 @@ pub(crate) struct Engine {
     subscribers: Vec<u64>,
     /// Measured subscribers per channel and node (several nodes only).
     node_subscribers: Vec<Vec<u64>>,
+    /// The number of the last command sent (see `mailbox`).
+    seq: u64,
     /// Seconds it took to open every connection.
     pub(crate) connect_seconds: f64,
     /// Seconds until every subscription was live.
@@ -360,13 +370,17 @@ impl Engine {
             workers,
             subscribers,
             node_subscribers,
+            seq: 0,
             connect_seconds: 0.0,
             live_seconds: 0.0,
         };
         let mut failed: BTreeMap<String, u64> = BTreeMap::new();
         for w in &engine.workers {
             match w.rx.recv() {
-                Ok(Reply::Connected { failed: f }) => {
+                Ok(Tagged {
+                    msg: Reply::Connected { failed: f },
+                    ..
+                }) => {
                     for (k, v) in f {
                         *failed.entry(k).or_default() += v;
                     }
@@ -416,32 +430,38 @@ impl Engine {
         engine.shared.phase.store(PH_RUN, Relaxed);
         // Let the last warm-up messages arrive before anything is measured.
         std::thread::sleep(Duration::from_millis(200));
-        engine.ask_all(|| Cmd::Collect);
+        engine.ask_all(|| Cmd::Collect)?;
         Ok(engine)
     }
 
-    fn broadcast(&self, cmd: impl Fn() -> Cmd) {
+    /// Sends `cmd` to every thread under a new number, and returns the number.
+    fn broadcast(&mut self, cmd: impl Fn() -> Cmd) -> u64 {
+        self.seq += 1;
         for w in &self.workers {
-            let _ = w.tx.send(cmd());
+            let _ = w.tx.send(Tagged {
+                seq: self.seq,
+                msg: cmd(),
+            });
         }
+        self.seq
     }
 
-    fn ask_all(&mut self, cmd: impl Fn() -> Cmd) -> Vec<Reply> {
-        self.broadcast(&cmd);
-        let mut out = Vec::new();
-        for w in &self.workers {
-            if let Ok(r) = w.rx.recv_timeout(Duration::from_secs(30)) {
-                out.push(r);
-            }
-        }
-        out
+    /// Sends `cmd` to every thread and returns each one's answer to it; fails (and the run
+    /// must stop) if a thread does not answer within REPLY_TIMEOUT or has died.
+    fn ask_all(&mut self, cmd: impl Fn() -> Cmd) -> Result<Vec<Reply>, String> {
+        let seq = self.broadcast(cmd);
+        mailbox::gather(
+            self.workers.iter().map(|w| &w.rx),
+            seq,
+            Instant::now() + REPLY_TIMEOUT,
+        )
     }
 
-    fn collect(&mut self) -> (Counts, Duration, u64) {
+    fn collect(&mut self) -> Result<(Counts, Duration, u64), String> {
         let mut total = Counts::default();
         let mut cpu = Duration::ZERO;
         let mut open = 0;
-        for r in self.ask_all(|| Cmd::Collect) {
+        for r in self.ask_all(|| Cmd::Collect)? {
             if let Reply::Counts {
                 counts,
                 cpu: c,
@@ -453,21 +473,22 @@ impl Engine {
                 open += o;
             }
         }
-        (total, cpu, open)
+        Ok((total, cpu, open))
     }
 
     /// Runs one step: publishes with its load for its duration, then waits (up to
-    /// `drain_timeout`) for what is in flight, and counts what never arrived as lost.
+    /// `drain_timeout`) for what is in flight, and counts what never arrived as lost. Fails
+    /// when a generator thread stops answering (see `ask_all`).
     pub(crate) fn run_step(
         &mut self,
         step: &Step,
         interval: Duration,
         drain_timeout: Duration,
         on_interval: OnInterval<'_>,
-    ) -> StepOutcome {
+    ) -> Result<StepOutcome, String> {
         let main_cpu0 = sys::thread_cpu();
         let proc_cpu0 = sys::process_cpu();
-        let (_, cpu0, _) = self.collect();
+        let (_, cpu0, _) = self.collect()?;
         let starts: Vec<u64> = self
             .shared
             .chans
@@ -480,7 +501,7 @@ impl Engine {
         };
         self.shared.window.store(window, Relaxed);
         self.shared.closed_loop.store(window > 0, Relaxed);
-        self.ask_all(|| Cmd::StartStep(step.load, step.disturb));
+        self.ask_all(|| Cmd::StartStep(step.load, step.disturb))?;
         let t0 = Instant::now();
         let mut intervals = Vec::new();
         let mut next = interval;
@@ -488,7 +509,7 @@ impl Engine {
             if let Some(wait) = next.checked_sub(t0.elapsed()) {
                 std::thread::sleep(wait);
             }
-            let (c, _, _) = self.collect();
+            let (c, _, _) = self.collect()?;
             let at = t0.elapsed().as_secs_f64();
             on_interval(at, &c);
             intervals.push((at, c));
@@ -497,14 +518,14 @@ impl Engine {
         if let Some(wait) = step.duration.checked_sub(t0.elapsed()) {
             std::thread::sleep(wait);
         }
-        self.ask_all(|| Cmd::EndStep);
+        self.ask_all(|| Cmd::EndStep)?;
         self.shared.closed_loop.store(false, Relaxed);
         let seconds = t0.elapsed().as_secs_f64();
         // Drain: wait until every measured subscriber has everything, or the timeout.
         let td = Instant::now();
         while td.elapsed() < drain_timeout {
             let pending: u64 = self
-                .ask_all(|| Cmd::Pending)
+                .ask_all(|| Cmd::Pending)?
                 .iter()
                 .map(|r| if let Reply::Pending(n) = r { *n } else { 0 })
                 .sum();
@@ -513,13 +534,13 @@ impl Engine {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
-        let (mut counts, cpu1, open) = self.collect();
+        let (mut counts, cpu1, open) = self.collect()?;
         for (_, c) in &intervals {
             counts.merge(c);
         }
         let mut slow = SlowSeen::default();
         let mut churn = ChurnCounts::default();
-        for r in self.ask_all(|| Cmd::Final(step.disturb)) {
+        for r in self.ask_all(|| Cmd::Final(step.disturb))? {
             if let Reply::Final {
                 counts: c,
                 slow: s,
@@ -564,7 +585,7 @@ impl Engine {
             }
         }
         let generator_cpu = cpu1.saturating_sub(cpu0) + sys::thread_cpu().saturating_sub(main_cpu0);
-        StepOutcome {
+        Ok(StepOutcome {
             counts,
             intervals,
             published,
@@ -576,7 +597,7 @@ impl Engine {
             slow,
             churn,
             nodes,
-        }
+        })
     }
 
     /// Closes every connection and stops the threads.
@@ -586,9 +607,17 @@ impl Engine {
 
     fn shutdown(&mut self) {
         self.broadcast(|| Cmd::Stop);
+        // Bounded: a thread stuck in a command (the reason the run may be stopping) never
+        // reads Stop, and joining it would hang the process instead of reporting.
+        let deadline = Instant::now() + STOP_TIMEOUT;
         for w in &mut self.workers {
             if let Some(j) = w.join.take() {
-                let _ = j.join();
+                while !j.is_finished() && Instant::now() < deadline {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                if j.is_finished() {
+                    let _ = j.join();
+                }
             }
         }
     }
@@ -650,8 +679,8 @@ fn thread_main(
     t: usize,
     plan: Arc<Plan>,
     shared: Arc<Shared>,
-    mut cmds: tmpsc::UnboundedReceiver<Cmd>,
-    replies: mpsc::Sender<Reply>,
+    mut cmds: tmpsc::UnboundedReceiver<Tagged<Cmd>>,
+    replies: mpsc::Sender<Tagged<Reply>>,
 ) {
     if let Err(e) = sys::pin_current_thread(&plan.cpus) {
         eprintln!("warning: cannot pin generator thread {t}: {e}");
@@ -710,9 +739,16 @@ fn thread_main(
             }
         }
         let failed = connect_all(&ctx, &mine).await;
-        let _ = replies.send(Reply::Connected { failed });
+        let _ = replies.send(Tagged {
+            seq: 0,
+            msg: Reply::Connected { failed },
+        });
         let mut tasks: Vec<tokio::task::JoinHandle<()>> = Vec::new();
-        while let Some(cmd) = cmds.recv().await {
+        while let Some(Tagged { seq, msg: cmd }) = cmds.recv().await {
+            // Every answer carries the number of the command it answers.
+            let reply = |msg: Reply| {
+                let _ = replies.send(Tagged { seq, msg });
+            };
             match cmd {
                 Cmd::Warmup => {
                     tokio::spawn(warmup(ctx.clone(), publishes.clone()));
@@ -749,7 +785,7 @@ fn thread_main(
                             tasks.push(tokio::spawn(churn_task(ctx.clone(), churn)));
                         }
                     }
-                    let _ = replies.send(Reply::Ack);
+                    reply(Reply::Ack);
                 }
                 Cmd::EndStep => {
                     ctx.stop.store(true, Relaxed);
@@ -760,7 +796,7 @@ fn thread_main(
                     for task in tasks.drain(..) {
                         let _ = task.await;
                     }
-                    let _ = replies.send(Reply::Ack);
+                    reply(Reply::Ack);
                 }
                 Cmd::Collect => {
                     let counts = Box::new(ctx.local.lk().counts.take());
@@ -771,7 +807,7 @@ fn thread_main(
                         .iter()
                         .filter(|c| c.open && c.kind == Kind::Subscriber)
                         .count() as u64;
-                    let _ = replies.send(Reply::Counts {
+                    reply(Reply::Counts {
                         counts,
                         cpu: sys::thread_cpu(),
                         open,
@@ -791,7 +827,7 @@ fn thread_main(
                             n += end.saturating_sub(c.next.max(ms));
                         }
                     }
-                    let _ = replies.send(Reply::Pending(n));
+                    reply(Reply::Pending(n));
                 }
                 Cmd::Final(disturb) => {
                     let slow = if disturb {
@@ -815,7 +851,7 @@ fn thread_main(
                     }
                     let counts = Box::new(l.counts.take());
                     let churn = std::mem::take(&mut *ctx.churn.lk());
-                    let _ = replies.send(Reply::Final {
+                    reply(Reply::Final {
                         counts,
                         slow,
                         churn,

@@ -4,7 +4,8 @@
 //! server speaking wshub's protocol with `--target`), publishes through them, and reports
 //! published and delivered messages per second, losses, duplicates, publish-to-receive latency
 //! percentiles, errors, and the CPU and memory both sides used. `loadtest --help` lists the
-//! scenarios and every option.
+//! scenarios and every option. The exit status says whether measured messages were lost or
+//! errors happened (`verdict`), so scripts and CI can act on it.
 //!
 //! The generator is a minimal WebSocket client written for this: frames are built and masked
 //! here, server frames parsed here, and of each delivered message only the sequence number and
@@ -24,6 +25,7 @@ mod conn;
 #[cfg(feature = "embedded")]
 mod embedded;
 mod engine;
+mod mailbox;
 mod plot;
 mod ramp;
 #[cfg(feature = "embedded")]
@@ -32,6 +34,7 @@ mod report;
 mod scenarios;
 mod stats;
 mod sys;
+mod verdict;
 mod ws;
 
 use std::process::ExitCode;
@@ -43,23 +46,26 @@ use serde_json::json;
 use cli::Args;
 use conn::Target;
 use scenarios::Server;
+use verdict::{StepTally, Verdict, EXIT_FAILED, EXIT_USAGE};
 
 fn main() -> ExitCode {
     let args = Args::parse();
     if let Err(e) = args.validate() {
         eprintln!("error: {e}");
-        return ExitCode::from(2);
+        return ExitCode::from(EXIT_USAGE);
     }
     match run(&args) {
-        Ok(()) => ExitCode::SUCCESS,
+        // The statuses are listed in `--help` (verdict::EXIT_STATUS_HELP) and the README.
+        Ok(v) => ExitCode::from(v.exit_code),
         Err(e) => {
             eprintln!("error: {e}");
-            ExitCode::FAILURE
+            ExitCode::from(EXIT_FAILED)
         }
     }
 }
 
-fn run(args: &Args) -> Result<(), String> {
+/// Runs the scenario, reports, and judges the run.
+fn run(args: &Args) -> Result<Verdict, String> {
     let targets = args
         .target
         .iter()
@@ -120,6 +126,8 @@ fn run(args: &Args) -> Result<(), String> {
         drop(server.redis.take());
     }
     let out = result?;
+    let tallies: Vec<StepTally> = out.steps.iter().map(StepTally::from).collect();
+    let verdict = verdict::judge(args.scenario, &tallies, &out.sweep);
     if let Some(path) = &args.json {
         let doc = json!({
             "tool": "loadtest",
@@ -138,13 +146,15 @@ fn run(args: &Args) -> Result<(), String> {
             "live_seconds": out.live_seconds,
             "steps": out.steps,
             "summary": out.summary,
+            "verdict": verdict,
         });
         let text = serde_json::to_string_pretty(&doc)
             .map_err(|e| format!("cannot encode the JSON report: {e}"))?;
         std::fs::write(path, text).map_err(|e| format!("cannot write {}: {e}", path.display()))?;
         say!("JSON report written to {}", path.display());
     }
-    Ok(())
+    say!("{}", verdict.text());
+    Ok(verdict)
 }
 
 #[cfg(feature = "embedded")]
@@ -169,6 +179,7 @@ fn start_server(args: &Args, targets: Vec<Target>) -> Result<Server, String> {
             .transpose()?
             .unwrap_or_default(),
         queue_bytes: args.hub_queue_bytes,
+        slow_consumer: args.hub_slow_consumer,
     };
     let nodes = args.node_count();
     let (redis, redis_url) = if nodes > 1 {

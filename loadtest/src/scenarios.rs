@@ -116,6 +116,9 @@ pub(crate) struct Output {
     pub(crate) steps: Vec<StepReport>,
     /// What the steps mean together.
     pub(crate) summary: Value,
+    /// Sweep: one point per step, in the same order (for the verdict; in `summary` too).
+    #[serde(skip)]
+    pub(crate) sweep: Vec<SweepPoint>,
 }
 
 /// Runs the scenario `args` names against `server`.
@@ -364,7 +367,7 @@ impl<'a> Runner<'a> {
         );
         let mut reports = Vec::new();
         for step in steps {
-            reports.push(self.run_step(&mut engine, step, subscribers, slow));
+            reports.push(self.run_step(&mut engine, step, subscribers, slow)?);
         }
         engine.stop();
         Ok(reports)
@@ -376,7 +379,7 @@ impl<'a> Runner<'a> {
         step: &Step,
         subscribers: u64,
         slow: u64,
-    ) -> StepReport {
+    ) -> Result<StepReport, String> {
         let hubs0 = self.server.hubs();
         let pid0 = self.server.pid_cpu();
         let redis0 = self.server.redis_pid().and_then(sys::pid_cpu);
@@ -404,7 +407,7 @@ impl<'a> Runner<'a> {
             interval,
             Duration::from_millis(self.args.drain_ms),
             &mut on_interval,
-        );
+        )?;
         let cpu = if self.server.is_embedded() {
             Some(o.process_cpu.saturating_sub(o.generator_cpu))
         } else {
@@ -444,7 +447,7 @@ impl<'a> Runner<'a> {
         };
         let r = StepReport::build(step, o, subscribers, slow, side);
         pb.suspend(|| say!("{}", r.text(self.server.is_embedded())));
-        r
+        Ok(r)
     }
 }
 
@@ -585,7 +588,7 @@ fn sweep(r: &mut Runner<'_>) -> Result<(), String> {
                 duration: step_d,
                 disturb: false,
             };
-            let rep = r.run_step(&mut engine, &step, subscribers, 0);
+            let rep = r.run_step(&mut engine, &step, subscribers, 0)?;
             let offered = rate * n as f64;
             let p99_ms = rep.latency.p99_us / 1000.0;
             let ok =
@@ -661,5 +664,6 @@ fn sweep(r: &mut Runner<'_>) -> Result<(), String> {
     }
     r.out.summary = json!({ "p99_bound_ms": args.p99_ms, "points": points, "knee": knee });
     r.out.steps = steps;
+    r.out.sweep = points;
     Ok(())
 }

@@ -22,20 +22,44 @@ fn loadtest(args: &[&str]) -> Output {
         .expect("the loadtest binary runs")
 }
 
-/// Runs loadtest with `--json`, expects success, returns the parsed report.
+/// The exit statuses `loadtest --help` documents.
+const EXIT_CLEAN: i32 = 0;
+const EXIT_FAILED: i32 = 1;
+const EXIT_USAGE: i32 = 2;
+const EXIT_LOST: i32 = 3;
+
+/// Runs loadtest with `--json`, expects a clean run (exit status 0), returns the parsed report.
 fn run_json(args: &[&str]) -> Value {
+    let (out, v) = run_json_status(args);
+    assert_eq!(
+        out.status.code(),
+        Some(EXIT_CLEAN),
+        "{}",
+        describe(args, &out)
+    );
+    assert_eq!(v["verdict"]["exit_code"], EXIT_CLEAN);
+    v
+}
+
+fn describe(args: &[&str], out: &Output) -> String {
+    format!(
+        "loadtest {args:?}: {}\nstdout:\n{}\nstderr:\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// Runs loadtest with `--json` whatever its exit status, returns it and the parsed report.
+fn run_json_status(args: &[&str]) -> (Output, Value) {
     let path = temp("json");
     let p = path.to_string_lossy().to_string();
     let mut all: Vec<&str> = args.to_vec();
     all.extend(["--json", &p]);
     let out = loadtest(&all);
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        out.status.success(),
-        "loadtest {args:?} failed\nstdout:\n{stdout}\nstderr:\n{stderr}"
-    );
-    let text = std::fs::read_to_string(&path).expect("the JSON report is written");
+    let Ok(text) = std::fs::read_to_string(&path) else {
+        panic!("no JSON report: {}", describe(args, &out));
+    };
     let _ = std::fs::remove_file(&path);
     let v: Value = serde_json::from_str(&text).expect("the JSON report is valid JSON");
     for key in [
@@ -46,11 +70,19 @@ fn run_json(args: &[&str]) -> Value {
         "cpu_model",
         "steps",
         "summary",
+        "verdict",
     ] {
         assert!(v.get(key).is_some(), "no {key} in the report");
     }
     assert!(v["git_revision"].is_string() && v["cpu_model"].is_string());
-    v
+    // The JSON's verdict is what the process exited with.
+    assert_eq!(
+        out.status.code().map(i64::from),
+        v["verdict"]["exit_code"].as_i64(),
+        "{}",
+        describe(args, &out)
+    );
+    (out, v)
 }
 
 fn u(v: &Value) -> u64 {
@@ -129,6 +161,74 @@ fn fanout_closed_loop_adds_up() {
     assert_eq!(u(&s["hub"]["published"]), u(&s["published"]));
     assert!(s["hub_cpu_seconds"].as_f64().is_some());
     assert!(u(&s["rss_bytes"]) > 0);
+}
+
+#[test]
+fn a_clean_run_exits_0() {
+    let args = ["fanout", "-n", "5", "-r", "100", "-d", "1"];
+    let (out, v) = run_json_status(&args);
+    assert_eq!(
+        out.status.code(),
+        Some(EXIT_CLEAN),
+        "{}",
+        describe(&args, &out)
+    );
+    assert_eq!(u(&v["verdict"]["lost"]), 0);
+    assert_eq!(u(&v["verdict"]["duplicated"]), 0);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("verdict: clean"), "{stdout}");
+}
+
+/// Measured subscribers that really lose messages: an embedded hub with 1 KiB outbound queues
+/// that drops the oldest frames, and bursts of 20 kB messages to 50 subscribers that one
+/// generator thread cannot read as fast as the hub writes them (the publisher falls behind
+/// its 3,000/s and sends what is due in one write). The report counts the losses, the hub's
+/// own counter shows it dropped frames, and the exit status says so.
+#[test]
+fn measured_losses_exit_3() {
+    let args = [
+        "fanout",
+        "-n",
+        "50",
+        "-r",
+        "3000",
+        "-p",
+        "20000",
+        "-d",
+        "1",
+        "--drain-ms",
+        "300",
+        "--hub-queue-bytes",
+        "1024",
+        "--hub-slow-consumer",
+        "drop-oldest",
+    ];
+    let (out, v) = run_json_status(&args);
+    assert_eq!(
+        out.status.code(),
+        Some(EXIT_LOST),
+        "{}",
+        describe(&args, &out)
+    );
+    assert_eq!(v["config"]["hub_slow_consumer"], "drop-oldest");
+    let s = &v["steps"][0];
+    check_step(s, 50);
+    let lost = u(&s["lost"]);
+    assert!(lost > 0, "nothing lost: {}", describe(&args, &out));
+    assert!(
+        u(&s["hub"]["dropped"]) > 0,
+        "the hub dropped nothing: {}",
+        s["hub"]
+    );
+    // Drop-oldest keeps the clients: they lose messages without being told.
+    assert_eq!(u(&s["hub"]["slow_consumer_disconnects"]), 0);
+    assert_eq!(u(&s["connections_held"]), 50);
+    assert_eq!(u(&v["verdict"]["lost"]), lost);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("verdict: measured subscribers lost"),
+        "{stdout}"
+    );
 }
 
 #[test]
@@ -269,6 +369,46 @@ fn sweep_writes_the_plot() {
     }
 }
 
+/// The step past the knee loses messages on purpose (the same bursts as
+/// measured_losses_exit_3); the knee's own step is clean, so the run is.
+#[test]
+fn sweep_losses_past_the_knee_do_not_fail() {
+    let (out, v) = run_json_status(&[
+        "sweep",
+        "--sweep-subs",
+        "50",
+        "--sweep-rates",
+        "10,3000",
+        "-p",
+        "20000",
+        "--step-seconds",
+        "1",
+        "--drain-ms",
+        "300",
+        "--hub-queue-bytes",
+        "1024",
+        "--hub-slow-consumer",
+        "drop-oldest",
+    ]);
+    let points = v["summary"]["points"].as_array().expect("points");
+    assert_eq!(points.len(), 2, "{}", v["summary"]);
+    assert_eq!(
+        points[0]["ok"], true,
+        "the first step is not the knee: {}",
+        v["summary"]
+    );
+    assert!(
+        u(&points[1]["lost"]) > 0,
+        "nothing lost past the knee: {}",
+        v["summary"]
+    );
+    assert_eq!(out.status.code(), Some(EXIT_CLEAN), "{}", v["verdict"]);
+    assert_eq!(
+        v["verdict"]["uncounted_steps"].as_array().map(Vec::len),
+        Some(1)
+    );
+}
+
 /// A server that sends no acknowledgements (go-ws mode) on its own port, driven with --target.
 #[test]
 fn target_mode_needs_no_acks() {
@@ -377,11 +517,18 @@ fn bad_arguments_exit_without_panic() {
             "--hub-queue-bytes",
             "100000",
         ],
+        &["--hub-slow-consumer", "sometimes"],
+        &[
+            "--target",
+            "ws://127.0.0.1:1/ws",
+            "--hub-slow-consumer",
+            "drop-oldest",
+        ],
     ];
     for args in cases {
         let out = loadtest(args);
         let stderr = String::from_utf8_lossy(&out.stderr);
-        assert!(!out.status.success(), "{args:?} succeeded");
+        assert_eq!(out.status.code(), Some(EXIT_USAGE), "{args:?}: {stderr}");
         assert!(!stderr.contains("panicked"), "{args:?} panicked: {stderr}");
         assert!(!stderr.trim().is_empty(), "{args:?} said nothing");
     }
@@ -414,7 +561,7 @@ fn connection_failures_are_reported() {
     // Port 1 on loopback: nothing listens there.
     let out = loadtest(&["--target", "ws://127.0.0.1:1/ws", "-n", "2", "-d", "1"]);
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success());
+    assert_eq!(out.status.code(), Some(EXIT_FAILED), "{stderr}");
     assert!(stderr.contains("connect refused"), "{stderr}");
 }
 
@@ -422,14 +569,21 @@ fn connection_failures_are_reported() {
 // Two nodes joined by Redis
 // ---------------------------------------------------------------------------------------------
 
-/// Whether `redis-server` can be run here (CI installs it: .ci/install-redis.sh).
-fn have_redis_server() -> bool {
+/// Fails the test unless `redis-server` can be run here. A test that skipped itself would pass
+/// in CI without having run, hiding a broken two-node path; CI installs Redis
+/// (.ci/install-redis.sh), and so must anyone running these tests.
+fn require_redis_server() {
     match Command::new("redis-server").arg("--version").output() {
-        Ok(o) if o.status.success() => true,
-        _ => {
-            println!("skipped: redis-server is not installed (see .ci/install-redis.sh)");
-            false
-        }
+        Ok(o) if o.status.success() => {}
+        Ok(o) => panic!(
+            "`redis-server --version` failed ({}): the two-node tests need a working redis-server \
+             (install it with .ci/install-redis.sh)",
+            o.status
+        ),
+        Err(e) => panic!(
+            "redis-server cannot be run ({e}): the two-node tests need it on the PATH \
+             (install it with .ci/install-redis.sh)"
+        ),
     }
 }
 
@@ -513,9 +667,7 @@ fn check_two_nodes(s: &Value, subscribers: u64, embedded: bool) {
 
 #[test]
 fn two_embedded_nodes_lose_nothing_across_redis() {
-    if !have_redis_server() {
-        return;
-    }
+    require_redis_server();
     // loadtest starts and stops a redis-server of its own.
     let v = run_json(&[
         "fanout",
@@ -542,9 +694,7 @@ fn two_embedded_nodes_lose_nothing_across_redis() {
 
 #[test]
 fn two_embedded_nodes_on_a_given_redis_open_loop() {
-    if !have_redis_server() {
-        return;
-    }
+    require_redis_server();
     let redis = RedisServer::start();
     let v = run_json(&[
         "fanout",
@@ -565,9 +715,7 @@ fn two_embedded_nodes_on_a_given_redis_open_loop() {
 /// Two hubs of the test's own, joined by Redis, driven with --target twice.
 #[test]
 fn two_targets_lose_nothing_across_redis() {
-    if !have_redis_server() {
-        return;
-    }
+    require_redis_server();
     let redis = RedisServer::start();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
