@@ -18,8 +18,9 @@ pub struct HubStats {
     pub clients: usize,
     /// Channels with at least one subscriber now.
     pub channels: usize,
-    /// Messages published: every `send_*`, `broadcast` and permitted client `publish`,
-    /// counted once however many clients it reaches.
+    /// Messages published: every `send_*`, `broadcast` and permitted client `publish` that
+    /// was accepted (one refused for overload is in `backlog_refused` instead), counted once
+    /// however many clients it reaches, none included.
     pub published: u64,
     /// Frames handed to clients' connections (written, or queued to be written).
     pub delivered: u64,
