@@ -139,7 +139,7 @@ async fn half_open_clients_are_closed_within_heartbeat_plus_pong_timeout() {
         })
         .await;
         most_queued = most_queued.max(hub.stats().queued_bytes);
-        if round % 4 != 0 {
+        if !round.is_multiple_of(4) {
             continue;
         }
         let present: Vec<Option<SocketAddr>> = hub
@@ -298,7 +298,7 @@ async fn under_load_every_client_gets_what_was_published_before_shutdown_then_10
                     hub.shutdown();
                     began = Some(Instant::now());
                 }
-                if began.is_none() && seq % 10 == 0 {
+                if began.is_none() && seq.is_multiple_of(10) {
                     let floor = seq.saturating_sub(IN_FLIGHT) * SHUTDOWN_CLIENTS as u64;
                     for _ in 0..100_000 {
                         if total.load(Ordering::Acquire) >= floor {
@@ -306,7 +306,7 @@ async fn under_load_every_client_gets_what_was_published_before_shutdown_then_10
                         }
                         tokio::time::sleep(Duration::from_millis(1)).await;
                     }
-                } else if seq % 10 == 0 {
+                } else if seq.is_multiple_of(10) {
                     tokio::task::yield_now().await;
                 }
             }
