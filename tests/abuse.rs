@@ -181,7 +181,7 @@ async fn a_connection_flood_is_refused_with_503_while_existing_clients_keep_rece
             while seq < 100_000 && (seq < 200 || !flood_done.load(Ordering::Acquire)) {
                 hub.send_to_channel("feed", &tick(seq, 100)).unwrap();
                 seq += 1;
-                if seq % 10 == 0 {
+                if seq.is_multiple_of(10) {
                     most_clients = most_clients.max(hub.stats().clients);
                     tokio::time::sleep(Duration::from_millis(2)).await;
                 }

@@ -165,7 +165,7 @@ async fn concurrent_subscribes_and_unsubscribes_end_with_exact_counts() {
             let mut rng = Lcg(i as u64 * 7919 + 1);
             for _ in 0..OPS {
                 let channel = channel_name(rng.next());
-                let kind = if rng.next() % 3 == 0 {
+                let kind = if rng.next().is_multiple_of(3) {
                     "unsubscribe"
                 } else {
                     "subscribe"
@@ -181,12 +181,12 @@ async fn concurrent_subscribes_and_unsubscribes_end_with_exact_counts() {
             let mut rng = Lcg(i as u64 * 104_729 + 3);
             for _ in 0..OPS {
                 let channel = channel_name(rng.next());
-                if rng.next() % 3 == 0 {
+                if rng.next().is_multiple_of(3) {
                     hub.unsubscribe(id, &channel).unwrap();
                 } else {
                     hub.subscribe(id, &channel).unwrap();
                 }
-                if rng.next() % 8 == 0 {
+                if rng.next().is_multiple_of(8) {
                     tokio::task::yield_now().await;
                 }
             }

@@ -29,24 +29,26 @@ fn tick(seq: u64, pad: usize) -> Message {
     Message::new("tick").with_data(json!({"seq": seq, "pad": "x".repeat(pad)}))
 }
 
-/// Reads a raw client's frames until the connection ends; panics on a frame that is not a
-/// ping, text or close (or after [`DEADLINE`]).
+/// Reads a raw client's frames (what the kernel held for it, megabytes for the stalled one)
+/// until the connection ends; panics on a frame that is not a ping, text or close, or when no
+/// text or close frame came for [`PROGRESS`].
 async fn read_until_end(raw: &mut Raw) {
     let mut scratch = vec![0u8; 16 * 1024];
-    within("the server to drop the connection", async {
-        for _ in 0..1_000_000 {
-            match raw.read_frame_into(&mut scratch).await {
-                RawFrame::End => return,
-                RawFrame::Frame {
-                    opcode: OP_PING | OP_TEXT | OP_CLOSE,
-                    ..
-                } => {}
-                RawFrame::Frame { opcode, .. } => panic!("unexpected frame {opcode:#x}"),
-            }
+    let mut progress = Progress::new("the server to drop the connection");
+    for _ in 0..1_000_000 {
+        match progress.wait(raw.read_frame_into(&mut scratch)).await {
+            RawFrame::End => return,
+            RawFrame::Frame {
+                opcode: OP_TEXT | OP_CLOSE,
+                ..
+            } => progress.advanced(),
+            RawFrame::Frame {
+                opcode: OP_PING, ..
+            } => {}
+            RawFrame::Frame { opcode, .. } => panic!("unexpected frame {opcode:#x}"),
         }
-        panic!("a million frames and no end");
-    })
-    .await
+    }
+    panic!("a million frames and no end");
 }
 
 const HEARTBEAT: Duration = Duration::from_millis(250);
@@ -137,7 +139,7 @@ async fn half_open_clients_are_closed_within_heartbeat_plus_pong_timeout() {
         })
         .await;
         most_queued = most_queued.max(hub.stats().queued_bytes);
-        if round % 4 != 0 {
+        if !round.is_multiple_of(4) {
             continue;
         }
         let present: Vec<Option<SocketAddr>> = hub
@@ -238,37 +240,39 @@ async fn under_load_every_client_gets_what_was_published_before_shutdown_then_10
                     close: None,
                     closed_at: None,
                 };
-                within("a client's stream and close", async {
-                    loop {
-                        match raw.read_frame_into(&mut scratch).await {
-                            RawFrame::Frame {
-                                opcode: OP_TEXT,
-                                payload,
-                            } => {
-                                let seq = seq_of(&payload).expect("a seq");
-                                assert_eq!(seq, outcome.received, "client {i}: in order, no gap");
-                                outcome.received += 1;
-                                total.fetch_add(1, Ordering::Release);
-                            }
-                            RawFrame::Frame {
-                                opcode: OP_CLOSE,
-                                payload,
-                            } => {
-                                outcome.closed_at = Some(Instant::now());
-                                outcome.close = Some(u16::from_be_bytes([payload[0], payload[1]]));
-                                raw.send_close(1001).await;
-                            }
-                            RawFrame::Frame {
-                                opcode: OP_PING, ..
-                            } => {}
-                            RawFrame::Frame { opcode, .. } => {
-                                panic!("client {i}: unexpected frame {opcode:#x}")
-                            }
-                            RawFrame::End => return,
+                // Bounded by progress, not by the whole stream's length: the close frame and
+                // the end of the connection count as progress too.
+                let mut progress = Progress::new(format!("client {i}'s stream and close"));
+                loop {
+                    match progress.wait(raw.read_frame_into(&mut scratch)).await {
+                        RawFrame::Frame {
+                            opcode: OP_TEXT,
+                            payload,
+                        } => {
+                            let seq = seq_of(&payload).expect("a seq");
+                            assert_eq!(seq, outcome.received, "client {i}: in order, no gap");
+                            outcome.received += 1;
+                            progress.advanced();
+                            total.fetch_add(1, Ordering::Release);
                         }
+                        RawFrame::Frame {
+                            opcode: OP_CLOSE,
+                            payload,
+                        } => {
+                            outcome.closed_at = Some(Instant::now());
+                            outcome.close = Some(u16::from_be_bytes([payload[0], payload[1]]));
+                            progress.advanced();
+                            raw.send_close(1001).await;
+                        }
+                        RawFrame::Frame {
+                            opcode: OP_PING, ..
+                        } => {}
+                        RawFrame::Frame { opcode, .. } => {
+                            panic!("client {i}: unexpected frame {opcode:#x}")
+                        }
+                        RawFrame::End => break,
                     }
-                })
-                .await;
+                }
                 outcome
             })
         })
@@ -294,7 +298,7 @@ async fn under_load_every_client_gets_what_was_published_before_shutdown_then_10
                     hub.shutdown();
                     began = Some(Instant::now());
                 }
-                if began.is_none() && seq % 10 == 0 {
+                if began.is_none() && seq.is_multiple_of(10) {
                     let floor = seq.saturating_sub(IN_FLIGHT) * SHUTDOWN_CLIENTS as u64;
                     for _ in 0..100_000 {
                         if total.load(Ordering::Acquire) >= floor {
@@ -302,7 +306,7 @@ async fn under_load_every_client_gets_what_was_published_before_shutdown_then_10
                         }
                         tokio::time::sleep(Duration::from_millis(1)).await;
                     }
-                } else if seq % 10 == 0 {
+                } else if seq.is_multiple_of(10) {
                     tokio::task::yield_now().await;
                 }
             }
@@ -312,7 +316,7 @@ async fn under_load_every_client_gets_what_was_published_before_shutdown_then_10
 
     let mut outcomes = Vec::new();
     for reader in readers {
-        outcomes.push(within("a reader", reader).await.unwrap());
+        outcomes.push(within_stream_cap("a reader", reader).await.unwrap());
     }
     stop.store(true, Ordering::Release);
     let (began, attempted) = within("the publisher", publisher).await.unwrap();

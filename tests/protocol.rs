@@ -430,13 +430,24 @@ async fn strict_go_ws_mode_sends_no_acknowledgements_and_no_errors() {
     // requests above produced, which must be nothing.
     send_text(&mut ws, r#"{"type":"ping"}"#).await;
     assert_envelope(&next_text(&mut ws).await, r#"{"type":"pong"}"#);
-    // A server-side subscribe is not acknowledged either (the limit does not apply to it).
-    server.hub.subscribe(id, "server-side").unwrap();
-    sync(&mut ws).await;
 
-    // The subscribe took effect without an acknowledgement.
+    // Silence is not consent: the limit and the policy still refused. "second" was over
+    // max_subscriptions(1) and "admin" refused by the policy, so neither has the client,
+    // while "room" was allowed.
     assert_eq!(server.hub.channel_subscriber_count("room"), 1);
-    assert_eq!(server.hub.channel_subscriber_count("server-side"), 1);
+    assert_eq!(server.hub.channel_subscriber_count("second"), 0);
+    assert_eq!(server.hub.channel_subscriber_count("admin"), 0);
+    let subscriptions = server.hub.client(id).await.unwrap().subscriptions;
+    assert_eq!(subscriptions, ["room"]);
+    // And what a user would notice: publishes to the refused channels do not reach the
+    // client. Published first, from this one task, so had either reached it, it would come
+    // before the allowed channel's message.
+    for refused in ["second", "admin"] {
+        server
+            .hub
+            .send_to_channel(refused, &Message::new("refused").with_data(refused))
+            .unwrap();
+    }
     server
         .hub
         .send_to_channel("room", &Message::new("m").with_data(1))
@@ -444,6 +455,36 @@ async fn strict_go_ws_mode_sends_no_acknowledgements_and_no_errors() {
     assert_envelope(
         &next_text(&mut ws).await,
         r#"{"type":"m","channel":"room","data":1}"#,
+    );
+    // The limit still holds after an unsubscribe frees a place: "admin" stays refused by the
+    // policy even though the count would allow it, and "second" now fits.
+    for request in [
+        r#"{"type":"unsubscribe","data":"room"}"#,
+        r#"{"type":"subscribe","data":"admin"}"#,
+        r#"{"type":"subscribe","data":"second"}"#,
+    ] {
+        send_text(&mut ws, request).await;
+    }
+    sync(&mut ws).await;
+    let subscriptions = server.hub.client(id).await.unwrap().subscriptions;
+    assert_eq!(subscriptions, ["second"]);
+    assert_eq!(server.hub.channel_subscriber_count("admin"), 0);
+
+    // A server-side subscribe is not acknowledged either (the limit does not apply to it).
+    server.hub.subscribe(id, "server-side").unwrap();
+    sync(&mut ws).await;
+    assert_eq!(server.hub.channel_subscriber_count("server-side"), 1);
+    server
+        .hub
+        .send_to_channel("admin", &Message::new("refused").with_data("admin"))
+        .unwrap();
+    server
+        .hub
+        .send_to_channel("server-side", &Message::new("m").with_data(2))
+        .unwrap();
+    assert_envelope(
+        &next_text(&mut ws).await,
+        r#"{"type":"m","channel":"server-side","data":2}"#,
     );
     // Server messages of type error (send_error) are part of go-ws and still sent.
     server.hub.send_error("boom").unwrap();

@@ -2,7 +2,9 @@
 //! client (tokio-tungstenite), and a raw TCP client for what a real client refuses to send.
 //!
 //! Every wait here is bounded by a generous deadline ([`DEADLINE`]); a test that would hang
-//! fails with a message saying what it was waiting for.
+//! fails with a message saying what it was waiting for. A whole stream of messages is bounded
+//! by progress instead ([`Progress`]): how long a stream takes grows with the machine's load
+//! and the build, but a stream that stops is a failure after [`PROGRESS`].
 
 #![allow(dead_code, unreachable_pub)]
 
@@ -35,6 +37,78 @@ pub async fn within<T>(what: &str, future: impl Future<Output = T>) -> T {
     match tokio::time::timeout(DEADLINE, future).await {
         Ok(value) => value,
         Err(_) => panic!("timed out after {DEADLINE:?} waiting for {what}"),
+    }
+}
+
+/// How long a stream may go without a new message before the test fails. A stall of this
+/// long is a lost message or a stuck hub, not a slow machine: in a healthy stream the next
+/// message is milliseconds away, even in a debug build on two loaded cores.
+pub const PROGRESS: Duration = Duration::from_secs(20);
+
+/// The hard cap on a whole stream however it progresses, so that nothing can hang: six times
+/// [`DEADLINE`], several times what the longest stream here takes on a loaded 2-core machine.
+pub const STREAM_CAP: Duration = Duration::from_secs(120);
+
+/// A progress deadline for reading a stream: each wait fails when no new message has arrived
+/// for [`PROGRESS`] (however many frames that are not progress, such as pings, came between),
+/// or when the whole stream has taken longer than [`STREAM_CAP`].
+pub struct Progress {
+    what: String,
+    started: tokio::time::Instant,
+    last: tokio::time::Instant,
+    messages: u64,
+}
+
+impl Progress {
+    /// Starts the clocks: the stream's first message must come within [`PROGRESS`] from now.
+    pub fn new(what: impl Into<String>) -> Progress {
+        let now = tokio::time::Instant::now();
+        Progress {
+            what: what.into(),
+            started: now,
+            last: now,
+            messages: 0,
+        }
+    }
+
+    /// Records a new message: the progress deadline starts again from now.
+    pub fn advanced(&mut self) {
+        self.last = tokio::time::Instant::now();
+        self.messages += 1;
+    }
+
+    /// Awaits `future` (one read from the stream), failing the test if the progress deadline
+    /// or the stream's hard cap passes first.
+    pub async fn wait<T>(&self, future: impl Future<Output = T>) -> T {
+        let stalled_at = self.last + PROGRESS;
+        let capped_at = self.started + STREAM_CAP;
+        match tokio::time::timeout_at(stalled_at.min(capped_at), future).await {
+            Ok(value) => value,
+            Err(_) if stalled_at <= capped_at => panic!(
+                "{}: no new message for {PROGRESS:?} (after {} messages in {:?})",
+                self.what,
+                self.messages,
+                self.started.elapsed()
+            ),
+            Err(_) => panic!(
+                "{}: still streaming after the hard cap of {STREAM_CAP:?} ({} messages, the \
+                 last {:?} ago)",
+                self.what,
+                self.messages,
+                self.last.elapsed()
+            ),
+        }
+    }
+}
+
+/// Awaits `future`, a task that reads a whole stream under its own [`Progress`] deadline,
+/// failing the test only if it outlasts the hard cap (plus the progress deadline, so that the
+/// task's own, more telling failure comes first).
+pub async fn within_stream_cap<T>(what: &str, future: impl Future<Output = T>) -> T {
+    let cap = STREAM_CAP + PROGRESS;
+    match tokio::time::timeout(cap, future).await {
+        Ok(value) => value,
+        Err(_) => panic!("timed out after {cap:?} waiting for {what}"),
     }
 }
 
