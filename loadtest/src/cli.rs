@@ -341,7 +341,7 @@ impl Args {
             "--threads must be from 1 to 256",
         )?;
         pos(
-            self.subscribers.map_or(true, |n| n >= 1),
+            self.subscribers.is_none_or(|n| n >= 1),
             "--subscribers must be at least 1",
         )?;
         pos(self.interval_ms >= 10, "--interval-ms must be at least 10")?;
@@ -375,15 +375,15 @@ impl Args {
             "--p99-ms must be above 0",
         )?;
         pos(
-            self.hub_threads.map_or(true, |n| (1..=1024).contains(&n)),
+            self.hub_threads.is_none_or(|n| (1..=1024).contains(&n)),
             "--hub-threads must be from 1 to 1024",
         )?;
         pos(
-            self.hub_shards.map_or(true, |n| (1..=1024).contains(&n)),
+            self.hub_shards.is_none_or(|n| (1..=1024).contains(&n)),
             "--hub-shards must be from 1 to 1024",
         )?;
         pos(
-            self.hub_queue_bytes.map_or(true, |n| n >= 1024),
+            self.hub_queue_bytes.is_none_or(|n| n >= 1024),
             "--hub-queue-bytes must be at least 1024",
         )?;
         for t in &self.target {
@@ -393,7 +393,7 @@ impl Args {
             return Err("--target may be given at most twice (two nodes)".into());
         }
         pos(
-            self.nodes.map_or(true, |n| (1..=2).contains(&n)),
+            self.nodes.is_none_or(|n| (1..=2).contains(&n)),
             "--nodes must be 1 or 2",
         )?;
         if !self.target.is_empty() && self.nodes.is_some_and(|n| n != self.target.len()) {
