@@ -606,6 +606,12 @@ impl Conn {
     /// [`min_read_rate`](crate::HubConfigBuilder::min_read_rate) times the period, a new
     /// period begins; otherwise it is cut with 4000. Returns true if it was cut.
     pub(crate) fn check_progress(&self, shared: &Shared) -> bool {
+        // Write what the socket takes now first: the client may have read while this task
+        // waited for a worker thread, and a hub that is slow to write must not blame the
+        // client for it.
+        if !matches!(self.flush_queued(shared), WriteState::Blocked { .. }) {
+            return false;
+        }
         let mut out = self.lock();
         let WriteState::Blocked { since } = out.state else {
             return false;

@@ -418,7 +418,11 @@ async fn serve_client(
             WriteState::Blocked { since } => {
                 // Boxed: only a client that falls behind pays for the timer's memory, not
                 // every idle connection's task.
-                flow = Box::pin(write_blocked(shared, conn, tcp, since)).await;
+                let next = Box::pin(write_blocked(shared, conn, tcp, since)).await;
+                // A client throttled before it fell behind stays throttled.
+                if !(next == Flow::Open && flow == Flow::Throttled) {
+                    flow = next;
+                }
             }
             WriteState::Closing { .. } => flow = Flow::Closing { peer_closed: false },
             WriteState::Closed => flow = Flow::Gone,

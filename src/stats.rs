@@ -52,8 +52,9 @@ pub struct HubStats {
     /// Memory held now by the frames waiting in clients' outbound queues: each frame counted
     /// once however many queues hold it (a shard's own copy of a frame counts once per
     /// shard). This is what [`queue_memory_budget`](crate::HubConfigBuilder::queue_memory_budget)
-    /// bounds. Updated as the shards notice frames leave the queues, so it may lag by a
-    /// batch.
+    /// bounds. Updated as the shards notice frames leave the queues: at each batch while
+    /// some client is behind, and at least every keep-alive tick (a quarter of the
+    /// heartbeat), so it may stay above zero for that long after the queues have drained.
     pub queued_memory_bytes: u64,
     /// Connection tasks alive now: equal to `clients` when idle, and back to zero after
     /// shutdown.

@@ -283,23 +283,17 @@ async fn clients_flooding_requests_keep_memory_bounded_while_others_receive() {
         got, LIVE_MESSAGES,
         "the live subscriber got every message, in order"
     );
-    // The hub kept serving the flooders: each was answered. Most get a reply to every
-    // request; a flooder whose replies fall behind may be cut as a slow consumer (seen: up
-    // to 3 of 20 cut as `stalled`, though their readers never paused 4 s; see the report),
-    // and then it is counted, and only then is it short of replies.
-    let short = sent.iter().zip(&replies).filter(|(s, r)| r < s).count() as u64;
+    // The hub kept serving the flooders to the end: each got a reply to every request, and
+    // none was cut as a slow consumer, since each reads everything it is sent. (Before the
+    // progress check wrote what the socket took before judging, 1 to 3 of 20 were at times
+    // cut as `stalled` while their connection tasks waited for a worker thread.)
     for (k, (&sent, &replies)) in sent.iter().zip(&replies).enumerate() {
         assert!(sent > 0, "flooder {k} sent nothing");
-        assert!(replies > 0, "flooder {k} got no reply");
-        assert!(replies <= sent, "flooder {k}: more replies than requests");
+        assert_eq!(replies, sent, "flooder {k} got a reply to every request");
     }
     assert_eq!(
-        stats.slow_consumer_disconnects, short,
-        "every flooder short of replies was cut as a slow consumer, and only they: {stats:?}"
-    );
-    assert!(
-        short <= FLOODERS as u64 / 2,
-        "most flooders are served to the end: {short} were cut"
+        stats.slow_consumer_disconnects, 0,
+        "no flooder that reads was cut: {stats:?}"
     );
     let hub2 = hub.clone();
     wait_until("every shard's backlog to drain", move || {
@@ -307,9 +301,9 @@ async fn clients_flooding_requests_keep_memory_bounded_while_others_receive() {
     })
     .await;
     assert_eq!(
-        hub.client_count() as u64,
-        FLOODERS as u64 + 1 - short,
-        "the live subscriber is still connected"
+        hub.client_count(),
+        FLOODERS + 1,
+        "the flooders and the live subscriber are still connected"
     );
     sync(&mut live).await;
     drop(write_halves);
