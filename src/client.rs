@@ -43,6 +43,21 @@ pub struct ClientInfo {
     pub connected_at: SystemTime,
 }
 
+#[cfg(test)]
+impl ClientInfo {
+    /// A client with id `id` and nothing else known: for unit tests of the layers below the
+    /// connection task.
+    pub(crate) fn anonymous(id: u64) -> Self {
+        ClientInfo {
+            id: ClientId(id),
+            remote_addr: None,
+            user_id: None,
+            claims: Value::Null,
+            connected_at: SystemTime::now(),
+        }
+    }
+}
+
 /// A client and its subscriptions at one moment, from [`Hub::clients`](crate::Hub::clients).
 #[derive(Clone, Debug)]
 pub struct ClientSnapshot {

@@ -792,7 +792,7 @@ fn account_queued(shared: &Shared, before: u32, after: u32) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::client::{ClientId, ClientInfo};
+    use crate::client::ClientInfo;
     use std::io::Read;
 
     fn frame(len: usize, fill: u8) -> Bytes {
@@ -862,13 +862,7 @@ mod tests {
                 .unwrap(),
         );
         let shared = hub.shared();
-        let info = ClientInfo {
-            id: ClientId(1),
-            remote_addr: None,
-            user_id: None,
-            claims: serde_json::Value::Null,
-            connected_at: std::time::SystemTime::now(),
-        };
+        let info = ClientInfo::anonymous(1);
         let conn = Conn::new(info, Socket::Tcp(server), 0);
 
         // Larger than any loopback socket buffer: the kernel takes part of it.

@@ -556,7 +556,7 @@ async fn finish_close(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::client::{ClientId, ClientInfo};
+    use crate::client::ClientInfo;
     use crate::conn::Socket;
 
     /// Every idle connection holds one of these futures: memory per connection is what decides
@@ -567,13 +567,7 @@ mod tests {
     fn connection_task_stays_small() {
         let hub = crate::Hub::new();
         let shared = Arc::clone(hub.shared());
-        let info = ClientInfo {
-            id: ClientId(1),
-            remote_addr: None,
-            user_id: None,
-            claims: serde_json::Value::Null,
-            connected_at: std::time::SystemTime::now(),
-        };
+        let info = ClientInfo::anonymous(1);
         let conn = Arc::new(Conn::new(info, Socket::Null(Default::default()), 0));
         let task = run(
             Arc::clone(&shared),

@@ -1034,13 +1034,7 @@ mod tests {
     use std::sync::atomic::AtomicU64;
 
     fn null_client(id: u64) -> Arc<Conn> {
-        let info = ClientInfo {
-            id: ClientId(id),
-            remote_addr: None,
-            user_id: None,
-            claims: serde_json::Value::Null,
-            connected_at: std::time::SystemTime::now(),
-        };
+        let info = ClientInfo::anonymous(id);
         Arc::new(Conn::new(info, Socket::Null(AtomicU64::new(0)), 0))
     }
 
