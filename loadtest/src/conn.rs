@@ -42,7 +42,7 @@ impl Target {
         })
     }
 
-    /// Checks the URL's form without resolving it, and splits it into host[:port] and path
+    /// Checks the URL's form without resolving it, and splits it into `host[:port]` and path
     /// (a malformed URL is a usage error; a name that does not resolve is found when the run
     /// starts).
     pub(crate) fn split(url: &str) -> Result<(&str, &str), String> {
