@@ -14,12 +14,12 @@ use bytes::Bytes;
 
 use crate::client::{ClientId, ClientInfo};
 use crate::config::HubConfig;
+use crate::conn::task::Reader;
 use crate::conn::{Conn, Socket};
-use crate::frame::{Decoder, Event};
 use crate::hub::{Hub, Shared};
-use crate::protocol::{self, Envelope, Message};
-use crate::session::Reader;
 use crate::shard::{Command, Shard};
+use crate::wire::frame::{Decoder, Event};
+use crate::wire::protocol::{self, Envelope, Message};
 
 /// Encodes `message` into a complete frame, as every publish does once.
 pub fn encode(message: &Message) -> Bytes {
@@ -282,7 +282,7 @@ pub fn delivered(hub: &Hub) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::frame::client_frame;
+    use crate::wire::frame::client_frame;
 
     const MASK: [u8; 4] = [1, 2, 3, 4];
 

@@ -6,10 +6,10 @@ use std::time::Duration;
 
 use http::HeaderMap;
 
-use crate::auth::{AuthError, Authenticator, Origin};
 use crate::broker::Broker;
 use crate::client::ClientInfo;
 use crate::error::{Error, Result};
+use crate::http::auth::{AuthError, Authenticator, Origin};
 
 /// The most shards a hub runs: a channel's shards are kept in a 64-bit mask.
 pub const MAX_SHARDS: usize = 64;

@@ -11,14 +11,16 @@ use serde_json::value::RawValue;
 use tokio::sync::{mpsc, oneshot, watch, Notify};
 
 use crate::broker::{Broker, Inbound, Target};
-use crate::channels::{ChannelDirectory, ChannelEntry};
 use crate::client::{ChannelSnapshot, ClientId, ClientSnapshot};
 use crate::config::HubConfig;
 use crate::error::{Error, Result};
-use crate::frame::is_valid_close_code;
-use crate::protocol::{self, Envelope, ErrorReason, Message, TYPE_ERROR, TYPE_EVENT, TYPE_MESSAGE};
+use crate::shard::directory::{ChannelDirectory, ChannelEntry};
 use crate::shard::{Command, Shard};
 use crate::stats::{Counters, HubStats};
+use crate::wire::frame::is_valid_close_code;
+use crate::wire::protocol::{
+    self, Envelope, ErrorReason, Message, TYPE_ERROR, TYPE_EVENT, TYPE_MESSAGE,
+};
 
 /// The default of [`HubConfigBuilder::shard_backlog_bytes`](crate::HubConfigBuilder::shard_backlog_bytes):
 /// the most bytes of work waiting in one shard's inbox. Past it, calls that add work to that

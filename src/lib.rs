@@ -55,32 +55,19 @@
 #![deny(missing_docs)]
 #![warn(unreachable_pub)]
 
-mod auth;
 #[doc(hidden)]
 pub mod bench_support;
 mod broker;
-mod channels;
 mod client;
 mod config;
 mod conn;
 mod error;
-mod frame;
+mod http;
 mod hub;
-mod protocol;
-mod retained;
-mod server;
-mod session;
 mod shard;
 mod stats;
-mod sys;
-#[cfg(all(feature = "io-uring", target_os = "linux"))]
-mod uring;
-mod wake;
+mod wire;
 
-pub use auth::{
-    bearer_token, query_param, ApiKeyAuth, AuthError, AuthRequest, Authenticator, BearerTokenAuth,
-    Identity, QueryTokenAuth,
-};
 #[cfg(feature = "redis")]
 pub use broker::redis::{RedisBroker, RedisConfig};
 pub use broker::{Broker, BrokerStats, Inbound, Target};
@@ -89,14 +76,18 @@ pub use config::{
     ChannelPolicyFn, HubConfig, HubConfigBuilder, PublishPolicy, RateLimit, SlowConsumerPolicy,
     MAX_SHARDS,
 };
+pub use conn::sys::raise_fd_limit;
 pub use error::{Error, Result};
-pub use frame::{apply_mask, close_code};
+pub use http::auth::{
+    bearer_token, query_param, ApiKeyAuth, AuthError, AuthRequest, Authenticator, BearerTokenAuth,
+    Identity, QueryTokenAuth,
+};
+pub use http::{serve, Body, HubService};
 pub use hub::{Hub, SHARD_BACKLOG_BYTES};
-pub use protocol::{
+pub use stats::HubStats;
+pub use wire::frame::{apply_mask, close_code};
+pub use wire::protocol::{
     process_channel, ErrorReason, Message, PROCESS_CHANNEL_PREFIX, TYPE_ERROR, TYPE_EVENT,
     TYPE_MESSAGE, TYPE_PONG, TYPE_PROCESS_OUTPUT, TYPE_PROCESS_STATUS, TYPE_SUBSCRIBED,
     TYPE_UNSUBSCRIBED,
 };
-pub use server::{serve, Body, HubService};
-pub use stats::HubStats;
-pub use sys::raise_fd_limit;

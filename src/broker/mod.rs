@@ -15,7 +15,7 @@ use std::sync::{Arc, Weak};
 use bytes::Bytes;
 
 use crate::hub::Shared;
-use crate::protocol;
+use crate::wire::protocol;
 
 #[cfg(feature = "redis")]
 pub(crate) mod redis;

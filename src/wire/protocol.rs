@@ -18,7 +18,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use serde_json::Value;
 
-use crate::frame::{self, MAX_HEADER_LEN, OPCODE_TEXT};
+use crate::wire::frame::{self, MAX_HEADER_LEN, OPCODE_TEXT};
 
 /// Message type of a line of process output, sent by
 /// [`Hub::send_process_output`](crate::Hub::send_process_output).

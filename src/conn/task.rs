@@ -19,12 +19,12 @@ use tokio::sync::oneshot;
 
 use crate::config::RateLimit;
 use crate::conn::{CloseMode, Conn, WriteState};
-use crate::frame::{
+use crate::hub::Shared;
+use crate::shard::Command;
+use crate::wire::frame::{
     self, close_code, Decoder, Event, Violation, OPCODE_BINARY, OPCODE_PONG, OPCODE_TEXT,
 };
-use crate::hub::Shared;
-use crate::protocol::{self, ClientRequest, Envelope, ErrorReason, TYPE_PONG};
-use crate::shard::Command;
+use crate::wire::protocol::{self, ClientRequest, Envelope, ErrorReason, TYPE_PONG};
 
 /// The per-thread read buffer. 64 KiB takes a burst of small frames in one `read`.
 const SCRATCH_LEN: usize = 64 * 1024;

@@ -13,6 +13,9 @@
 //! on the same worker (tokio's LIFO slot) after the reader has queued every publish of its
 //! read, which makes batches large.
 
+pub(crate) mod directory;
+pub(crate) mod retained;
+
 use std::collections::HashMap;
 use std::ops::ControlFlow;
 use std::sync::atomic::Ordering;
@@ -23,13 +26,13 @@ use bytes::Bytes;
 use smallvec::SmallVec;
 use tokio::sync::{mpsc, oneshot};
 
-use crate::channels::ChannelEntry;
 use crate::client::{ClientId, ClientSnapshot};
 use crate::conn::{CloseMode, Conn, Sent};
-use crate::frame::{self, close_code};
 use crate::hub::Shared;
-use crate::protocol::{self, ErrorReason, TYPE_SUBSCRIBED, TYPE_UNSUBSCRIBED};
-use crate::retained::Retained;
+use crate::shard::directory::ChannelEntry;
+use crate::shard::retained::Retained;
+use crate::wire::frame::{self, close_code};
+use crate::wire::protocol::{self, ErrorReason, TYPE_SUBSCRIBED, TYPE_UNSUBSCRIBED};
 
 /// The most commands taken from the inbox before flushing. Large enough that a reader's burst
 /// of publishes lands in one batch (so each subscriber gets one write for all of them), small
@@ -166,7 +169,7 @@ pub(crate) struct Shard {
     /// With the `io-uring` feature, where the kernel allows it: the flush's writes go out in
     /// batches (see `uring.rs`).
     #[cfg(all(feature = "io-uring", target_os = "linux"))]
-    uring: Option<crate::uring::Uring>,
+    uring: Option<crate::conn::uring::Uring>,
     /// Reused for each client's frame indices in `flush`.
     order: Order,
     /// The frames slow clients' queues hold: the memory the hub's budget bounds.
@@ -345,7 +348,7 @@ impl Batch {
 impl Shard {
     pub(crate) fn new(index: usize, shared: Arc<Shared>) -> Self {
         #[cfg(all(feature = "io-uring", target_os = "linux"))]
-        let uring = crate::uring::Uring::for_shard(index, &shared.counters.io_uring_shards);
+        let uring = crate::conn::uring::Uring::for_shard(index, &shared.counters.io_uring_shards);
         #[cfg(not(all(feature = "io-uring", target_os = "linux")))]
         tracing::info!(shard = index, "shard writes with send(2)");
         Shard {
@@ -642,15 +645,15 @@ impl Shard {
     /// io_uring: submitted [`Uring::MAX_SENDS`] clients at a time with one `io_uring_enter`
     /// each. True once every client of the batch has had its send.
     ///
-    /// [`Uring::MAX_SENDS`]: crate::uring::Uring::MAX_SENDS
+    /// [`Uring::MAX_SENDS`]: crate::conn::uring::Uring::MAX_SENDS
     #[cfg(all(feature = "io-uring", target_os = "linux"))]
     fn send_batched(
         &mut self,
-        uring: &mut crate::uring::Uring,
+        uring: &mut crate::conn::uring::Uring,
         flushed: &mut Flushed,
         limit: usize,
     ) -> bool {
-        use crate::uring::Uring;
+        use crate::conn::uring::Uring;
         let end = self
             .batch
             .dirty

@@ -35,6 +35,12 @@
 //! [`HubConfigBuilder::outbound_queue_bytes`]: crate::HubConfigBuilder::outbound_queue_bytes
 //! [`HubStats::dropped`]: crate::HubStats::dropped
 
+pub(crate) mod sys;
+pub(crate) mod task;
+#[cfg(all(feature = "io-uring", target_os = "linux"))]
+pub(crate) mod uring;
+pub(crate) mod wake;
+
 use std::cell::RefCell;
 use std::collections::VecDeque;
 use std::io::{self, IoSlice};
@@ -47,10 +53,9 @@ use tokio::net::TcpStream;
 
 use crate::client::ClientInfo;
 use crate::config::SlowConsumerPolicy;
-use crate::frame::{self, close_code};
+use crate::conn::wake::Wake;
 use crate::hub::Shared;
-use crate::sys;
-use crate::wake::Wake;
+use crate::wire::frame::{self, close_code};
 
 /// Frames per `writev`. Linux allows 1,024; a batch rarely has more than a few dozen frames,
 /// and 64 keeps the slice array on the stack small.

@@ -18,7 +18,7 @@ use std::collections::VecDeque;
 
 use bytes::Bytes;
 
-use crate::frame;
+use crate::wire::frame;
 
 /// The frames of one shard that queues may still hold, and their bytes.
 #[derive(Default)]
