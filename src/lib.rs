@@ -39,18 +39,19 @@
 //! shards that have subscribers; each shard stages the frame for every subscriber (an index,
 //! not a copy) and writes all of a client's frames of a batch with one write.
 //!
+//! Layers, from the bottom (a layer uses those above it in this table, never those below):
+//!
 //! | module | what |
 //! |---|---|
-//! | `protocol` | the JSON envelope, encoding, decoding: no IO |
-//! | `frame` | WebSocket framing, the client frame decoder: no IO |
-//! | `hub` | the [`Hub`] handle and routing |
-//! | `shard` | the shard actor: the hot path |
-//! | `conn` | a connection's outbound queue and write path |
-//! | `session` | the connection task: reading, requests, keep-alive, close |
-//! | `server` | [`serve`], [`Hub::handler`], the upgrade |
-//! | `channels` | the channel directory: which shards have subscribers |
+//! | `wire` | `protocol`: the JSON envelope, encoding, decoding; `frame`: WebSocket framing, the client frame decoder. No IO |
+//! | `conn` | one connection: its outbound queue and write path (`send(2)`, or io_uring with the `io-uring` feature), the connection task that reads and answers it, the wake-up between them |
+//! | `shard` | the shard actor (the hot path: batches of commands, staging, one write per client), the channel directory, the memory held by slow clients' queues |
+//! | `hub` | the [`Hub`] handle: the public API, routing to the shards and their bounded inboxes; beside it `config` ([`HubConfig`]), `error` ([`Error`]), `stats` ([`HubStats`]), `client` |
+//! | `http` | [`serve`], [`Hub::handler`], the upgrade; authenticators and origins |
 //! | `broker` | several nodes: the [`Broker`] trait and, with feature `redis`, `RedisBroker` |
-//! | `config`, `auth`, `stats` | [`HubConfig`], authenticators and origins, [`HubStats`] |
+//!
+//! One dependency still points upwards: `conn` and `shard` reach the counters and the
+//! configuration through the hub's shared state rather than through handles of their own.
 
 #![deny(missing_docs)]
 #![warn(unreachable_pub)]

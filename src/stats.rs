@@ -102,7 +102,7 @@ pub(crate) struct Counters {
     pub(crate) upgrades_refused: AtomicU64,
     pub(crate) backlog_refused: AtomicU64,
     pub(crate) shard_clients: Box<[AtomicUsize]>,
-    /// Shared with each shard's ring, which counts itself while it works (`uring.rs`).
+    /// Shared with each shard's ring, which counts itself while it works (`conn/uring.rs`).
     pub(crate) io_uring_shards: Arc<AtomicUsize>,
 }
 

@@ -27,7 +27,7 @@
 //!   ([`Conn::check_progress`]). A reader that keeps making progress survives a burst of up
 //!   to its bound, however long it takes to drain.
 //! - **The hub's budget.** The shard closes its largest queues first when all queues
-//!   together hold more memory than the budget (see `shard.rs`, `Retained`).
+//!   together hold more memory than the budget (see `shard/retained.rs`).
 //!
 //! Every frame lost this way is counted in [`HubStats::dropped`]; no other client waits for
 //! a slow one.
@@ -57,8 +57,9 @@ use crate::conn::wake::Wake;
 use crate::hub::Shared;
 use crate::wire::frame::{self, close_code};
 
-/// Frames per `writev`. Linux allows 1,024; a batch rarely has more than a few dozen frames,
-/// and 64 keeps the slice array on the stack small.
+/// Frames per write (gathered into one buffer, or one `writev` for large batches). Linux
+/// allows 1,024 slices; a batch rarely has more than a few dozen frames, and 64 keeps the
+/// slice array on the stack small.
 const MAX_IOV: usize = 64;
 
 /// Batches of several frames up to this many bytes are gathered into one buffer per thread
@@ -252,8 +253,9 @@ fn write_gathered<'a>(
     socket.try_write_vectored(&slices[..count], via)
 }
 
-/// Writes as much of `frames[order[..]]` as the socket takes without blocking, one vectored
-/// write per `MAX_IOV` frames, straight to the kernel. Returns how many frames were written
+/// Writes as much of `frames[order[..]]` as the socket takes without blocking, straight to
+/// the kernel: one write per `MAX_IOV` frames (their bytes gathered into one buffer, or a
+/// `writev` when they are more than `GATHER_MAX` bytes; see [`write_gathered`]). Returns how many frames were written
 /// whole, and how many bytes of the next one.
 fn write_indexed(socket: &Socket, frames: &[Bytes], order: &[u32]) -> io::Result<(usize, usize)> {
     let mut whole = 0;
@@ -298,8 +300,9 @@ struct Progress {
     partial: bool,
 }
 
-/// Writes as much of `frames` as the socket takes without blocking, with one vectored write
-/// per `MAX_IOV` frames, through tokio (the connection task waits for writability next).
+/// Writes as much of `frames` as the socket takes without blocking, through tokio (the
+/// connection task waits for writability next): one write per `MAX_IOV` frames, as
+/// [`write_gathered`] makes it.
 fn write_some(socket: &Socket, frames: &mut [Bytes]) -> io::Result<Progress> {
     let mut progress = Progress {
         whole: 0,

@@ -46,7 +46,7 @@ pub fn raise_fd_limit() -> io::Result<u64> {
 /// clients, only to learn what the kernel says anyway. The price is that tokio does not see
 /// the `WouldBlock` this returns: the connection task that then takes over the write must
 /// write through tokio (`TcpStream::try_write`) before it waits for writability, so that the
-/// reactor clears its stale readiness (see `conn.rs`).
+/// reactor clears its stale readiness (see `conn/mod.rs`).
 #[cfg(target_os = "linux")]
 pub(crate) fn send(stream: &TcpStream, buf: &[u8]) -> io::Result<usize> {
     // SAFETY: the descriptor is open while `stream` is borrowed, and `send` reads at most

@@ -167,7 +167,7 @@ pub(crate) struct Shard {
     channel_by_entry: HashMap<usize, u32, ahash::RandomState>,
     batch: Batch,
     /// With the `io-uring` feature, where the kernel allows it: the flush's writes go out in
-    /// batches (see `uring.rs`).
+    /// batches (see `conn/uring.rs`).
     #[cfg(all(feature = "io-uring", target_os = "linux"))]
     uring: Option<crate::conn::uring::Uring>,
     /// Reused for each client's frame indices in `flush`.
@@ -513,7 +513,7 @@ impl Shard {
         #[cfg(all(feature = "io-uring", target_os = "linux"))]
         if let Some(mut uring) = self.uring.take() {
             let done = self.send_batched(&mut uring, flushed, limit);
-            // A failed ring leaked what the kernel may still read (see `uring.rs`); what is
+            // A failed ring leaked what the kernel may still read (see `conn/uring.rs`); what is
             // left is safe to drop, and the shard writes with send(2) from now on.
             if !uring.failed() {
                 self.uring = Some(uring);
