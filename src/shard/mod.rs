@@ -1052,8 +1052,8 @@ mod tests {
     }
 
     /// A fan-out to 10,000 clients must not hold the worker thread for all 10,000 writes:
-    /// on a one-thread runtime, a task spawned right after the publish runs once the shard
-    /// has written to at most `FLUSH_CHUNK` clients.
+    /// on a one-thread runtime, the publishing task runs again once the shard has written to
+    /// at most `FLUSH_CHUNK` clients.
     #[tokio::test(flavor = "current_thread")]
     async fn a_large_flush_lets_other_tasks_run_between_chunks() {
         const CLIENTS: u64 = 10_000;
@@ -1076,15 +1076,14 @@ mod tests {
 
         hub.send_to_channel("fanout", &Message::new("tick"))
             .unwrap();
-        let probe = {
-            let conns = conns.clone();
-            tokio::spawn(async move { frames_written(&conns) })
-        };
-        let seen = probe.await.unwrap() - before;
-        assert!(
-            seen <= FLUSH_CHUNK as u64,
-            "another task waited for {seen} client writes"
-        );
+        // The shard was woken by the publish; yielding once lets it run, and this task runs
+        // again when the shard yields: after its first chunk, or after all 10,000 writes.
+        tokio::task::yield_now().await;
+        let seen = frames_written(&conns) - before;
+        assert!(seen > 0, "the shard ran before this task");
+        // The stated bound, written out rather than read from `FLUSH_CHUNK`, so that the
+        // test fails if the constant grows past what the docs promise.
+        assert!(seen <= 256, "this task waited for {seen} client writes");
         while frames_written(&conns) - before < CLIENTS {
             tokio::task::yield_now().await;
         }
