@@ -296,23 +296,7 @@ impl StepReport {
         server: ServerSide,
     ) -> StepReport {
         let secs = o.seconds.max(1e-9);
-        let intervals = o
-            .intervals
-            .iter()
-            .scan(0.0, |prev, (t, c): &(f64, Counts)| {
-                let dt = (t - *prev).max(1e-9);
-                *prev = *t;
-                Some(IntervalReport {
-                    t: *t,
-                    delivered: c.delivered,
-                    delivered_per_s: c.delivered as f64 / dt,
-                    lost: c.lost,
-                    duplicated: c.duplicated,
-                    latency: Latency::of(&c.hist),
-                    errors: c.errors.clone(),
-                })
-            })
-            .collect();
+        let intervals = IntervalReport::series(&o.intervals);
         let gen = o.generator_cpu.as_secs_f64();
         let hub_cpu = server.cpu.map(|d| d.as_secs_f64());
         let slow = (step.disturb && slow_clients > 0).then(|| SlowReport {
@@ -326,19 +310,7 @@ impl StepReport {
             o.nodes
                 .iter()
                 .enumerate()
-                .map(|(i, n): (usize, &NodeOutcome)| NodeReport {
-                    node: i,
-                    role: if i == 0 { "local" } else { "cross-node" },
-                    url: server.urls.get(i).cloned().unwrap_or_default(),
-                    subscribers: n.subscribers,
-                    delivered: n.counts.delivered,
-                    delivered_per_s: n.counts.delivered as f64 / secs,
-                    expected_deliveries: n.expected,
-                    lost: n.counts.lost,
-                    duplicated: n.counts.duplicated,
-                    latency: Latency::of(&n.counts.hist),
-                    hub: server.hubs.get(i).cloned(),
-                })
+                .map(|(i, n)| NodeReport::of(i, n, secs, &server))
                 .collect()
         });
         StepReport {
@@ -372,6 +344,47 @@ impl StepReport {
             churn,
             intervals,
             histogram: HistogramJson::of(&o.counts.hist),
+        }
+    }
+}
+
+impl IntervalReport {
+    /// The report of each interval, from (seconds since the step began, its counts).
+    fn series(intervals: &[(f64, Counts)]) -> Vec<IntervalReport> {
+        intervals
+            .iter()
+            .scan(0.0, |prev, (t, c): &(f64, Counts)| {
+                let dt = (t - *prev).max(1e-9);
+                *prev = *t;
+                Some(IntervalReport {
+                    t: *t,
+                    delivered: c.delivered,
+                    delivered_per_s: c.delivered as f64 / dt,
+                    lost: c.lost,
+                    duplicated: c.duplicated,
+                    latency: Latency::of(&c.hist),
+                    errors: c.errors.clone(),
+                })
+            })
+            .collect()
+    }
+}
+
+impl NodeReport {
+    /// The report of node `i`, from what its subscribers measured over `secs` seconds.
+    fn of(i: usize, n: &NodeOutcome, secs: f64, server: &ServerSide) -> NodeReport {
+        NodeReport {
+            node: i,
+            role: if i == 0 { "local" } else { "cross-node" },
+            url: server.urls.get(i).cloned().unwrap_or_default(),
+            subscribers: n.subscribers,
+            delivered: n.counts.delivered,
+            delivered_per_s: n.counts.delivered as f64 / secs,
+            expected_deliveries: n.expected,
+            lost: n.counts.lost,
+            duplicated: n.counts.duplicated,
+            latency: Latency::of(&n.counts.hist),
+            hub: server.hubs.get(i).cloned(),
         }
     }
 }
