@@ -7,13 +7,19 @@
 //! frame parser holding at most the first bytes of a frame split across reads, the channel, and
 //! the next expected sequence number. Reads go into one buffer per thread.
 //!
-//! Sequence numbers count per channel, and each channel has exactly one publisher (one of its
-//! subscribers, as in fanout.c), so every subscriber must see them in order: a gap is a loss, a
-//! number seen again a duplicate. A step's messages are those numbered from the step's first
-//! publish (`measure_start`) to its last (`measure_end`).
+//! Every publish carries its channel's next sequence number, and `loss` counts from them what
+//! was lost or duplicated.
+//!
+//! This file is the main thread's side: [`Engine`] starts the generator threads, waits until
+//! every subscription is live, runs each step on the clock (its intervals, its end, the drain
+//! after it) and sums what the threads counted. The files beside it hold one part each: `plan`
+//! (what to connect, how to load), `outcome` (what a step measured), `shared` (state the threads
+//! share), `worker` (a generator thread and its commands), `connect`, `receive`, `publish`,
+//! `loss`, `slow` and `churn`.
 
 mod churn;
 mod connect;
+mod loss;
 mod outcome;
 mod plan;
 mod publish;
@@ -323,29 +329,13 @@ impl Engine {
                 churn.unsubscribes += ch.unsubscribes;
             }
         }
-        let mut published = 0;
-        let mut expected = 0;
-        let mut nodes: Vec<NodeOutcome> = (0..self.node_subscribers.first().map_or(0, Vec::len))
-            .map(|n| NodeOutcome {
-                subscribers: self.node_subscribers.iter().map(|v| v[n]).sum(),
-                counts: counts.nodes.get(n).cloned().unwrap_or_default(),
-                expected: 0,
-            })
-            .collect();
-        for (i, c) in self.shared.chans.iter().enumerate() {
-            let ms = c.measure_start.load(Relaxed);
-            let me = c.next_seq.load(Relaxed);
-            let n = if ms == u64::MAX || ms < starts[i] {
-                0
-            } else {
-                me - ms
-            };
-            published += n;
-            expected += n * self.subscribers[i];
-            for (node, subs) in nodes.iter_mut().zip(&self.node_subscribers[i]) {
-                node.expected += n * subs;
-            }
-        }
+        let (published, expected, nodes) = loss::totals(
+            &self.shared.chans,
+            &starts,
+            &self.subscribers,
+            &self.node_subscribers,
+            &counts,
+        );
         let generator_cpu = cpu1.saturating_sub(cpu0) + sys::thread_cpu().saturating_sub(main_cpu0);
         Ok(StepOutcome {
             counts,

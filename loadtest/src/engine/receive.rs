@@ -9,6 +9,7 @@ use std::sync::Arc;
 use tokio::io::Interest;
 use tokio::net::TcpStream;
 
+use super::loss;
 use super::plan::Kind;
 use super::worker::{Ctx, Lk, Local, WRITE_TIMEOUT};
 use crate::conn;
@@ -124,32 +125,12 @@ pub(super) fn process(ctx: &Ctx, l: &mut Local, li: usize, n: usize, pongs: &mut
                 became_live = true;
             }
             let ms = ch.measure_start.load(Relaxed);
-            if seq < ms {
-                return;
-            }
-            if *next < ms {
-                *next = ms;
-            }
             let latency = now.saturating_sub(sent).max(1);
-            if seq >= *next {
-                let gap = seq - *next;
-                counts.lost += gap;
-                *next = seq + 1;
-                counts.delivered += 1;
-                counts.hist.saturating_record(latency);
-                if let Some(nc) = counts.nodes.get_mut(node) {
-                    nc.lost += gap;
-                    nc.delivered += 1;
-                    nc.hist.saturating_record(latency);
-                }
-                if closed_loop && seq >= ch.round_start.load(Relaxed) {
-                    in_round += 1;
-                }
-            } else {
-                counts.duplicated += 1;
-                if let Some(nc) = counts.nodes.get_mut(node) {
-                    nc.duplicated += 1;
-                }
+            if loss::delivery(counts, node, next, ms, seq, latency)
+                && closed_loop
+                && seq >= ch.round_start.load(Relaxed)
+            {
+                in_round += 1;
             }
         }
         opcode::PING => ws::client_frame(pongs, opcode::PONG, f.head),

@@ -13,6 +13,7 @@ use tokio::sync::mpsc as tmpsc;
 
 use super::churn::churn_task;
 use super::connect::connect_all;
+use super::loss;
 use super::outcome::{ChurnCounts, SlowSeen};
 use super::plan::{Kind, Load, Plan};
 use super::publish::{open_loop, rounds, warmup};
@@ -245,19 +246,7 @@ pub(super) fn thread_main(
                     });
                 }
                 Cmd::Pending => {
-                    let l = ctx.local.lk();
-                    let mut n = 0;
-                    for c in l
-                        .conns
-                        .iter()
-                        .filter(|c| c.open && c.kind == Kind::Subscriber)
-                    {
-                        let ch = &ctx.shared.chans[c.ch as usize];
-                        let (ms, end) = (ch.measure_start.load(Relaxed), ch.next_seq.load(Relaxed));
-                        if ms != u64::MAX {
-                            n += end.saturating_sub(c.next.max(ms));
-                        }
-                    }
+                    let n = loss::pending(&ctx.local.lk(), &ctx.shared.chans);
                     reply(Reply::Pending(n));
                 }
                 Cmd::Final(disturb) => {
@@ -267,19 +256,7 @@ pub(super) fn thread_main(
                         SlowSeen::default()
                     };
                     let mut l = ctx.local.lk();
-                    let l = &mut *l;
-                    for c in l.conns.iter_mut().filter(|c| c.kind == Kind::Subscriber) {
-                        let ch = &ctx.shared.chans[c.ch as usize];
-                        let (ms, end) = (ch.measure_start.load(Relaxed), ch.next_seq.load(Relaxed));
-                        if ms != u64::MAX {
-                            let from = c.next.max(ms);
-                            l.counts.lost += end.saturating_sub(from);
-                            if let Some(n) = l.counts.nodes.get_mut(c.node as usize) {
-                                n.lost += end.saturating_sub(from);
-                            }
-                            c.next = from.max(end);
-                        }
-                    }
+                    loss::count_missing(&mut l, &ctx.shared.chans);
                     let counts = Box::new(l.counts.take());
                     let churn = std::mem::take(&mut *ctx.churn.lk());
                     reply(Reply::Final {
