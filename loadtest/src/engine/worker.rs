@@ -131,45 +131,8 @@ pub(super) fn thread_main(
         let mine: Vec<usize> = (0..plan.conns.len())
             .filter(|g| g % plan.threads == t)
             .collect();
-        let ctx = Arc::new(Ctx {
-            shared: shared.clone(),
-            plan: plan.clone(),
-            local: Mutex::new(Local {
-                buf: vec![0; READ_BUF],
-                conns: mine
-                    .iter()
-                    .map(|&g| LConn {
-                        parser: FrameParser::default(),
-                        ch: plan.conns[g].channel,
-                        kind: plan.conns[g].kind,
-                        node: plan.conns[g].node,
-                        next: 0,
-                        live: false,
-                        open: false,
-                        close_code: None,
-                        hint: 0,
-                    })
-                    .collect(),
-                counts: Counts::for_nodes(plan.targets.len()),
-            }),
-            socks: Mutex::new(vec![None; mine.len()]),
-            stop: AtomicBool::new(false),
-            churn: Mutex::new(ChurnCounts::default()),
-            churn_stop: AtomicBool::new(true),
-        });
-        // The channels this thread publishes: those whose first subscriber is here.
-        let mut publishes: Vec<(u32, usize)> = Vec::new();
-        {
-            let mut seen = vec![false; plan.channels.len()];
-            for (g, c) in plan.conns.iter().enumerate() {
-                if c.kind == Kind::Subscriber && !seen[c.channel as usize] {
-                    seen[c.channel as usize] = true;
-                    if g % plan.threads == t {
-                        publishes.push((c.channel, g / plan.threads));
-                    }
-                }
-            }
-        }
+        let ctx = Arc::new(Ctx::new(plan.clone(), shared, &mine));
+        let publishes = publishes(&plan, t);
         let failed = connect_all(&ctx, &mine).await;
         let _ = replies.send(Tagged {
             seq: 0,
@@ -186,37 +149,7 @@ pub(super) fn thread_main(
                     tokio::spawn(warmup(ctx.clone(), publishes.clone()));
                 }
                 Cmd::StartStep(load, disturb) => {
-                    ctx.stop.store(false, Relaxed);
-                    for &(ch, _) in &publishes {
-                        let c = &ctx.shared.chans[ch as usize];
-                        c.measure_start.store(c.next_seq.load(Relaxed), Relaxed);
-                    }
-                    match load {
-                        Load::Closed { window } => {
-                            for &(ch, li) in &publishes {
-                                tasks.push(tokio::spawn(rounds(ctx.clone(), ch, li, window)));
-                            }
-                        }
-                        Load::Open { rate } => {
-                            if !publishes.is_empty() {
-                                let per_channel = rate / plan.channels.len() as f64;
-                                tasks.push(tokio::spawn(open_loop(
-                                    ctx.clone(),
-                                    publishes.clone(),
-                                    per_channel,
-                                )));
-                            }
-                        }
-                        Load::Idle => {}
-                    }
-                    if disturb {
-                        subscribe_slow(&ctx).await;
-                        if let (Some(churn), 0) = (plan.churn, t) {
-                            ctx.churn_stop.store(false, Relaxed);
-                            *ctx.churn.lk() = ChurnCounts::default();
-                            tasks.push(tokio::spawn(churn_task(ctx.clone(), churn)));
-                        }
-                    }
+                    start_step(&ctx, t, &publishes, load, disturb, &mut tasks).await;
                     reply(Reply::Ack);
                 }
                 Cmd::EndStep => {
@@ -269,6 +202,100 @@ pub(super) fn thread_main(
             }
         }
     });
+}
+
+impl Ctx {
+    /// The state of a generator thread whose connections are `mine` (indices into
+    /// [`Plan::conns`]), none of them open yet.
+    fn new(plan: Arc<Plan>, shared: Arc<Shared>, mine: &[usize]) -> Ctx {
+        Ctx {
+            shared,
+            plan: plan.clone(),
+            local: Mutex::new(Local {
+                buf: vec![0; READ_BUF],
+                conns: mine
+                    .iter()
+                    .map(|&g| LConn {
+                        parser: FrameParser::default(),
+                        ch: plan.conns[g].channel,
+                        kind: plan.conns[g].kind,
+                        node: plan.conns[g].node,
+                        next: 0,
+                        live: false,
+                        open: false,
+                        close_code: None,
+                        hint: 0,
+                    })
+                    .collect(),
+                counts: Counts::for_nodes(plan.targets.len()),
+            }),
+            socks: Mutex::new(vec![None; mine.len()]),
+            stop: AtomicBool::new(false),
+            churn: Mutex::new(ChurnCounts::default()),
+            churn_stop: AtomicBool::new(true),
+        }
+    }
+}
+
+/// The channels thread `t` publishes, as (channel, index of its publisher among the thread's
+/// connections): those whose first subscriber is here.
+fn publishes(plan: &Plan, t: usize) -> Vec<(u32, usize)> {
+    let mut publishes: Vec<(u32, usize)> = Vec::new();
+    let mut seen = vec![false; plan.channels.len()];
+    for (g, c) in plan.conns.iter().enumerate() {
+        if c.kind == Kind::Subscriber && !seen[c.channel as usize] {
+            seen[c.channel as usize] = true;
+            if g % plan.threads == t {
+                publishes.push((c.channel, g / plan.threads));
+            }
+        }
+    }
+    publishes
+}
+
+/// Starts a step on thread `t`: marks where its channels' messages begin, starts their
+/// publishers with `load`, and when `disturb`, subscribes the slow clients and (thread 0 only)
+/// starts the churn. The tasks started go into `tasks`, for EndStep to wait on.
+async fn start_step(
+    ctx: &Arc<Ctx>,
+    t: usize,
+    publishes: &[(u32, usize)],
+    load: Load,
+    disturb: bool,
+    tasks: &mut Vec<tokio::task::JoinHandle<()>>,
+) {
+    let plan = &ctx.plan;
+    ctx.stop.store(false, Relaxed);
+    for &(ch, _) in publishes {
+        let c = &ctx.shared.chans[ch as usize];
+        c.measure_start.store(c.next_seq.load(Relaxed), Relaxed);
+    }
+    match load {
+        Load::Closed { window } => {
+            for &(ch, li) in publishes {
+                tasks.push(tokio::spawn(rounds(ctx.clone(), ch, li, window)));
+            }
+        }
+        Load::Open { rate } => {
+            if !publishes.is_empty() {
+                let per_channel = rate / plan.channels.len() as f64;
+                tasks.push(tokio::spawn(open_loop(
+                    ctx.clone(),
+                    publishes.to_vec(),
+                    per_channel,
+                )));
+            }
+        }
+        Load::Idle => {}
+    }
+    if disturb {
+        subscribe_slow(ctx).await;
+        if let (Some(churn), 0) = (plan.churn, t) {
+            ctx.churn_stop.store(false, Relaxed);
+            *ctx.churn.lk() = ChurnCounts::default();
+            tasks.push(tokio::spawn(churn_task(ctx.clone(), churn)));
+        }
+    }
 }
 
 pub(super) fn sock(ctx: &Ctx, li: usize) -> Option<Arc<TcpStream>> {
