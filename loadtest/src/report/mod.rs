@@ -1,13 +1,20 @@
 //! The report: one [`StepReport`] per measured step, printed as a table and written as JSON.
+//!
+//! This file holds what a report says (the types, serialized as the JSON report) and how a
+//! step's outcome becomes one; `text` prints it as the table, `format` writes its numbers.
+
+mod format;
+mod text;
 
 use std::collections::BTreeMap;
-use std::fmt::Write as _;
 use std::time::Duration;
 
 use serde::Serialize;
 
 use crate::engine::{ChurnCounts, Load, NodeOutcome, SlowSeen, Step, StepOutcome};
 use crate::stats::{Counts, HistogramJson, Latency};
+
+pub(crate) use format::{bytes, count, dur, rate};
 
 /// The hub's counters, as the report shows them.
 #[derive(Debug, Clone, Default, Serialize)]
@@ -289,23 +296,7 @@ impl StepReport {
         server: ServerSide,
     ) -> StepReport {
         let secs = o.seconds.max(1e-9);
-        let intervals = o
-            .intervals
-            .iter()
-            .scan(0.0, |prev, (t, c): &(f64, Counts)| {
-                let dt = (t - *prev).max(1e-9);
-                *prev = *t;
-                Some(IntervalReport {
-                    t: *t,
-                    delivered: c.delivered,
-                    delivered_per_s: c.delivered as f64 / dt,
-                    lost: c.lost,
-                    duplicated: c.duplicated,
-                    latency: Latency::of(&c.hist),
-                    errors: c.errors.clone(),
-                })
-            })
-            .collect();
+        let intervals = IntervalReport::series(&o.intervals);
         let gen = o.generator_cpu.as_secs_f64();
         let hub_cpu = server.cpu.map(|d| d.as_secs_f64());
         let slow = (step.disturb && slow_clients > 0).then(|| SlowReport {
@@ -319,19 +310,7 @@ impl StepReport {
             o.nodes
                 .iter()
                 .enumerate()
-                .map(|(i, n): (usize, &NodeOutcome)| NodeReport {
-                    node: i,
-                    role: if i == 0 { "local" } else { "cross-node" },
-                    url: server.urls.get(i).cloned().unwrap_or_default(),
-                    subscribers: n.subscribers,
-                    delivered: n.counts.delivered,
-                    delivered_per_s: n.counts.delivered as f64 / secs,
-                    expected_deliveries: n.expected,
-                    lost: n.counts.lost,
-                    duplicated: n.counts.duplicated,
-                    latency: Latency::of(&n.counts.hist),
-                    hub: server.hubs.get(i).cloned(),
-                })
+                .map(|(i, n)| NodeReport::of(i, n, secs, &server))
                 .collect()
         });
         StepReport {
@@ -367,325 +346,45 @@ impl StepReport {
             histogram: HistogramJson::of(&o.counts.hist),
         }
     }
+}
 
-    /// The step as a readable table.
-    pub(crate) fn text(&self, embedded: bool) -> String {
-        let mut s = String::new();
-        let load = match (self.load.window, self.load.rate) {
-            (Some(w), _) => format!("closed loop, {w} in flight per channel"),
-            (_, Some(r)) => format!("open loop, {} publishes/s", count(r as u64)),
-            _ => "idle".into(),
-        };
-        let _ = writeln!(
-            s,
-            "\n== {} ({load}), measured {:.1} s",
-            self.label, self.seconds
-        );
-        let row = |s: &mut String, k: &str, v: String| {
-            let _ = writeln!(s, "  {k:<18}{v}");
-        };
-        if self.load.mode != "idle" {
-            row(
-                &mut s,
-                "published",
-                format!(
-                    "{:>15}   {:>12}/s",
-                    count(self.published),
-                    rate(self.published_per_s)
-                ),
-            );
-            row(
-                &mut s,
-                "delivered",
-                format!(
-                    "{:>15}   {:>12}/s",
-                    count(self.delivered),
-                    rate(self.delivered_per_s)
-                ),
-            );
-            row(
-                &mut s,
-                "expected",
-                format!(
-                    "{:>15}   (each publish x its channel's subscribers)",
-                    count(self.expected_deliveries)
-                ),
-            );
-            row(&mut s, "lost", format!("{:>15}", count(self.lost)));
-            row(
-                &mut s,
-                "duplicated",
-                format!("{:>15}", count(self.duplicated)),
-            );
-            if self.behind_schedule > 0 {
-                row(
-                    &mut s,
-                    "behind schedule",
-                    format!(
-                        "{:>15}   (publishes the generator could not send in time)",
-                        count(self.behind_schedule)
-                    ),
-                );
-            }
-            let l = &self.latency;
-            row(
-                &mut s,
-                "latency",
-                format!(
-                    "p50 {}  p90 {}  p99 {}  p99.9 {}  max {}",
-                    dur(l.p50_us),
-                    dur(l.p90_us),
-                    dur(l.p99_us),
-                    dur(l.p999_us),
-                    dur(l.max_us)
-                ),
-            );
-        }
-        row(
-            &mut s,
-            "connections held",
-            format!(
-                "{} of {} subscribers",
-                count(self.connections_held),
-                count(self.subscribers)
-            ),
-        );
-        if self.errors.is_empty() {
-            row(&mut s, "errors", "none".into());
-        } else {
-            let e: Vec<String> = self
-                .errors
-                .iter()
-                .map(|(k, v)| format!("{v} {k}"))
-                .collect();
-            row(&mut s, "errors", e.join(", "));
-        }
-        row(
-            &mut s,
-            "generator CPU",
-            format!(
-                "{:.1} s ({:.0}% of one core)",
-                self.generator_cpu_seconds, self.generator_cpu_percent
-            ),
-        );
-        if let (Some(c), Some(p)) = (self.hub_cpu_seconds, self.hub_cpu_percent) {
-            row(&mut s, "hub CPU", format!("{c:.1} s ({p:.0}% of one core)"));
-        }
-        if let Some(r) = self.rss_bytes {
-            let note = if embedded {
-                " (the whole process: hub and generator)"
-            } else {
-                " (the server process)"
-            };
-            row(&mut s, "memory (RSS)", format!("{}{note}", bytes(r)));
-        }
-        if let Some(r) = self.generator_rss_bytes {
-            row(&mut s, "generator RSS", bytes(r));
-        }
-        if let Some(h) = &self.hub {
-            row(
-                &mut s,
-                "hub counters",
-                format!(
-                    "published {}, delivered {}, dropped {}, slow-consumer disconnects {}, clients {}",
-                    count(h.published),
-                    count(h.delivered),
-                    count(h.dropped),
-                    count(h.slow_consumer_disconnects),
-                    count(h.clients)
-                ),
-            );
-        }
-        if let Some(c) = self.redis_cpu_seconds {
-            row(
-                &mut s,
-                "redis-server CPU",
-                format!(
-                    "{c:.1} s ({:.0}% of one core)",
-                    c / self.seconds.max(1e-9) * 100.0
-                ),
-            );
-        }
-        for n in self.nodes.iter().flatten() {
-            let name = format!("node {}", char::from(b'A' + n.node.min(25) as u8));
-            let what = if n.node == 0 {
-                "local: the publishers' node"
-            } else {
-                "cross-node: through Redis"
-            };
-            let l = &n.latency;
-            row(
-                &mut s,
-                &name,
-                format!("{} subscribers ({what}), {}", count(n.subscribers), n.url),
-            );
-            row(
-                &mut s,
-                "  delivered",
-                format!(
-                    "{:>15}   {:>12}/s   lost {}, duplicated {}",
-                    count(n.delivered),
-                    rate(n.delivered_per_s),
-                    count(n.lost),
-                    count(n.duplicated)
-                ),
-            );
-            row(
-                &mut s,
-                "  latency",
-                format!(
-                    "p50 {}  p90 {}  p99 {}  p99.9 {}  max {}",
-                    dur(l.p50_us),
-                    dur(l.p90_us),
-                    dur(l.p99_us),
-                    dur(l.p999_us),
-                    dur(l.max_us)
-                ),
-            );
-            if let Some(b) = n.hub.as_ref().and_then(|h| h.broker.as_ref()) {
-                row(
-                    &mut s,
-                    "  broker",
-                    format!(
-                        "sent {}, received {}, send_dropped {}, receive_dropped {}, reconnects {}{}",
-                        count(b.sent),
-                        count(b.received),
-                        count(b.send_dropped),
-                        count(b.receive_dropped),
-                        count(b.reconnects),
-                        if b.connected { "" } else { ", disconnected now" }
-                    ),
-                );
-            }
-        }
-        if let Some(sl) = &self.slow {
-            let codes: Vec<String> = sl
-                .seen
-                .close_codes
-                .iter()
-                .map(|(k, v)| format!("{v} with {k}"))
-                .collect();
-            row(
-                &mut s,
-                "slow clients",
-                format!(
-                    "{}: {} closed by the server{}; they got {} of the step's messages, missed {}",
-                    sl.seen.clients,
-                    sl.seen.closed_by_server,
-                    if codes.is_empty() {
-                        String::new()
-                    } else {
-                        format!(" ({})", codes.join(", "))
-                    },
-                    count(sl.seen.received),
-                    count(sl.lost)
-                ),
-            );
-        }
-        if let Some(c) = &self.churn {
-            row(
-                &mut s,
-                "churn",
-                format!(
-                    "{} connects ({} failed), {} disconnects, {} subscribes, {} unsubscribes",
-                    count(c.connects),
-                    count(c.connect_failures),
-                    count(c.disconnects),
-                    count(c.subscribes),
-                    count(c.unsubscribes)
-                ),
-            );
-        }
-        if self.load.mode != "idle" && self.published > 0 {
-            let reach = if self.lost == 0
-                && self.expected_deliveries == self.published * self.subscribers
-            {
-                format!(
-                    "every one reached all {} subscribers",
-                    count(self.subscribers)
-                )
-            } else if self.lost == 0 {
-                "every one reached every subscriber of its channel".to_string()
-            } else {
-                format!("{} deliveries never arrived", count(self.lost))
-            };
-            let _ = writeln!(
-                s,
-                "  in short: {} publishes in {:.0} s, {reach}: {} deliveries/s; half arrived within {}, 99% within {}",
-                count(self.published),
-                self.seconds,
-                rate(self.delivered_per_s),
-                dur(self.latency.p50_us),
-                dur(self.latency.p99_us)
-            );
-        }
-        s
+impl IntervalReport {
+    /// The report of each interval, from (seconds since the step began, its counts).
+    fn series(intervals: &[(f64, Counts)]) -> Vec<IntervalReport> {
+        intervals
+            .iter()
+            .scan(0.0, |prev, (t, c): &(f64, Counts)| {
+                let dt = (t - *prev).max(1e-9);
+                *prev = *t;
+                Some(IntervalReport {
+                    t: *t,
+                    delivered: c.delivered,
+                    delivered_per_s: c.delivered as f64 / dt,
+                    lost: c.lost,
+                    duplicated: c.duplicated,
+                    latency: Latency::of(&c.hist),
+                    errors: c.errors.clone(),
+                })
+            })
+            .collect()
     }
 }
 
-/// `1234567` as `1,234,567`.
-pub(crate) fn count(n: u64) -> String {
-    let d = n.to_string();
-    let mut out = String::new();
-    for (i, ch) in d.chars().enumerate() {
-        if i > 0 && (d.len() - i).is_multiple_of(3) {
-            out.push(',');
+impl NodeReport {
+    /// The report of node `i`, from what its subscribers measured over `secs` seconds.
+    fn of(i: usize, n: &NodeOutcome, secs: f64, server: &ServerSide) -> NodeReport {
+        NodeReport {
+            node: i,
+            role: if i == 0 { "local" } else { "cross-node" },
+            url: server.urls.get(i).cloned().unwrap_or_default(),
+            subscribers: n.subscribers,
+            delivered: n.counts.delivered,
+            delivered_per_s: n.counts.delivered as f64 / secs,
+            expected_deliveries: n.expected,
+            lost: n.counts.lost,
+            duplicated: n.counts.duplicated,
+            latency: Latency::of(&n.counts.hist),
+            hub: server.hubs.get(i).cloned(),
         }
-        out.push(ch);
-    }
-    out
-}
-
-/// A rate as `4.39M`, `207k` or `12.0`.
-pub(crate) fn rate(r: f64) -> String {
-    if r >= 1e6 {
-        format!("{:.2}M", r / 1e6)
-    } else if r >= 1e4 {
-        format!("{:.0}k", r / 1e3)
-    } else if r >= 1e3 {
-        format!("{:.1}k", r / 1e3)
-    } else {
-        format!("{r:.1}")
-    }
-}
-
-/// Microseconds as `850 µs`, `1.23 ms` or `2.1 s`.
-pub(crate) fn dur(us: f64) -> String {
-    if us >= 1e6 {
-        format!("{:.2} s", us / 1e6)
-    } else if us >= 1e3 {
-        format!("{:.2} ms", us / 1e3)
-    } else {
-        format!("{us:.0} µs")
-    }
-}
-
-/// Bytes as `12.3 MB`.
-pub(crate) fn bytes(b: u64) -> String {
-    let b = b as f64;
-    if b >= 1e9 {
-        format!("{:.2} GB", b / 1e9)
-    } else if b >= 1e6 {
-        format!("{:.1} MB", b / 1e6)
-    } else if b >= 1e3 {
-        format!("{:.1} kB", b / 1e3)
-    } else {
-        format!("{b:.0} B")
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn formats() {
-        assert_eq!(count(0), "0");
-        assert_eq!(count(1234567), "1,234,567");
-        assert_eq!(count(123), "123");
-        assert_eq!(rate(4_390_000.0), "4.39M");
-        assert_eq!(rate(207_000.0), "207k");
-        assert_eq!(dur(850.0), "850 µs");
-        assert_eq!(dur(1230.0), "1.23 ms");
     }
 }
