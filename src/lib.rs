@@ -55,6 +55,7 @@
 #![deny(missing_docs)]
 #![warn(unreachable_pub)]
 
+#[cfg(feature = "test-support")]
 #[doc(hidden)]
 pub mod bench_support;
 mod broker;
