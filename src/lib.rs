@@ -86,7 +86,7 @@ pub use http::auth::{
 pub use http::{serve, Body, HubService};
 pub use hub::{Hub, SHARD_BACKLOG_BYTES};
 pub use stats::HubStats;
-pub use wire::frame::{apply_mask, close_code};
+pub use wire::frame::close_code;
 pub use wire::protocol::{
     process_channel, ErrorReason, Message, PROCESS_CHANNEL_PREFIX, TYPE_ERROR, TYPE_EVENT,
     TYPE_MESSAGE, TYPE_PONG, TYPE_PROCESS_OUTPUT, TYPE_PROCESS_STATUS, TYPE_SUBSCRIBED,
