@@ -23,7 +23,8 @@
 //!     });
 //!
 //!     // Serves ws://127.0.0.1:8080/ws until Ctrl-C, then closes every client with 1001.
-//!     wshub::serve(listener, hub, async { let _ = tokio::signal::ctrl_c().await; }).await
+//!     wshub::serve(listener, hub, async { let _ = tokio::signal::ctrl_c().await; }).await;
+//!     Ok(())
 //! }
 //! ```
 //!

@@ -127,7 +127,7 @@ pub struct Server {
     pub hub: Hub,
     pub addr: SocketAddr,
     shutdown: Option<oneshot::Sender<()>>,
-    task: Option<JoinHandle<std::io::Result<()>>>,
+    task: Option<JoinHandle<()>>,
 }
 
 impl Server {
@@ -188,8 +188,7 @@ impl Server {
         if let Some(task) = self.task.take() {
             within("serve to return after shutdown", task)
                 .await
-                .expect("serve task panicked")
-                .expect("serve returned an error");
+                .expect("serve task panicked");
         }
     }
 
