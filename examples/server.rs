@@ -105,26 +105,19 @@ async fn main() -> ExitCode {
         args.addr,
         hub.config().shards()
     );
-    match wshub::serve(listener, hub.clone(), shutdown_signal()).await {
-        Ok(()) => {
-            let stats = hub.stats();
-            // What an operator checks after a run: whether anything was refused or cut, and
-            // how long a shard held a worker thread at most (the README quotes it).
-            eprintln!(
-                "wshub stopped: {} published, {} delivered, {} dropped, {} slow consumers cut, \
-                 {} refused for overload, longest shard turn {:?}",
-                stats.published,
-                stats.delivered,
-                stats.dropped,
-                stats.slow_consumer_disconnects,
-                stats.backlog_refused,
-                stats.longest_shard_turn
-            );
-            ExitCode::SUCCESS
-        }
-        Err(err) => {
-            eprintln!("error: {err}");
-            ExitCode::FAILURE
-        }
-    }
+    wshub::serve(listener, hub.clone(), shutdown_signal()).await;
+    let stats = hub.stats();
+    // What an operator checks after a run: whether anything was refused or cut, and how long
+    // a shard held a worker thread at most (the README quotes it).
+    eprintln!(
+        "wshub stopped: {} published, {} delivered, {} dropped, {} slow consumers cut, \
+         {} refused for overload, longest shard turn {:?}",
+        stats.published,
+        stats.delivered,
+        stats.dropped,
+        stats.slow_consumer_disconnects,
+        stats.backlog_refused,
+        stats.longest_shard_turn
+    );
+    ExitCode::SUCCESS
 }

@@ -1,5 +1,6 @@
-//! Internals opened to the benchmarks (`benches/`) and fuzz targets (`fuzz/`). Hidden from
-//! the docs and outside any semver promise: applications must not use it.
+//! Internals opened to the benchmarks (`benches/`) and fuzz targets (`fuzz/`), only with the
+//! non-default `test-support` feature. Hidden from the docs and outside any semver promise:
+//! applications must not use it.
 //!
 //! Clients here are "null" clients: their socket takes every frame at once and counts it, so
 //! a benchmark measures the hub's own work (routing, staging, the write path) without the

@@ -23,7 +23,8 @@
 //!     });
 //!
 //!     // Serves ws://127.0.0.1:8080/ws until Ctrl-C, then closes every client with 1001.
-//!     wshub::serve(listener, hub, async { let _ = tokio::signal::ctrl_c().await; }).await
+//!     wshub::serve(listener, hub, async { let _ = tokio::signal::ctrl_c().await; }).await;
+//!     Ok(())
 //! }
 //! ```
 //!
@@ -56,6 +57,7 @@
 #![deny(missing_docs)]
 #![warn(unreachable_pub)]
 
+#[cfg(feature = "test-support")]
 #[doc(hidden)]
 pub mod bench_support;
 mod broker;
@@ -86,7 +88,7 @@ pub use http::auth::{
 pub use http::{serve, Body, HubService};
 pub use hub::{Hub, SHARD_BACKLOG_BYTES};
 pub use stats::HubStats;
-pub use wire::frame::{apply_mask, close_code};
+pub use wire::frame::close_code;
 pub use wire::protocol::{
     process_channel, ErrorReason, Message, PROCESS_CHANNEL_PREFIX, TYPE_ERROR, TYPE_EVENT,
     TYPE_MESSAGE, TYPE_PONG, TYPE_PROCESS_OUTPUT, TYPE_PROCESS_STATUS, TYPE_SUBSCRIBED,

@@ -36,7 +36,7 @@ pub(crate) struct Embedded {
     rt: Option<tokio::runtime::Runtime>,
     hub: wshub::Hub,
     shutdown: Option<tokio::sync::oneshot::Sender<()>>,
-    served: Option<tokio::task::JoinHandle<std::io::Result<()>>>,
+    served: Option<tokio::task::JoinHandle<()>>,
     /// Where it listens.
     pub(crate) addr: SocketAddr,
 }

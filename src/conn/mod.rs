@@ -88,11 +88,14 @@ fn close_grace(shared: &Shared) -> Duration {
     SLOW_CLOSE_GRACE.max(shared.config.write_timeout)
 }
 
-/// Where a connection's bytes go.
+/// Where a connection's bytes go. In an application's build, only a TCP stream: the null
+/// socket exists for the unit tests and with the `test-support` feature, so the write path
+/// matches on nothing else.
 pub(crate) enum Socket {
     Tcp(TcpStream),
-    /// Takes every frame at once and counts them: the in-process benchmarks' and fuzz
-    /// targets' clients, with no kernel in the way.
+    /// Takes every frame at once and counts them: the in-process benchmarks', fuzz targets'
+    /// and unit tests' clients, with no kernel in the way.
+    #[cfg(any(test, feature = "test-support"))]
     Null(AtomicU64),
 }
 
@@ -122,6 +125,7 @@ impl Socket {
         match (self, via) {
             (Socket::Tcp(stream), Via::Kernel) => sys::send_vectored(stream, bufs),
             (Socket::Tcp(stream), Via::Reactor) => stream.try_write_vectored(bufs),
+            #[cfg(any(test, feature = "test-support"))]
             (Socket::Null(frames), _) => {
                 frames.fetch_add(bufs.len() as u64, Ordering::Relaxed);
                 Ok(bufs.iter().map(|b| b.len()).sum())
@@ -132,6 +136,7 @@ impl Socket {
     pub(crate) fn tcp(&self) -> Option<&TcpStream> {
         match self {
             Socket::Tcp(stream) => Some(stream),
+            #[cfg(any(test, feature = "test-support"))]
             Socket::Null(_) => None,
         }
     }

@@ -7,9 +7,13 @@ use std::os::fd::AsRawFd;
 
 use tokio::net::TcpStream;
 
-/// Raises this process's soft limit on open files (`RLIMIT_NOFILE`) to its hard limit, and
-/// returns the new soft limit. Each connection is one file descriptor, so a hub or a load
-/// generator holding many needs this; the common default soft limit is 1,024.
+/// A helper for servers holding many connections: raises this process's soft limit on open
+/// files (`RLIMIT_NOFILE`) to its hard limit, and returns the new soft limit.
+///
+/// Each connection is one file descriptor, and the common default soft limit is 1,024, so a
+/// server expecting more clients than that calls this once at startup, before it serves (the
+/// hub itself never changes the limit). Past the hard limit, the operating system's
+/// configuration must change (`ulimit -Hn`, systemd's `LimitNOFILE=`).
 ///
 /// ```
 /// let limit = wshub::raise_fd_limit().unwrap();

@@ -86,7 +86,8 @@ impl Reader {
         }
     }
 
-    /// Bytes held of a frame still arriving.
+    /// Bytes held of a frame still arriving (for `bench_support`).
+    #[cfg(feature = "test-support")]
     pub(crate) fn pending_len(&self) -> usize {
         self.pending.len()
     }

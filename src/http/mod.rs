@@ -12,7 +12,6 @@ pub(crate) mod auth;
 
 use std::convert::Infallible;
 use std::future::Future;
-use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::Ordering;
@@ -48,28 +47,23 @@ struct RemoteAddr(SocketAddr);
 /// default; other paths answer 404) until `shutdown` completes; then shuts the hub down
 /// gracefully and returns.
 ///
+/// It cannot fail: accept errors (such as running out of file descriptors) are logged and
+/// retried after a pause, and a connection's errors end that connection only. Binding the
+/// listener is the caller's, and where its errors are reported.
+///
 /// ```no_run
 /// # async fn example() -> std::io::Result<()> {
 /// let listener = tokio::net::TcpListener::bind("127.0.0.1:8080").await?;
 /// let hub = wshub::Hub::new();
-/// wshub::serve(listener, hub, async { let _ = tokio::signal::ctrl_c().await; }).await
+/// wshub::serve(listener, hub, async { let _ = tokio::signal::ctrl_c().await; }).await;
+/// # Ok(())
 /// # }
 /// ```
-///
-/// # Errors
-///
-/// None today: accept errors (such as running out of file descriptors) are logged and
-/// retried after a pause. The `Result` leaves room for listener failures.
-pub async fn serve(
-    listener: TcpListener,
-    hub: Hub,
-    shutdown: impl Future<Output = ()>,
-) -> io::Result<()> {
+pub async fn serve(listener: TcpListener, hub: Hub, shutdown: impl Future<Output = ()>) {
     hub.ensure_started();
     let accept = tokio::spawn(accept_loop(listener, hub.clone()));
     hub.run(shutdown).await;
     accept.abort();
-    Ok(())
 }
 
 async fn accept_loop(listener: TcpListener, hub: Hub) {

@@ -106,7 +106,7 @@ pub(crate) fn is_ping(frame: &Bytes) -> bool {
 
 /// Unmasks (or masks: the operation is its own inverse) `payload` with `mask`, eight bytes at
 /// a time.
-pub fn apply_mask(payload: &mut [u8], mask: [u8; 4]) {
+pub(crate) fn apply_mask(payload: &mut [u8], mask: [u8; 4]) {
     let wide = u64::from_ne_bytes([
         mask[0], mask[1], mask[2], mask[3], mask[0], mask[1], mask[2], mask[3],
     ]);

@@ -127,7 +127,7 @@ pub struct Server {
     pub hub: Hub,
     pub addr: SocketAddr,
     shutdown: Option<oneshot::Sender<()>>,
-    task: Option<JoinHandle<std::io::Result<()>>>,
+    task: Option<JoinHandle<()>>,
 }
 
 impl Server {
@@ -188,8 +188,7 @@ impl Server {
         if let Some(task) = self.task.take() {
             within("serve to return after shutdown", task)
                 .await
-                .expect("serve task panicked")
-                .expect("serve returned an error");
+                .expect("serve task panicked");
         }
     }
 
@@ -526,9 +525,16 @@ pub fn frame_bytes(first: u8, payload: &[u8], mask: Option<[u8; 4]>) -> Vec<u8> 
     }
     out.extend_from_slice(payload);
     if let Some(mask) = mask {
-        wshub::apply_mask(&mut out[start..], mask);
+        apply_mask(&mut out[start..], mask);
     }
     out
+}
+
+/// Masks (or unmasks) `payload` with `mask`, as a client does (RFC 6455, 5.3).
+pub fn apply_mask(payload: &mut [u8], mask: [u8; 4]) {
+    for (byte, key) in payload.iter_mut().zip(mask.iter().cycle()) {
+        *byte ^= key;
+    }
 }
 
 pub const FIN: u8 = 0x80;
