@@ -111,7 +111,7 @@ impl Command {
             | Command::Broadcast(frame)
             | Command::SendToClient { frame, .. }
             | Command::SendToUser { frame, .. }
-            | Command::Reply { frame, .. } => ITSELF + frame.len(),
+            | Command::Reply { frame, .. } => Self::frame_cost(frame),
             Command::Subscribe { channel, .. } | Command::Unsubscribe { channel, .. } => {
                 ITSELF + channel.len()
             }
@@ -335,6 +335,18 @@ impl Batch {
         };
     }
 
+    /// The next `limit` clients of `dirty` to send to (indices into it), counted as sent.
+    fn next_chunk(&mut self, limit: usize) -> std::ops::Range<usize> {
+        let start = self.next_dirty;
+        self.next_dirty = self.dirty.len().min(start.saturating_add(limit));
+        start..self.next_dirty
+    }
+
+    /// Every client with staged frames has had its send.
+    fn all_sent(&self) -> bool {
+        self.next_dirty == self.dirty.len()
+    }
+
     /// Forgets the batch, keeping its memory.
     fn clear(&mut self) {
         self.dirty.clear();
@@ -520,12 +532,7 @@ impl Shard {
             }
             return done;
         }
-        let end = self
-            .batch
-            .dirty
-            .len()
-            .min(self.batch.next_dirty.saturating_add(limit));
-        for k in self.batch.next_dirty..end {
+        for k in self.batch.next_chunk(limit) {
             let slot = self.batch.dirty[k];
             if let Some(Some(next)) = self
                 .batch
@@ -547,8 +554,7 @@ impl Shard {
             let sent = client.conn.send(&self.batch.frames, order, &self.shared);
             flushed.record(slot, order.len(), sent);
         }
-        self.batch.next_dirty = end;
-        end == self.batch.dirty.len()
+        self.batch.all_sent()
     }
 
     /// After the sends: forgets the batch, removes the clients closed as slow consumers, and
@@ -654,13 +660,7 @@ impl Shard {
         limit: usize,
     ) -> bool {
         use crate::conn::uring::Uring;
-        let end = self
-            .batch
-            .dirty
-            .len()
-            .min(self.batch.next_dirty.saturating_add(limit));
-        let chunk = self.batch.next_dirty..end;
-        self.batch.next_dirty = end;
+        let chunk = self.batch.next_chunk(limit);
         // Each client's sequence, taken first: below, the clients are borrowed while their
         // locks are held.
         let mut pending = Vec::with_capacity(chunk.len());
@@ -709,7 +709,7 @@ impl Shard {
                 flushed.record(slot, order.len(), sent);
             }
         }
-        end == self.batch.dirty.len()
+        self.batch.all_sent()
     }
 
     fn handle_register(&mut self, conn: Arc<Conn>) {
