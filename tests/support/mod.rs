@@ -867,3 +867,71 @@ pub fn spawn_sequence_reader(
         }
     })
 }
+
+// ---------------------------------------------------------------------------------------------
+// History and recovery (tests/history.rs): subscribing with `since`, and the position
+// (`offset`, `epoch`) that a history channel's frames carry as their last two keys.
+// ---------------------------------------------------------------------------------------------
+
+/// The subscribe request for `channel`: plain when `since` is `None`, otherwise with
+/// `"since":{"offset":N}` and, when given, `"epoch":E`.
+pub fn subscribe_request(channel: &str, since: Option<(u64, Option<&str>)>) -> String {
+    let mut request = serde_json::json!({"type": "subscribe", "data": channel});
+    if let Some((offset, epoch)) = since {
+        let mut position = serde_json::json!({"offset": offset});
+        if let Some(epoch) = epoch {
+            position["epoch"] = epoch.into();
+        }
+        request["since"] = position;
+    }
+    request.to_string()
+}
+
+/// Subscribes to `channel` (with `since` as in [`subscribe_request`]) and returns the
+/// `subscribed` acknowledgement, which must be the next message.
+pub async fn subscribe_since(
+    ws: &mut Ws,
+    channel: &str,
+    since: Option<(u64, Option<&str>)>,
+) -> Value {
+    send_text(ws, &subscribe_request(channel, since)).await;
+    let ack = next_json(ws).await;
+    assert_eq!(
+        ack["type"], "subscribed",
+        "the ack of subscribe {channel} since {since:?}: {ack}"
+    );
+    assert_eq!(ack["channel"], channel, "the ack's channel: {ack}");
+    ack
+}
+
+/// The position in a history channel's acknowledgement: `data.offset` and `data.epoch`.
+pub fn ack_position(ack: &Value) -> (u64, String) {
+    let offset = ack["data"]["offset"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no integer data.offset in the ack {ack}"));
+    let epoch = ack["data"]["epoch"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no string data.epoch in the ack {ack}"));
+    (offset, epoch.to_owned())
+}
+
+/// The `(offset, epoch)` a frame's raw text ends with: `…,"offset":N,"epoch":"E"}`, the two
+/// last keys. `None` when the text does not end that way. Cheap (no JSON parse), for readers
+/// of long streams.
+pub fn tail_position(text: &str) -> Option<(u64, String)> {
+    let at = text.rfind(",\"offset\":")?;
+    let rest = &text[at + ",\"offset\":".len()..];
+    let digits = rest.bytes().take_while(u8::is_ascii_digit).count();
+    let offset = rest[..digits].parse().ok()?;
+    let epoch = rest[digits..]
+        .strip_prefix(",\"epoch\":")?
+        .strip_suffix('}')?;
+    let epoch: String = serde_json::from_str(epoch).ok()?;
+    Some((offset, epoch))
+}
+
+/// [`tail_position`], failing the test when the frame has none.
+pub fn position_of(text: &str) -> (u64, String) {
+    tail_position(text)
+        .unwrap_or_else(|| panic!("no \"offset\" and \"epoch\" as the last two keys: {text}"))
+}
