@@ -42,6 +42,13 @@ async fn news_server(count: u64) -> Server {
     Server::start(config).await
 }
 
+/// The tests that stream megabytes or measure time take turns, so that none measures another's
+/// load (a tokio mutex: held across awaits, and shared by every test's runtime).
+async fn one_at_a_time() -> tokio::sync::MutexGuard<'static, ()> {
+    static TURN: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+    TURN.lock().await
+}
+
 /// `"text"` as a JSON string literal.
 fn quoted(text: &str) -> String {
     serde_json::to_string(text).unwrap()
@@ -581,6 +588,7 @@ async fn a_resume_while_subscribed_replays_once_then_continues_live() {
 /// replay, the replay stopped (not all 5,000 came), and nothing of the channel follows the ack.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unsubscribing_during_a_replay_stops_it() {
+    let _turn = one_at_a_time().await;
     const HELD: u64 = 5_000;
     let server = news_server(HELD).await;
     let epoch = publish_ticks(&server.hub, NEWS, 1..=HELD, 1000).await;
@@ -1031,6 +1039,7 @@ async fn churn_client(addr: std::net::SocketAddr, churn: Arc<Churn>, c: u64) -> 
 /// publication for every client and for the publisher that got it, in one epoch.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn clients_that_reconnect_at_random_get_every_offset_exactly_once_in_order() {
+    let _turn = one_at_a_time().await;
     let config = HubConfig::builder()
         .channel_history(STREAM, HistoryPolicy::new(TOTAL as _, LONG))
         .history_memory_budget(64 << 20)
@@ -1148,6 +1157,7 @@ const MAX_PUBLISHED: u64 = 20_000;
 /// prefix of the stream, with nothing dropped; then it reconnects, resumes since its last
 /// offset, and gets everything after it exactly once, in order, then live.
 async fn cut_as_slow_then_recovered(config: HubConfig) {
+    let _turn = one_at_a_time().await;
     let server = Server::start(config).await;
     let hub = server.hub.clone();
     let stream = connect_with_recv_buffer(server.addr, 4096).await;
@@ -1271,6 +1281,7 @@ async fn drop_oldest_never_drops_history_publications_it_cuts_the_client() {
 /// arrive exactly once and in order around it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_repeated_subscribe_acks_the_last_offset_already_queued() {
+    let _turn = one_at_a_time().await;
     let server = news_server(10_000).await;
     let hub = server.hub.clone();
     let stream = connect_with_recv_buffer(server.addr, 4096).await;
@@ -1333,6 +1344,7 @@ async fn a_repeated_subscribe_acks_the_last_offset_already_queued() {
 /// channel gets a tick every 20 ms: the replay is read whole without a cut, and no tick
 /// waits more than a second.
 async fn long_replay_beside_a_live_channel(outbound_queue_bytes: Option<usize>) {
+    let _turn = one_at_a_time().await;
     const HELD: u64 = 10_000;
     const MAX_TICK_LAG: Duration = Duration::from_secs(1);
     let mut builder = HubConfig::builder()
