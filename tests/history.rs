@@ -32,10 +32,16 @@ const NEWS: &str = "news";
 /// An age no test reaches: histories trimmed by count or memory only.
 const LONG: Duration = Duration::from_secs(3600);
 
+/// The history policy of a channel that keeps `count` publications for `max_age` (in one place:
+/// the constructor's signature is the API's).
+fn policy(count: usize, max_age: Duration) -> HistoryPolicy {
+    HistoryPolicy::new(count, max_age)
+}
+
 /// A hub whose channel [`NEWS`] keeps its last `count` publications.
 async fn news_server(count: u64) -> Server {
     let config = HubConfig::builder()
-        .channel_history(NEWS, HistoryPolicy::new(count as _, LONG))
+        .channel_history(NEWS, policy(count as usize, LONG))
         .history_memory_budget(64 << 20)
         .build()
         .unwrap();
@@ -145,8 +151,8 @@ async fn expect_plain(ws: &mut Ws, expected_without_timestamp: &str) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn offsets_count_from_one_and_come_last_after_the_timestamp() {
     let config = HubConfig::builder()
-        .channel_history(NEWS, HistoryPolicy::new(100, LONG))
-        .prefix_history("process:", HistoryPolicy::new(100, LONG))
+        .channel_history(NEWS, policy(100, LONG))
+        .prefix_history("process:", policy(100, LONG))
         .publish_policy(PublishPolicy::AllowAll)
         .build()
         .unwrap();
@@ -433,7 +439,7 @@ async fn a_resume_from_a_trimmed_offset_replays_what_is_left() {
 async fn a_resume_after_the_history_expired_is_not_recovered() {
     const AGE: Duration = Duration::from_millis(1000);
     let config = HubConfig::builder()
-        .channel_history(NEWS, HistoryPolicy::new(100, AGE))
+        .channel_history(NEWS, policy(100, AGE))
         .build()
         .unwrap();
     let server = Server::start(config).await;
@@ -479,7 +485,7 @@ async fn a_resume_after_the_history_expired_is_not_recovered() {
 async fn a_resume_past_the_history_memory_budget_is_not_recovered() {
     const BUDGET: usize = 16 * 1024;
     let config = HubConfig::builder()
-        .channel_history(NEWS, HistoryPolicy::new(10_000, LONG))
+        .channel_history(NEWS, policy(10_000, LONG))
         .history_memory_budget(BUDGET as _)
         .build()
         .unwrap();
@@ -516,8 +522,8 @@ async fn a_resume_past_the_history_memory_budget_is_not_recovered() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_resume_without_an_epoch_replays_the_whole_history() {
     let config = HubConfig::builder()
-        .channel_history(NEWS, HistoryPolicy::new(100, LONG))
-        .channel_history("short", HistoryPolicy::new(5, LONG))
+        .channel_history(NEWS, policy(100, LONG))
+        .channel_history("short", policy(5, LONG))
         .build()
         .unwrap();
     let server = Server::start(config).await;
@@ -724,8 +730,8 @@ async fn a_malformed_since_is_refused_and_subscribes_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn strict_go_ws_mode_ignores_since_and_leaves_offsets_out() {
     let config = HubConfig::builder()
-        .channel_history(NEWS, HistoryPolicy::new(100, LONG))
-        .channel_history("other", HistoryPolicy::new(100, LONG))
+        .channel_history(NEWS, policy(100, LONG))
+        .channel_history("other", policy(100, LONG))
         .strict_go_ws(true)
         .build()
         .unwrap();
@@ -1041,7 +1047,7 @@ async fn churn_client(addr: std::net::SocketAddr, churn: Arc<Churn>, c: u64) -> 
 async fn clients_that_reconnect_at_random_get_every_offset_exactly_once_in_order() {
     let _turn = one_at_a_time().await;
     let config = HubConfig::builder()
-        .channel_history(STREAM, HistoryPolicy::new(TOTAL as _, LONG))
+        .channel_history(STREAM, policy(TOTAL as usize, LONG))
         .history_memory_budget(64 << 20)
         .build()
         .unwrap();
@@ -1246,7 +1252,7 @@ async fn cut_as_slow_then_recovered(config: HubConfig) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_consumer_on_a_history_channel_is_cut_and_recovers_everything() {
     let config = HubConfig::builder()
-        .channel_history(FEED, HistoryPolicy::new(MAX_PUBLISHED as _, LONG))
+        .channel_history(FEED, policy(MAX_PUBLISHED as usize, LONG))
         .history_memory_budget(64 << 20)
         .outbound_queue_bytes(64 * 1024)
         // Long enough that only the queue bound can catch the stalled client.
@@ -1261,7 +1267,7 @@ async fn a_slow_consumer_on_a_history_channel_is_cut_and_recovers_everything() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn drop_oldest_never_drops_history_publications_it_cuts_the_client() {
     let config = HubConfig::builder()
-        .channel_history(FEED, HistoryPolicy::new(MAX_PUBLISHED as _, LONG))
+        .channel_history(FEED, policy(MAX_PUBLISHED as usize, LONG))
         .history_memory_budget(64 << 20)
         .outbound_queue_bytes(64 * 1024)
         .slow_consumer_policy(SlowConsumerPolicy::DropOldest)
@@ -1349,7 +1355,7 @@ async fn long_replay_beside_a_live_channel(outbound_queue_bytes: Option<usize>) 
     const MAX_TICK_LAG: Duration = Duration::from_secs(1);
     let mut builder = HubConfig::builder()
         .shards(1)
-        .channel_history(NEWS, HistoryPolicy::new(HELD as _, LONG))
+        .channel_history(NEWS, policy(HELD as usize, LONG))
         .history_memory_budget(64 << 20);
     if let Some(bytes) = outbound_queue_bytes {
         builder = builder.outbound_queue_bytes(bytes);
@@ -1453,8 +1459,8 @@ async fn a_long_replay_is_not_counted_against_a_small_outbound_bound() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn publish_returns_positions_and_history_returns_pages() {
     let config = HubConfig::builder()
-        .channel_history(NEWS, HistoryPolicy::new(100, LONG))
-        .channel_history("short", HistoryPolicy::new(5, LONG))
+        .channel_history(NEWS, policy(100, LONG))
+        .channel_history("short", policy(5, LONG))
         .build()
         .unwrap();
     let server = Server::start(config).await;
