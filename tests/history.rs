@@ -516,6 +516,80 @@ async fn a_resume_past_the_history_memory_budget_is_not_recovered() {
     sync(&mut ws).await;
 }
 
+/// A client cut after its ack but before its first message resumes from the ack's position:
+/// recovered, with everything published meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_cut_before_its_first_message_resumes_from_the_acked_position() {
+    let server = news_server(100).await;
+    let epoch = publish_ticks(&server.hub, NEWS, 1..=5, 0).await;
+    let mut ws = server.connect().await;
+    let (acked, acked_epoch) = ack_position(&subscribe_since(&mut ws, NEWS, None).await);
+    assert_eq!((acked, acked_epoch.as_str()), (5, epoch.as_str()));
+    reset(ws.into_inner());
+    publish_ticks(&server.hub, NEWS, 6..=8, 0).await;
+    let mut ws = server.connect().await;
+    let ack = subscribe_since(&mut ws, NEWS, Some((acked, Some(&acked_epoch)))).await;
+    assert_recovery(&ack, true, &epoch, 8);
+    expect_ticks(&mut ws, NEWS, 6..=8, &epoch).await;
+    sync(&mut ws).await;
+}
+
+/// An in-memory history does not survive a restart: the new hub's channel has another epoch,
+/// so a client resuming with the old one is not recovered and gets the new epoch's history
+/// from its first offset (it must reset what it had).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_restart_a_resume_gets_the_new_epoch_from_its_start() {
+    let mut before = news_server(100).await;
+    let old = publish_ticks(&before.hub, NEWS, 1..=5, 0).await;
+    before.shutdown().await;
+    let after = news_server(100).await;
+    let new = publish_ticks(&after.hub, NEWS, 1..=2, 0).await;
+    assert_ne!(
+        old, new,
+        "a restarted hub's channel keeps the epoch of the one before"
+    );
+    let mut ws = after.connect().await;
+    let ack = subscribe_since(&mut ws, NEWS, Some((5, Some(&old)))).await;
+    assert_recovery(&ack, false, &new, 2);
+    expect_ticks(&mut ws, NEWS, 1..=2, &new).await;
+    sync(&mut ws).await;
+}
+
+/// A channel with neither subscribers nor publications for longer than its history's age
+/// forgets its counter: its next publication is offset 1 in a new epoch, and a resume with
+/// the old epoch is not recovered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_channel_past_its_age_starts_a_new_epoch() {
+    const AGE: Duration = Duration::from_millis(500);
+    let config = HubConfig::builder()
+        .channel_history(NEWS, policy(100, AGE))
+        .build()
+        .unwrap();
+    let server = Server::start(config).await;
+    let hub = server.hub.clone();
+    let old = publish_ticks(&hub, NEWS, 1..=3, 0).await;
+    // Idle for longer than the age (the hub may forget on a periodic sweep: wait, bounded).
+    tokio::time::sleep(AGE).await;
+    {
+        let hub = hub.clone();
+        let old = old.clone();
+        wait_until("the idle channel to forget its counter", move || {
+            hub.history(NEWS, 0, 10)
+                .is_none_or(|page| page.latest == 0 || *page.epoch != *old)
+        })
+        .await;
+    }
+    let position = hub.publish(NEWS, &tick(1, 0)).unwrap().expect("a position");
+    assert_eq!(position.offset, 1, "offsets start again at 1");
+    assert_ne!(&*position.epoch, old.as_str(), "in a new epoch");
+    let new = position.epoch.to_string();
+    let mut ws = server.connect().await;
+    let ack = subscribe_since(&mut ws, NEWS, Some((3, Some(&old)))).await;
+    assert_recovery(&ack, false, &new, 1);
+    expect_ticks(&mut ws, NEWS, 1..=1, &new).await;
+    sync(&mut ws).await;
+}
+
 /// `since` without an epoch means the current one: everything held is replayed, recovered
 /// when that starts at offset 1; on a history of 5 after 8 publications, from 4 and not
 /// recovered.
