@@ -50,6 +50,9 @@
 mod block;
 mod epoch;
 mod ledger;
+#[cfg(any(test, feature = "test-support"))]
+#[cfg_attr(not(feature = "test-support"), allow(unreachable_pub))]
+pub(crate) mod model;
 mod policy;
 mod replay;
 mod ring;
@@ -61,7 +64,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 
 pub use policy::{HistoryPolicy, HistoryRules};
-pub(crate) use replay::{HistoryPage, Replay};
+pub(crate) use replay::Replay;
 pub(crate) use ring::{ChannelHistory, ChannelLock};
 
 use epoch::EpochSource;

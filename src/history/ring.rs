@@ -163,7 +163,7 @@ impl ChannelHistory {
         }
         self.trim_expired_inner(now_ms);
         // After the trims: a block sealed now holds no publication already gone.
-        if offset % BLOCK_LEN == 0 && !self.tail.is_empty() {
+        if offset.is_multiple_of(BLOCK_LEN) && !self.tail.is_empty() {
             let first = self.latest + 1 - self.tail.len() as u64;
             let entries: Box<[Entry]> = self.tail.drain(..).collect();
             self.blocks.push_back(Arc::new(Block::seal(

@@ -378,3 +378,82 @@ fn concurrent_publishers_get_consecutive_offsets() {
     let replay = pin(&store, "c", 0, 0);
     assert_eq!(offsets(replay), (1..=4 * PER_THREAD).collect::<Vec<_>>());
 }
+
+/// The fuzz target `history`'s check (`model.rs`), driven by a seeded xorshift stream so that
+/// it runs in `cargo test` too: 100 runs of 1,000 operations (a few seconds in a debug build).
+#[test]
+fn model_agrees_with_random_operations() {
+    use super::model::{HistoryModelCheck, HistoryModelConfig, HistoryOp};
+
+    struct XorShift(u64);
+    impl XorShift {
+        fn next(&mut self) -> u64 {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            self.0
+        }
+        fn small(&mut self) -> u16 {
+            self.next() as u16
+        }
+    }
+
+    for run in 0..100u64 {
+        let mut rng =
+            XorShift(0x9E37_79B9_7F4A_7C15 ^ (run + 1).wrapping_mul(0x2545_F491_4F6C_DD1D));
+        // Budgets from none to 64 KiB: the cap trims in most runs, and blocks fill in some.
+        let config = HistoryModelConfig {
+            max_publications: [rng.small(), rng.small()],
+            max_age_ms: [rng.small(), rng.small()],
+            budget: rng.small(),
+        };
+        let mut check = HistoryModelCheck::new(config);
+        for _ in 0..1000 {
+            let op = match rng.next() % 20 {
+                0..=9 => HistoryOp::Append {
+                    // "a" mostly, so that it fills blocks of 64.
+                    channel: if rng.next().is_multiple_of(3) {
+                        rng.next() as u8
+                    } else {
+                        0
+                    },
+                    // Short frames mostly, so that blocks of 64 fit under the budgets.
+                    len: rng.small()
+                        % if rng.next().is_multiple_of(4) {
+                            300
+                        } else {
+                            24
+                        },
+                },
+                10 => HistoryOp::EnforceBudget,
+                11 => HistoryOp::Advance {
+                    ms: rng.small() % 16,
+                },
+                12 | 13 => HistoryOp::Pin {
+                    channel: if rng.next().is_multiple_of(3) {
+                        rng.next() as u8
+                    } else {
+                        0
+                    },
+                    since: rng.small(),
+                },
+                14 => HistoryOp::Drain {
+                    replay: rng.next() as u8,
+                    count: rng.small() % 100,
+                },
+                15 => HistoryOp::DropReplay {
+                    replay: rng.next() as u8,
+                },
+                16 => HistoryOp::Read {
+                    channel: rng.next() as u8,
+                    since: rng.small(),
+                    limit: rng.next() as u8,
+                },
+                _ => HistoryOp::Sweep {
+                    subscribed: rng.next() as u8,
+                },
+            };
+            check.apply(op);
+        }
+    }
+}
