@@ -1,6 +1,10 @@
 //! A channel's history: the publish path's append of a ~200-byte frame into a history held
 //! at 10,000 publications (each append also trims the oldest and checks the memory budget),
 //! and the subscribe path's pin of a 10,000-publication replay (and, for scale, walking it).
+//!
+//! On the 2-core development machine (`cargo bench --features test-support --bench history
+//! -- --warm-up-time 1 --measurement-time 3`): append 65 ns, pin_after of 10,000 1.7 µs
+//! (157 block `Arc`s and 16 tail frames cloned), pin and walk 262 µs (26 ns a frame).
 
 use bytes::Bytes;
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};

@@ -143,7 +143,7 @@ impl ModelReplay {
     }
 }
 
-/// Drives a [`HistoryStore`] and the model side by side; panics where they disagree.
+/// Drives a `HistoryStore` and the model side by side; panics where they disagree.
 pub struct HistoryModelCheck {
     store: HistoryStore,
     budget: usize,
