@@ -126,15 +126,29 @@ pub fn decode_frames_in_chunks(input: &[u8], cuts: &[usize], max_message: usize)
     result
 }
 
-/// Decodes one client request, as a connection does; `Ok` with its kind or `Err` with the
-/// reason the client would be told. For fuzzing.
-pub fn decode_request(payload: &[u8]) -> Result<&'static str, &'static str> {
+/// Decodes one client request, as a connection does (`strict`: in go-ws mode); `Ok` with its
+/// kind or `Err` with the reason the client would be told. For fuzzing.
+pub fn decode_request(payload: &[u8], strict: bool) -> Result<&'static str, &'static str> {
     use protocol::ClientRequest;
-    match protocol::decode_request(payload) {
-        Ok(ClientRequest::Subscribe(_)) => Ok("subscribe"),
+    match protocol::decode_request(payload, strict) {
+        Ok(ClientRequest::Subscribe { .. }) => Ok("subscribe"),
         Ok(ClientRequest::Unsubscribe(_)) => Ok("unsubscribe"),
         Ok(ClientRequest::Ping) => Ok("ping"),
         Ok(ClientRequest::Publish { .. }) => Ok("publish"),
+        Err(err) => Err(err.reason.as_str()),
+    }
+}
+
+/// A subscribe's `since` as a connection decodes it (not in strict mode): `Ok(None)` for a
+/// request that is not a subscribe or has no `since`, `Ok(Some((offset, epoch)))`, or `Err`
+/// with the reason the client would be told. For fuzzing.
+pub fn decode_since(payload: &[u8]) -> Result<Option<(u64, Option<String>)>, &'static str> {
+    use protocol::ClientRequest;
+    match protocol::decode_request(payload, false) {
+        Ok(ClientRequest::Subscribe {
+            since: Some(since), ..
+        }) => Ok(Some((since.offset, since.epoch.map(String::from)))),
+        Ok(_) => Ok(None),
         Err(err) => Err(err.reason.as_str()),
     }
 }
