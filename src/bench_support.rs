@@ -28,6 +28,18 @@ pub fn encode(message: &Message) -> Bytes {
         .expect("a Message always encodes")
 }
 
+/// [`encode`] for a publication to a history channel: `offset` and `epoch` follow the
+/// timestamp.
+pub fn encode_at(message: &Message, offset: u64, epoch: &str) -> Bytes {
+    let position = protocol::Position { offset, epoch };
+    protocol::encode_frame_at(
+        &Envelope::of(message, None),
+        SystemTime::now(),
+        Some(position),
+    )
+    .expect("a Message always encodes")
+}
+
 /// Decodes client frames from `input` with a limit of `max_message` bytes, as a connection
 /// does; returns the number of events, or the close code of the violation. For fuzzing.
 pub fn decode_frames(input: &mut [u8], max_message: usize) -> Result<usize, u16> {
