@@ -31,6 +31,18 @@ pub fn encode(message: &Message) -> Bytes {
         .expect("a Message always encodes")
 }
 
+/// [`encode`] for a publication to a history channel: `offset` and `epoch` follow the
+/// timestamp.
+pub fn encode_at(message: &Message, offset: u64, epoch: &str) -> Bytes {
+    let position = protocol::Position { offset, epoch };
+    protocol::encode_frame_at(
+        &Envelope::of(message, None),
+        SystemTime::now(),
+        Some(position),
+    )
+    .expect("a Message always encodes")
+}
+
 /// Decodes client frames from `input` with a limit of `max_message` bytes, as a connection
 /// does; returns the number of events, or the close code of the violation. For fuzzing.
 pub fn decode_frames(input: &mut [u8], max_message: usize) -> Result<usize, u16> {
@@ -129,15 +141,29 @@ pub fn decode_frames_in_chunks(input: &[u8], cuts: &[usize], max_message: usize)
     result
 }
 
-/// Decodes one client request, as a connection does; `Ok` with its kind or `Err` with the
-/// reason the client would be told. For fuzzing.
-pub fn decode_request(payload: &[u8]) -> Result<&'static str, &'static str> {
+/// Decodes one client request, as a connection does (`strict`: in go-ws mode); `Ok` with its
+/// kind or `Err` with the reason the client would be told. For fuzzing.
+pub fn decode_request(payload: &[u8], strict: bool) -> Result<&'static str, &'static str> {
     use protocol::ClientRequest;
-    match protocol::decode_request(payload) {
-        Ok(ClientRequest::Subscribe(_)) => Ok("subscribe"),
+    match protocol::decode_request(payload, strict) {
+        Ok(ClientRequest::Subscribe { .. }) => Ok("subscribe"),
         Ok(ClientRequest::Unsubscribe(_)) => Ok("unsubscribe"),
         Ok(ClientRequest::Ping) => Ok("ping"),
         Ok(ClientRequest::Publish { .. }) => Ok("publish"),
+        Err(err) => Err(err.reason.as_str()),
+    }
+}
+
+/// A subscribe's `since` as a connection decodes it (not in strict mode): `Ok(None)` for a
+/// request that is not a subscribe or has no `since`, `Ok(Some((offset, epoch)))`, or `Err`
+/// with the reason the client would be told. For fuzzing.
+pub fn decode_since(payload: &[u8]) -> Result<Option<(u64, Option<String>)>, &'static str> {
+    use protocol::ClientRequest;
+    match protocol::decode_request(payload, false) {
+        Ok(ClientRequest::Subscribe {
+            since: Some(since), ..
+        }) => Ok(Some((since.offset, since.epoch.map(String::from)))),
+        Ok(_) => Ok(None),
         Err(err) => Err(err.reason.as_str()),
     }
 }
