@@ -22,7 +22,7 @@ SECONDS_EACH=${FUZZ_SECONDS:-60}
 if [ "$#" -gt 0 ]; then
     TARGETS=("$@")
 else
-    TARGETS=(client_request frames channel_index)
+    TARGETS=(client_request frames channel_index history)
 fi
 
 if ! cargo fuzz --version >/dev/null 2>&1; then

@@ -1,7 +1,7 @@
 //! Encoding a message into a complete frame: the one serialization each publish pays.
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use wshub::bench_support::encode;
+use wshub::bench_support::{encode, encode_at};
 use wshub::Message;
 
 fn encode_frame(c: &mut Criterion) {
@@ -14,6 +14,17 @@ fn encode_frame(c: &mut Criterion) {
         group.throughput(Throughput::Bytes(frame_len as u64));
         group.bench_with_input(BenchmarkId::new("string_data", size), &message, |b, m| {
             b.iter(|| encode(m))
+        });
+    }
+    // The same on a history channel: what offset and epoch add to the one serialization.
+    for size in [16usize, 4096] {
+        let message = Message::new("message")
+            .with_channel("room:42")
+            .with_data("x".repeat(size));
+        let frame_len = encode_at(&message, 1_234_567, "a9f3c2").len();
+        group.throughput(Throughput::Bytes(frame_len as u64));
+        group.bench_with_input(BenchmarkId::new("with_position", size), &message, |b, m| {
+            b.iter(|| encode_at(m, 1_234_567, "a9f3c2"))
         });
     }
     let object = Message::process_status("build-1", "exited", 0);

@@ -9,7 +9,7 @@
 use std::ops::ControlFlow;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 
@@ -17,6 +17,9 @@ use crate::client::{ClientId, ClientInfo};
 use crate::config::HubConfig;
 use crate::conn::task::Reader;
 use crate::conn::{Conn, Socket};
+use crate::history::{
+    ChannelLock, HistoryPolicy, HistoryRules, HistoryStore, HISTORY_MEMORY_BUDGET,
+};
 use crate::hub::{Hub, Shared};
 use crate::shard::{Command, Shard};
 use crate::wire::frame::{Decoder, Event};
@@ -26,6 +29,18 @@ use crate::wire::protocol::{self, Envelope, Message};
 pub fn encode(message: &Message) -> Bytes {
     protocol::encode_frame(&Envelope::of(message, None), SystemTime::now())
         .expect("a Message always encodes")
+}
+
+/// [`encode`] for a publication to a history channel: `offset` and `epoch` follow the
+/// timestamp.
+pub fn encode_at(message: &Message, offset: u64, epoch: &str) -> Bytes {
+    let position = protocol::Position { offset, epoch };
+    protocol::encode_frame_at(
+        &Envelope::of(message, None),
+        SystemTime::now(),
+        Some(position),
+    )
+    .expect("a Message always encodes")
 }
 
 /// Decodes client frames from `input` with a limit of `max_message` bytes, as a connection
@@ -126,15 +141,29 @@ pub fn decode_frames_in_chunks(input: &[u8], cuts: &[usize], max_message: usize)
     result
 }
 
-/// Decodes one client request, as a connection does; `Ok` with its kind or `Err` with the
-/// reason the client would be told. For fuzzing.
-pub fn decode_request(payload: &[u8]) -> Result<&'static str, &'static str> {
+/// Decodes one client request, as a connection does (`strict`: in go-ws mode); `Ok` with its
+/// kind or `Err` with the reason the client would be told. For fuzzing.
+pub fn decode_request(payload: &[u8], strict: bool) -> Result<&'static str, &'static str> {
     use protocol::ClientRequest;
-    match protocol::decode_request(payload) {
-        Ok(ClientRequest::Subscribe(_)) => Ok("subscribe"),
+    match protocol::decode_request(payload, strict) {
+        Ok(ClientRequest::Subscribe { .. }) => Ok("subscribe"),
         Ok(ClientRequest::Unsubscribe(_)) => Ok("unsubscribe"),
         Ok(ClientRequest::Ping) => Ok("ping"),
         Ok(ClientRequest::Publish { .. }) => Ok("publish"),
+        Err(err) => Err(err.reason.as_str()),
+    }
+}
+
+/// A subscribe's `since` as a connection decodes it (not in strict mode): `Ok(None)` for a
+/// request that is not a subscribe or has no `since`, `Ok(Some((offset, epoch)))`, or `Err`
+/// with the reason the client would be told. For fuzzing.
+pub fn decode_since(payload: &[u8]) -> Result<Option<(u64, Option<String>)>, &'static str> {
+    use protocol::ClientRequest;
+    match protocol::decode_request(payload, false) {
+        Ok(ClientRequest::Subscribe {
+            since: Some(since), ..
+        }) => Ok(Some((since.offset, since.epoch.map(String::from)))),
+        Ok(_) => Ok(None),
         Err(err) => Err(err.reason.as_str()),
     }
 }
@@ -278,6 +307,61 @@ pub fn attach_null_client(hub: &Hub, channel: &str) -> ClientId {
 /// whole stats snapshot.
 pub fn delivered(hub: &Hub) -> u64 {
     hub.shared().counters.delivered.load(Ordering::Relaxed)
+}
+
+pub use crate::history::model::{HistoryModelCheck, HistoryModelConfig, HistoryOp};
+
+/// One channel's history in a store of its own, for benchmarking the publish path's append
+/// and the subscribe path's pin. The clock stands still: only `max_publications` trims.
+pub struct HistoryBench {
+    store: HistoryStore,
+    channel: Arc<ChannelLock>,
+}
+
+impl HistoryBench {
+    /// A channel keeping `max_publications`, under the default memory budget.
+    pub fn new(max_publications: usize) -> Self {
+        let policy = HistoryPolicy::new(max_publications, Duration::from_secs(3600))
+            .expect("a valid policy");
+        let store = HistoryStore::new(
+            HistoryRules::new().channel("bench", policy),
+            HISTORY_MEMORY_BUDGET,
+        );
+        let channel = store.channel("bench", 0).expect("a channel with history");
+        HistoryBench { store, channel }
+    }
+
+    /// What the publish path does: under the channel's lock, reads the next offset and
+    /// appends (trimming by count), then enforces the budget. Returns the offset.
+    pub fn append(&self, frame: Bytes) -> u64 {
+        let offset = {
+            let mut history = self.channel.lock();
+            let offset = history.next_offset();
+            history.append(frame, 0);
+            offset
+        };
+        self.store.enforce_budget();
+        offset
+    }
+
+    /// What the subscribe path does: pins the publications after `since` under the lock;
+    /// then drops the replay. Returns how many it held.
+    pub fn pin_after(&self, since: u64) -> usize {
+        let replay = self.channel.lock().pin_after(since, 0);
+        replay.len()
+    }
+
+    /// Pins after `since`, then walks the replay as a shard writing it would (each frame
+    /// cloned, then dropped). Returns the bytes walked.
+    pub fn replay_after(&self, since: u64) -> usize {
+        let replay = self.channel.lock().pin_after(since, 0);
+        replay.map(|(_, frame)| frame.len()).sum()
+    }
+
+    /// Bytes the history counts for.
+    pub fn memory(&self) -> usize {
+        self.store.memory()
+    }
 }
 
 #[cfg(test)]

@@ -65,6 +65,7 @@ mod client;
 mod config;
 mod conn;
 mod error;
+mod history;
 mod http;
 mod hub;
 mod shard;
@@ -81,6 +82,7 @@ pub use config::{
 };
 pub use conn::sys::raise_fd_limit;
 pub use error::{Error, Result};
+pub use history::{HistoryPolicy, HistoryRules, HISTORY_MEMORY_BUDGET};
 pub use http::auth::{
     bearer_token, query_param, ApiKeyAuth, AuthError, AuthRequest, Authenticator, BearerTokenAuth,
     Identity, QueryTokenAuth,

@@ -261,8 +261,9 @@ impl Responder<'_> {
     fn handle_request(&self, payload: &[u8]) {
         let config = &self.shared.config;
         let client = &self.conn.info;
-        match protocol::decode_request(payload) {
-            Ok(ClientRequest::Subscribe(channel)) => {
+        match protocol::decode_request(payload, config.strict_go_ws) {
+            // TODO(history): hand `since` to the shard's subscribe.
+            Ok(ClientRequest::Subscribe { channel, since: _ }) => {
                 if channel.len() > config.max_channel_len {
                     return self.reply_error(ErrorReason::InvalidChannel, Some(&channel));
                 }

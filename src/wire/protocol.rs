@@ -187,13 +187,43 @@ impl ErrorReason {
 /// One decoded client request, borrowing from the frame's payload where it can.
 #[derive(Debug)]
 pub(crate) enum ClientRequest<'a> {
-    Subscribe(Cow<'a, str>),
+    Subscribe {
+        channel: Cow<'a, str>,
+        /// Where the client wants to resume from; always `None` in strict go-ws mode.
+        // TODO(history): read by the connection once the shard takes it; remove the allow then.
+        #[allow(dead_code)]
+        since: Option<Since<'a>>,
+    },
     Unsubscribe(Cow<'a, str>),
     Ping,
     Publish {
         channel: Cow<'a, str>,
         data: Option<&'a RawValue>,
     },
+}
+
+/// The position a client resumes from: `since` in a subscribe (see "History and recovery" in
+/// `PROTOCOL.md`). Borrowed from the payload like the channel; an epoch with escapes in it is
+/// the one case that allocates.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct Since<'a> {
+    /// The last offset the client has; it wants every one after it.
+    pub(crate) offset: u64,
+    /// The epoch that offset belongs to. `None` (left out, or `null`) means "in whatever the
+    /// current epoch is".
+    pub(crate) epoch: Option<Cow<'a, str>>,
+}
+
+impl Since<'_> {
+    /// An owned copy, for a command that outlives the frame's payload.
+    // TODO(history): used once the shard and hub are wired to history; remove the allow then.
+    #[allow(dead_code)]
+    pub(crate) fn into_owned(self) -> Since<'static> {
+        Since {
+            offset: self.offset,
+            epoch: self.epoch.map(|e| Cow::Owned(e.into_owned())),
+        }
+    }
 }
 
 /// A request the hub could not take, with the channel to echo where one applies.
@@ -223,13 +253,39 @@ struct RawRequest<'a> {
     channel: Option<&'a RawValue>,
     #[serde(default, borrow)]
     data: Option<&'a RawValue>,
+    /// Kept raw so that strict go-ws mode can ignore it unread, and so that a bad `since` is
+    /// reported with the subscribe's channel.
+    #[serde(default, borrow)]
+    since: Option<&'a RawValue>,
 }
+
+/// `since` as the client sent it. `offset` as `u64` refuses floats (`17.0`, `1e3`), negatives,
+/// strings and anything past `u64::MAX`; unknown keys are ignored (a later client may send
+/// more than this server reads); `"epoch": null` is the same as no epoch.
+#[derive(Deserialize)]
+struct RawSince<'a> {
+    offset: u64,
+    #[serde(default, borrow)]
+    epoch: Option<BorrowedStr<'a>>,
+}
+
+/// A string borrowed from the input unless it has escapes. serde borrows a `Cow<str>` only
+/// when it is a field's own type: inside an `Option`, or parsed on its own, a `Cow` is always
+/// an owned copy. This newtype makes it a field again.
+#[derive(Deserialize)]
+struct BorrowedStr<'a>(#[serde(borrow)] Cow<'a, str>);
 
 /// Decodes one client frame's payload (text or binary: both are read as JSON).
 ///
+/// With `strict` (go-ws mode) a subscribe's `since` is not even looked at, so a go-ws client
+/// that happens to send one, well-formed or not, gets the plain subscribe go-ws would give it.
+///
 /// Nesting deeper than serde_json's recursion limit (128) is malformed, so hostile input
 /// cannot overflow the stack.
-pub(crate) fn decode_request(payload: &[u8]) -> Result<ClientRequest<'_>, RequestError<'_>> {
+pub(crate) fn decode_request(
+    payload: &[u8],
+    strict: bool,
+) -> Result<ClientRequest<'_>, RequestError<'_>> {
     let raw: RawRequest<'_> =
         serde_json::from_slice(payload).map_err(|_| RequestError::new(ErrorReason::Malformed))?;
     // A client's `"data": null` counts as absent.
@@ -238,7 +294,23 @@ pub(crate) fn decode_request(payload: &[u8]) -> Result<ClientRequest<'_>, Reques
         return Err(RequestError::new(ErrorReason::Malformed));
     }
     match raw.kind.as_ref() {
-        "subscribe" => Ok(ClientRequest::Subscribe(channel_from(data)?)),
+        "subscribe" => {
+            let channel = channel_from(data);
+            let since = match raw.since {
+                Some(since) if !strict => since_from(since),
+                _ => Ok(None),
+            };
+            match (channel, since) {
+                (Ok(channel), Ok(since)) => Ok(ClientRequest::Subscribe { channel, since }),
+                // A bad `since` makes the whole request malformed, even with a bad channel
+                // too; the channel is echoed when there is one to echo.
+                (channel, Err(())) => Err(RequestError {
+                    reason: ErrorReason::Malformed,
+                    channel: channel.ok(),
+                }),
+                (Err(err), Ok(_)) => Err(err),
+            }
+        }
         "unsubscribe" => Ok(ClientRequest::Unsubscribe(channel_from(data)?)),
         "ping" => Ok(ClientRequest::Ping),
         "publish" => Ok(ClientRequest::Publish {
@@ -284,10 +356,31 @@ fn too_deep(json: &str) -> bool {
     false
 }
 
+/// A subscribe's `since`: `null` is absent; otherwise an object with a `u64` `offset` and
+/// maybe a string `epoch`, else `Err` (the request is malformed).
+fn since_from(raw: &RawValue) -> Result<Option<Since<'_>>, ()> {
+    let json = raw.get();
+    if json == "null" {
+        return Ok(None);
+    }
+    // serde would also take an array for a struct (`[17, "a9f3c2"]`): only an object is one.
+    // The raw value starts at its first byte (serde_json skips the whitespace before it).
+    if !json.starts_with('{') {
+        return Err(());
+    }
+    // Unknown keys are skipped without recursion, so deep junk in them cannot overflow the
+    // stack; a duplicate `offset` or `epoch` is an error.
+    let since: RawSince<'_> = serde_json::from_str(json).map_err(|_| ())?;
+    Ok(Some(Since {
+        offset: since.offset,
+        epoch: since.epoch.map(|e| e.0),
+    }))
+}
+
 /// A channel name from a raw JSON value: it must be a non-empty string.
 fn channel_from(raw: Option<&RawValue>) -> Result<Cow<'_, str>, RequestError<'_>> {
     let raw = raw.ok_or(RequestError::new(ErrorReason::InvalidChannel))?;
-    let channel: Cow<'_, str> = serde_json::from_str(raw.get())
+    let BorrowedStr(channel) = serde_json::from_str(raw.get())
         .map_err(|_| RequestError::new(ErrorReason::InvalidChannel))?;
     if channel.is_empty() {
         return Err(RequestError::new(ErrorReason::InvalidChannel));
@@ -378,6 +471,28 @@ pub(crate) fn encode_frame<D: Serialize + ?Sized>(
     encode_frame_stamped(envelope, Stamp::At(time))
 }
 
+/// Where a publication sits in its channel's history: `offset` and `epoch` of a frame (after
+/// `timestamp`) or of a `subscribed` acknowledgement (in its `data`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Position<'a> {
+    /// 1 for the channel's first publication in this epoch, then one more for each.
+    pub(crate) offset: u64,
+    /// The epoch: opaque, but still escaped when written (it may come from Redis).
+    pub(crate) epoch: &'a str,
+}
+
+/// [`encode_frame`] for a publication to a history channel: `"offset"` and `"epoch"` follow
+/// `"timestamp"`, in the same single buffer as the frame header. `None` is [`encode_frame`].
+// TODO(history): used once the shard and hub are wired to history; remove the allow then.
+#[allow(dead_code)]
+pub(crate) fn encode_frame_at<D: Serialize + ?Sized>(
+    envelope: &Envelope<'_, D>,
+    time: SystemTime,
+    position: Option<Position<'_>>,
+) -> Result<Bytes, serde_json::Error> {
+    encode_frame_with(envelope, Stamp::At(time), position)
+}
+
 /// The `timestamp` a frame gets.
 pub(crate) enum Stamp<'a> {
     /// This time, formatted.
@@ -391,7 +506,18 @@ pub(crate) fn encode_frame_stamped<D: Serialize + ?Sized>(
     envelope: &Envelope<'_, D>,
     stamp: Stamp<'_>,
 ) -> Result<Bytes, serde_json::Error> {
-    let mut buf = Vec::with_capacity(MAX_HEADER_LEN + 96 + envelope.size_hint());
+    encode_frame_with(envelope, stamp, None)
+}
+
+/// The one encoder behind the others: the envelope, then the timestamp, then the position.
+fn encode_frame_with<D: Serialize + ?Sized>(
+    envelope: &Envelope<'_, D>,
+    stamp: Stamp<'_>,
+    position: Option<Position<'_>>,
+) -> Result<Bytes, serde_json::Error> {
+    // `,"offset":` + 20 digits + `,"epoch":""`: 41 bytes, plus the epoch (more if escaped).
+    let position_hint = position.map_or(0, |p| 41 + p.epoch.len());
+    let mut buf = Vec::with_capacity(MAX_HEADER_LEN + 96 + envelope.size_hint() + position_hint);
     buf.resize(MAX_HEADER_LEN, 0);
     buf.extend_from_slice(b"{\"type\":");
     write_str(&mut buf, envelope.kind);
@@ -411,15 +537,144 @@ pub(crate) fn encode_frame_stamped<D: Serialize + ?Sized>(
         Stamp::At(time) => {
             buf.extend_from_slice(b",\"timestamp\":\"");
             buf.extend_from_slice(&format_timestamp(time));
-            buf.extend_from_slice(b"\"}");
+            buf.push(b'"');
         }
         Stamp::Raw(raw) => {
             buf.extend_from_slice(b",\"timestamp\":");
             buf.extend_from_slice(raw.get().as_bytes());
-            buf.push(b'}');
         }
     }
+    if let Some(position) = position {
+        buf.extend_from_slice(b",\"offset\":");
+        write_u64(&mut buf, position.offset);
+        buf.extend_from_slice(b",\"epoch\":");
+        write_str(&mut buf, position.epoch);
+    }
+    buf.push(b'}');
     Ok(finish_frame(buf))
+}
+
+/// An acknowledgement's `data` (see "History and recovery" in `PROTOCOL.md`).
+///
+/// | case | `recovered` | `position` | `data` |
+/// |---|---|---|---|
+/// | subscribe, no history (and every unsubscribe) | `None` | `None` | left out |
+/// | subscribe on a history channel | `None` | `Some` | `{"epoch":E,"offset":N}` |
+/// | subscribe with `since`, history channel | `Some(r)` | `Some` | `{"recovered":r,"epoch":E,"offset":N}` |
+/// | subscribe with `since`, no history | `Some(false)` | `None` | `{"recovered":false}` |
+// TODO(history): used once the shard and hub are wired to history; remove the allow then.
+#[allow(dead_code)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct Ack<'a> {
+    /// Whether the replay holds every offset after `since.offset`; `Some` only when the
+    /// client sent `since`.
+    pub(crate) recovered: Option<bool>,
+    /// The channel's position when the subscription took effect; `Some` only on a history
+    /// channel.
+    pub(crate) position: Option<Position<'a>>,
+}
+
+/// An [`Ack`] as JSON, keys in the protocol's order: recovered, epoch, offset.
+// TODO(history): used once the shard and hub are wired to history; remove the allow then.
+#[allow(dead_code)]
+#[derive(Serialize)]
+struct AckData<'a> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    recovered: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    epoch: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    offset: Option<u64>,
+}
+
+/// Encodes the acknowledgement `kind` ([`TYPE_SUBSCRIBED`] or [`TYPE_UNSUBSCRIBED`]) of
+/// `channel`, stamped with `time`. With `Ack::default()` it is the bare acknowledgement that
+/// go-ws-era clients already know, byte for byte.
+// TODO(history): used once the shard and hub are wired to history; remove the allow then.
+#[allow(dead_code)]
+pub(crate) fn encode_ack(kind: &str, channel: &str, ack: Ack<'_>, time: SystemTime) -> Bytes {
+    let data = AckData {
+        recovered: ack.recovered,
+        epoch: ack.position.map(|p| p.epoch),
+        offset: ack.position.map(|p| p.offset),
+    };
+    let has_data = ack.recovered.is_some() || ack.position.is_some();
+    let envelope = Envelope {
+        kind,
+        channel: Some(channel),
+        process_id: None,
+        data: has_data.then_some(&data),
+    };
+    // Only a map of a bool, a string and an integer: serializing it cannot fail.
+    encode_frame(&envelope, time).unwrap_or_default()
+}
+
+/// Reads `offset` and `epoch` back from the JSON payload of a frame [`encode_frame_at`]
+/// wrote: for the history (which stores frames as encoded) and for tests.
+///
+/// Cheap whatever the payload's size: it reads from the end, where the encoder put them, and
+/// looks at nothing before `,"offset":`. It recognises that layout only (`,"offset":N,"epoch":
+/// "E"}` closing the object, as this module writes it); anything else, including a frame
+/// without a position, is `None`. The epoch is borrowed unless it has escapes.
+// TODO(history): used once the shard and hub are wired to history; remove the allow then.
+#[allow(dead_code)]
+pub(crate) fn read_position(payload: &[u8]) -> Option<(u64, Cow<'_, str>)> {
+    let body = payload.strip_suffix(b"\"}")?;
+    // The epoch's opening quote: the last `"` before the closing one that is not escaped (an
+    // escaped quote has an odd run of backslashes in front of it).
+    let mut open = body.len();
+    loop {
+        open = body[..open].iter().rposition(|&b| b == b'"')?;
+        let backslashes = body[..open]
+            .iter()
+            .rev()
+            .take_while(|&&b| b == b'\\')
+            .count();
+        if backslashes % 2 == 0 {
+            break;
+        }
+    }
+    let epoch_json = std::str::from_utf8(&payload[open..payload.len() - 1]).ok()?;
+    let before_epoch = body[..open].strip_suffix(b",\"epoch\":")?;
+    let digits_start = before_epoch
+        .iter()
+        .rposition(|b| !b.is_ascii_digit())
+        .map_or(0, |i| i + 1);
+    let digits = &before_epoch[digits_start..];
+    before_epoch[..digits_start].strip_suffix(b",\"offset\":")?;
+    let offset = parse_u64(digits)?;
+    let BorrowedStr(epoch) = serde_json::from_str(epoch_json).ok()?;
+    Some((offset, epoch))
+}
+
+/// Decimal digits as a `u64`: at least one, no sign, `None` on overflow.
+// TODO(history): used once the shard and hub are wired to history; remove the allow then.
+#[allow(dead_code)]
+fn parse_u64(digits: &[u8]) -> Option<u64> {
+    if digits.is_empty() {
+        return None;
+    }
+    digits.iter().try_fold(0u64, |value, &d| {
+        if !d.is_ascii_digit() {
+            return None;
+        }
+        value.checked_mul(10)?.checked_add(u64::from(d - b'0'))
+    })
+}
+
+/// Writes `value` in decimal.
+fn write_u64(buf: &mut Vec<u8>, mut value: u64) {
+    let mut digits = [0u8; 20];
+    let mut start = digits.len();
+    loop {
+        start -= 1;
+        digits[start] = b'0' + (value % 10) as u8;
+        value /= 10;
+        if value == 0 {
+            break;
+        }
+    }
+    buf.extend_from_slice(&digits[start..]);
 }
 
 /// Writes the header in front of the JSON in `buf` (which starts with `MAX_HEADER_LEN` bytes
@@ -624,25 +879,28 @@ mod tests {
     #[test]
     fn decodes_every_client_request() {
         assert!(matches!(
-            decode_request(br#"{"type":"subscribe","data":"room:1"}"#),
-            Ok(ClientRequest::Subscribe(c)) if c == "room:1"
+            decode_request(br#"{"type":"subscribe","data":"room:1"}"#, false),
+            Ok(ClientRequest::Subscribe { channel, since: None }) if channel == "room:1"
         ));
         assert!(matches!(
-            decode_request(br#"{"type":"unsubscribe","data":"a\"b"}"#),
+            decode_request(br#"{"type":"unsubscribe","data":"a\"b"}"#, false),
             Ok(ClientRequest::Unsubscribe(c)) if c == "a\"b"
         ));
         assert!(matches!(
-            decode_request(br#"{"type":"ping","data":null}"#),
+            decode_request(br#"{"type":"ping","data":null}"#, false),
             Ok(ClientRequest::Ping)
         ));
-        match decode_request(br#"{"type":"publish","channel":"c","data":{"x":[1,2]}}"#) {
+        match decode_request(
+            br#"{"type":"publish","channel":"c","data":{"x":[1,2]}}"#,
+            false,
+        ) {
             Ok(ClientRequest::Publish { channel, data }) => {
                 assert_eq!(channel, "c");
                 assert_eq!(data.unwrap().get(), r#"{"x":[1,2]}"#);
             }
             other => panic!("{other:?}"),
         }
-        match decode_request(br#"{"type":"publish","channel":"c","data":null}"#) {
+        match decode_request(br#"{"type":"publish","channel":"c","data":null}"#, false) {
             Ok(ClientRequest::Publish { data, .. }) => assert!(data.is_none()),
             other => panic!("{other:?}"),
         }
@@ -650,7 +908,7 @@ mod tests {
 
     #[test]
     fn malformed_and_refused_requests_have_their_reasons() {
-        let reason = |input: &[u8]| decode_request(input).unwrap_err().reason;
+        let reason = |input: &[u8]| decode_request(input, false).unwrap_err().reason;
         assert_eq!(reason(b"not json"), ErrorReason::Malformed);
         assert_eq!(reason(b"[1,2]"), ErrorReason::Malformed);
         assert_eq!(reason(br#"{"data":"x"}"#), ErrorReason::Malformed);
@@ -691,7 +949,7 @@ mod tests {
             "]".repeat(100_000)
         );
         assert_eq!(
-            decode_request(deep.as_bytes()).unwrap_err().reason,
+            decode_request(deep.as_bytes(), false).unwrap_err().reason,
             ErrorReason::Malformed
         );
     }
@@ -741,5 +999,458 @@ mod tests {
         for (reason, text) in all {
             assert_eq!(reason.as_str(), text);
         }
+    }
+
+    /// The `since` of a subscribe, decoded as a connection outside strict mode does.
+    fn since_of(input: &str) -> Result<Option<Since<'_>>, RequestError<'_>> {
+        match decode_request(input.as_bytes(), false)? {
+            ClientRequest::Subscribe { since, .. } => Ok(since),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn since_is_read_with_and_without_an_epoch() {
+        assert_eq!(
+            since_of(
+                r#"{"type":"subscribe","data":"news","since":{"offset":17,"epoch":"a9f3c2"}}"#
+            )
+            .unwrap(),
+            Some(Since {
+                offset: 17,
+                epoch: Some("a9f3c2".into())
+            })
+        );
+        // Key order is free, the epoch may be left out or null, and 0 and u64::MAX are
+        // offsets.
+        for (input, offset, epoch) in [
+            (
+                r#"{"since":{"epoch":"e","offset":3},"type":"subscribe","data":"c"}"#,
+                3,
+                Some("e"),
+            ),
+            (
+                r#"{"type":"subscribe","data":"c","since":{"offset":0}}"#,
+                0,
+                None,
+            ),
+            (
+                r#"{"type":"subscribe","data":"c","since":{"offset":5,"epoch":null}}"#,
+                5,
+                None,
+            ),
+            (
+                r#"{"type":"subscribe","data":"c","since":{"offset":18446744073709551615}}"#,
+                u64::MAX,
+                None,
+            ),
+            // Unknown keys, however deep, are skipped.
+            (
+                r#"{"type":"subscribe","data":"c","since":{"offset":1,"x":[{"y":null}],"epoch":"e"}}"#,
+                1,
+                Some("e"),
+            ),
+        ] {
+            let since = since_of(input).unwrap().unwrap();
+            assert_eq!(since.offset, offset, "{input}");
+            assert_eq!(since.epoch.as_deref(), epoch, "{input}");
+        }
+        let deep = format!(
+            r#"{{"type":"subscribe","data":"c","since":{{"offset":2,"junk":{}{}}}}}"#,
+            "[".repeat(100_000),
+            "]".repeat(100_000)
+        );
+        assert_eq!(since_of(&deep).unwrap().unwrap().offset, 2);
+    }
+
+    #[test]
+    fn since_epochs_are_borrowed_unless_escaped() {
+        let plain =
+            since_of(r#"{"type":"subscribe","data":"c","since":{"offset":1,"epoch":"ab"}}"#)
+                .unwrap()
+                .unwrap();
+        assert!(matches!(plain.epoch, Some(Cow::Borrowed("ab"))));
+        let escaped =
+            since_of(r#"{"type":"subscribe","data":"c","since":{"offset":1,"epoch":"a\"b"}}"#)
+                .unwrap()
+                .unwrap();
+        assert_eq!(escaped.epoch.as_deref(), Some("a\"b"));
+        assert_eq!(
+            escaped.clone().into_owned(),
+            Since {
+                offset: 1,
+                epoch: Some(Cow::Owned("a\"b".into()))
+            }
+        );
+        // The channel borrows too.
+        assert!(matches!(
+            decode_request(br#"{"type":"subscribe","data":"room"}"#, false),
+            Ok(ClientRequest::Subscribe {
+                channel: Cow::Borrowed("room"),
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn absent_and_null_since_are_a_plain_subscribe() {
+        assert_eq!(
+            since_of(r#"{"type":"subscribe","data":"c"}"#).unwrap(),
+            None
+        );
+        assert_eq!(
+            since_of(r#"{"type":"subscribe","data":"c","since":null}"#).unwrap(),
+            None
+        );
+        assert_eq!(
+            since_of(r#"{"type":"subscribe","data":"c","since" : null }"#).unwrap(),
+            None
+        );
+    }
+
+    #[test]
+    fn a_bad_since_is_malformed_and_echoes_the_channel() {
+        for since in [
+            r#"17"#,
+            r#""17""#,
+            r#"true"#,
+            r#"[17,"e"]"#,
+            r#"{}"#,
+            r#"{"epoch":"e"}"#,
+            r#"{"offset":null}"#,
+            r#"{"offset":-1}"#,
+            r#"{"offset":17.0}"#,
+            r#"{"offset":17.5}"#,
+            r#"{"offset":1e3}"#,
+            r#"{"offset":"17"}"#,
+            r#"{"offset":18446744073709551616}"#,
+            r#"{"offset":1,"epoch":7}"#,
+            r#"{"offset":1,"epoch":["e"]}"#,
+            r#"{"offset":1,"epoch":{}}"#,
+            r#"{"offset":1,"offset":2}"#,
+            r#"{"offset":1,"epoch":"a","epoch":"b"}"#,
+        ] {
+            let input = format!(r#"{{"type":"subscribe","data":"news","since":{since}}}"#);
+            let err = since_of(&input).unwrap_err();
+            assert_eq!(err.reason, ErrorReason::Malformed, "{since}");
+            assert_eq!(err.channel.as_deref(), Some("news"), "{since}");
+        }
+        // Without a channel to echo, still malformed (a bad since is the worse fault).
+        let err = since_of(r#"{"type":"subscribe","data":7,"since":{"offset":-1}}"#).unwrap_err();
+        assert_eq!(err, RequestError::new(ErrorReason::Malformed));
+        let err = since_of(r#"{"type":"subscribe","since":[]}"#).unwrap_err();
+        assert_eq!(err, RequestError::new(ErrorReason::Malformed));
+        // A good since does not hide a bad channel.
+        let err = since_of(r#"{"type":"subscribe","data":"","since":{"offset":1}}"#).unwrap_err();
+        assert_eq!(err.reason, ErrorReason::InvalidChannel);
+    }
+
+    #[test]
+    fn since_outside_a_subscribe_is_ignored() {
+        assert!(matches!(
+            decode_request(br#"{"type":"unsubscribe","data":"c","since":{"offset":-1}}"#, false),
+            Ok(ClientRequest::Unsubscribe(c)) if c == "c"
+        ));
+        assert!(matches!(
+            decode_request(br#"{"type":"ping","since":"x"}"#, false),
+            Ok(ClientRequest::Ping)
+        ));
+    }
+
+    #[test]
+    fn strict_mode_ignores_since_even_a_bad_one() {
+        for since in [
+            r#"{"offset":17,"epoch":"a9f3c2"}"#,
+            r#"{"offset":-1}"#,
+            r#""x""#,
+            "null",
+        ] {
+            let input = format!(r#"{{"type":"subscribe","data":"news","since":{since}}}"#);
+            match decode_request(input.as_bytes(), true) {
+                Ok(ClientRequest::Subscribe {
+                    channel,
+                    since: None,
+                }) => assert_eq!(channel, "news"),
+                other => panic!("{since}: {other:?}"),
+            }
+        }
+        // Still JSON, and the channel is still checked.
+        let reason = |input: &[u8]| decode_request(input, true).unwrap_err().reason;
+        assert_eq!(
+            reason(br#"{"type":"subscribe","data":"c","since":{"offset":}}"#),
+            ErrorReason::Malformed
+        );
+        assert_eq!(
+            reason(br#"{"type":"subscribe","data":5,"since":{"offset":-1}}"#),
+            ErrorReason::InvalidChannel
+        );
+    }
+
+    /// The frame's header is right for its payload, and the payload is returned.
+    fn checked_payload(frame: &Bytes) -> &str {
+        assert_eq!(frame[0], 0x81, "FIN + text");
+        let (len, skip) = match frame[1] {
+            126 => (u16::from_be_bytes([frame[2], frame[3]]) as usize, 4),
+            127 => (
+                u64::from_be_bytes(frame[2..10].try_into().unwrap()) as usize,
+                10,
+            ),
+            n => (n as usize, 2),
+        };
+        assert!(frame[1] & 0x80 == 0, "server frames are not masked");
+        assert_eq!(len, frame.len() - skip);
+        // The shortest length encoding, as RFC 6455 requires.
+        assert_eq!(
+            skip,
+            if len < 126 {
+                2
+            } else if len <= 0xffff {
+                4
+            } else {
+                10
+            }
+        );
+        std::str::from_utf8(&frame[skip..]).unwrap()
+    }
+
+    const NEWS: Position<'static> = Position {
+        offset: 17,
+        epoch: "a9f3c2",
+    };
+
+    #[test]
+    fn history_frames_carry_offset_and_epoch_after_the_timestamp() {
+        let msg = Message::new(TYPE_MESSAGE).with_data(Value::from("hi"));
+        let frame =
+            encode_frame_at(&Envelope::of(&msg, Some("news")), at(0, 0), Some(NEWS)).unwrap();
+        assert_eq!(
+            checked_payload(&frame),
+            r#"{"type":"message","channel":"news","data":"hi","timestamp":"1970-01-01T00:00:00.000000000Z","offset":17,"epoch":"a9f3c2"}"#
+        );
+        let status = Message::process_status("b1", "exited", 0);
+        let frame = encode_frame_at(
+            &Envelope::of(&status, None),
+            at(0, 0),
+            Some(Position {
+                offset: 0,
+                epoch: "",
+            }),
+        )
+        .unwrap();
+        assert_eq!(
+            checked_payload(&frame),
+            r#"{"type":"process_status","channel":"process:b1","processId":"b1","data":{"status":"exited","exitCode":0},"timestamp":"1970-01-01T00:00:00.000000000Z","offset":0,"epoch":""}"#
+        );
+        // Without a position, byte for byte what encode_frame writes.
+        assert_eq!(
+            encode_frame_at(&Envelope::of(&msg, Some("news")), at(0, 0), None).unwrap(),
+            encode_frame(&Envelope::of(&msg, Some("news")), at(0, 0)).unwrap()
+        );
+    }
+
+    #[test]
+    fn history_frame_epochs_are_escaped_and_offsets_exact() {
+        let msg = Message::new("t");
+        let epoch = "a\"b\\c\n\u{1}é";
+        let frame = encode_frame_at(
+            &Envelope::of(&msg, None),
+            at(0, 0),
+            Some(Position {
+                offset: u64::MAX,
+                epoch,
+            }),
+        )
+        .unwrap();
+        let text = checked_payload(&frame);
+        assert!(
+            text.ends_with(r#","offset":18446744073709551615,"epoch":"a\"b\\c\n\u0001é"}"#),
+            "{text}"
+        );
+        let parsed: Value = serde_json::from_str(text).unwrap();
+        assert_eq!(parsed["offset"], Value::from(u64::MAX));
+        assert_eq!(parsed["epoch"], Value::from(epoch));
+        for offset in [0, 1, 9, 10, 99, 100, 1_000_000_007] {
+            let mut buf = Vec::new();
+            write_u64(&mut buf, offset);
+            assert_eq!(buf, offset.to_string().as_bytes());
+        }
+    }
+
+    #[test]
+    fn history_frames_of_every_length_class_are_framed_right() {
+        // Under 126 bytes, then the 16-bit and the 64-bit extended lengths.
+        for size in [0, 10, 100, 125, 126, 300, 65_535, 65_536, 70_000] {
+            let data = "x".repeat(size);
+            let msg = Message::new("m").with_data(Value::from(data.clone()));
+            let frame =
+                encode_frame_at(&Envelope::of(&msg, Some("news")), at(0, 0), Some(NEWS)).unwrap();
+            let text = checked_payload(&frame);
+            let parsed: Value = serde_json::from_str(text).unwrap();
+            assert_eq!(parsed["data"], Value::from(data));
+            assert_eq!(parsed["offset"], Value::from(17));
+            assert_eq!(parsed["epoch"], Value::from("a9f3c2"));
+            assert_eq!(read_position(text.as_bytes()), Some((17, "a9f3c2".into())));
+            assert_eq!(&frame_payload(&frame)[..], text.as_bytes());
+        }
+        // The boundaries themselves: a payload of exactly 125 and exactly 126 bytes.
+        let overhead = checked_payload(
+            &encode_frame_at(
+                &Envelope::of(&Message::new("m").with_data(Value::from("")), None),
+                at(0, 0),
+                Some(NEWS),
+            )
+            .unwrap(),
+        )
+        .len();
+        for len in [125, 126, 65_535, 65_536] {
+            let msg = Message::new("m").with_data(Value::from("y".repeat(len - overhead)));
+            let frame = encode_frame_at(&Envelope::of(&msg, None), at(0, 0), Some(NEWS)).unwrap();
+            assert_eq!(checked_payload(&frame).len(), len);
+        }
+    }
+
+    #[test]
+    fn acknowledgements_carry_the_position_only_on_history_channels() {
+        let ack = |kind, recovered, position| {
+            let frame = encode_ack(
+                kind,
+                "news",
+                Ack {
+                    recovered,
+                    position,
+                },
+                at(0, 0),
+            );
+            checked_payload(&frame).to_owned()
+        };
+        const T: &str = r#""timestamp":"1970-01-01T00:00:00.000000000Z""#;
+        let at20 = Some(Position {
+            offset: 20,
+            epoch: "a9f3c2",
+        });
+        assert_eq!(
+            ack(TYPE_SUBSCRIBED, None, None),
+            format!(r#"{{"type":"subscribed","channel":"news",{T}}}"#)
+        );
+        assert_eq!(
+            ack(TYPE_SUBSCRIBED, None, at20),
+            format!(
+                r#"{{"type":"subscribed","channel":"news","data":{{"epoch":"a9f3c2","offset":20}},{T}}}"#
+            )
+        );
+        assert_eq!(
+            ack(TYPE_SUBSCRIBED, Some(true), at20),
+            format!(
+                r#"{{"type":"subscribed","channel":"news","data":{{"recovered":true,"epoch":"a9f3c2","offset":20}},{T}}}"#
+            )
+        );
+        assert_eq!(
+            ack(TYPE_SUBSCRIBED, Some(false), at20),
+            format!(
+                r#"{{"type":"subscribed","channel":"news","data":{{"recovered":false,"epoch":"a9f3c2","offset":20}},{T}}}"#
+            )
+        );
+        assert_eq!(
+            ack(TYPE_SUBSCRIBED, Some(false), None),
+            format!(r#"{{"type":"subscribed","channel":"news","data":{{"recovered":false}},{T}}}"#)
+        );
+        assert_eq!(
+            ack(TYPE_UNSUBSCRIBED, None, None),
+            format!(r#"{{"type":"unsubscribed","channel":"news",{T}}}"#)
+        );
+        // The bare acknowledgement is what it always was.
+        assert_eq!(
+            encode_ack(TYPE_SUBSCRIBED, "news", Ack::default(), at(0, 0)),
+            encode_frame(&Envelope::bare(TYPE_SUBSCRIBED, Some("news")), at(0, 0)).unwrap()
+        );
+        // An epoch is escaped here too, and the acknowledgement carries no top-level offset.
+        let odd = ack(
+            TYPE_SUBSCRIBED,
+            None,
+            Some(Position {
+                offset: 0,
+                epoch: "\"}",
+            }),
+        );
+        let parsed: Value = serde_json::from_str(&odd).unwrap();
+        assert_eq!(parsed["data"]["epoch"], Value::from("\"}"));
+        assert_eq!(read_position(odd.as_bytes()), None);
+    }
+
+    #[test]
+    fn positions_are_read_back_from_the_end() {
+        let read = |json: &str| read_position(json.as_bytes()).map(|(o, e)| (o, e.into_owned()));
+        assert_eq!(
+            read(
+                r#"{"type":"message","channel":"news","data":"hi","timestamp":"T","offset":17,"epoch":"a9f3c2"}"#
+            ),
+            Some((17, "a9f3c2".to_owned()))
+        );
+        // Borrowed when it can be.
+        assert!(matches!(
+            read_position(br#"{"type":"m","timestamp":"T","offset":1,"epoch":"e"}"#),
+            Some((1, Cow::Borrowed("e")))
+        ));
+        // Escaped epochs, a quote and a backslash just before the closing quote included.
+        for epoch in ["", "a\"", "a\\", "\\\"\\", "\",\"epoch\":\"x", "é\u{1}"] {
+            let msg = Message::new("m").with_data(Value::from("d"));
+            let frame = encode_frame_at(
+                &Envelope::of(&msg, None),
+                at(0, 0),
+                Some(Position { offset: 42, epoch }),
+            )
+            .unwrap();
+            assert_eq!(
+                read_position(&frame_payload(&frame)),
+                Some((42, Cow::Borrowed(epoch))),
+                "{epoch:?}"
+            );
+        }
+        // Frames without a position, and look-alikes that are not the encoder's layout.
+        for json in [
+            r#"{"type":"message","channel":"news","data":"hi","timestamp":"T"}"#,
+            r#"{"type":"m","data":{"offset":1,"epoch":"e"},"timestamp":"T"}"#,
+            r#"{"type":"m","timestamp":{"offset":1,"epoch":"e"}}"#,
+            r#"{"type":"m","timestamp":"T","epoch":"e","offset":1}"#,
+            r#"{"type":"m","timestamp":"T","offset":,"epoch":"e"}"#,
+            r#"{"type":"m","timestamp":"T","offset":-1,"epoch":"e"}"#,
+            r#"{"type":"m","timestamp":"T","offset":1.5,"epoch":"e"}"#,
+            r#"{"type":"m","timestamp":"T","offset":18446744073709551616,"epoch":"e"}"#,
+            r#"{"type":"m","timestamp":"T","offset":1,"epoch":"e\"}"#,
+            r#"{"type":"m","timestamp":"T","offset":1,"epoch":7}"#,
+            r#","offset":1,"epoch":"#,
+            r#""}"#,
+            "",
+        ] {
+            assert_eq!(read(json), None, "{json}");
+        }
+        assert_eq!(read_position(b"\"offset\":1,\"epoch\":\"\xff\"}"), None);
+        assert_eq!(
+            read(r#","offset":18446744073709551615,"epoch":"e"}"#),
+            Some((u64::MAX, "e".to_owned()))
+        );
+    }
+
+    #[test]
+    fn remote_messages_with_a_position_are_still_taken() {
+        // Framed as it came: the position stays, byte for byte.
+        let json = br#"{"type":"message","channel":"news","data":1,"timestamp":"T","offset":17,"epoch":"a9f3c2"}"#;
+        let frame = frame_remote(Some("news"), json).unwrap();
+        assert_eq!(&frame_payload(&frame)[..], &json[..]);
+        assert_eq!(
+            read_position(&frame_payload(&frame)),
+            Some((17, "a9f3c2".into()))
+        );
+        // Encoded again (another channel, or none named): the position is dropped for now.
+        let json = br#"{"type":"message","data":1,"timestamp":"T","offset":17,"epoch":"a9f3c2"}"#;
+        let frame = frame_remote(Some("news"), json).unwrap();
+        assert_eq!(
+            payload(&frame),
+            r#"{"type":"message","channel":"news","data":1,"timestamp":"T"}"#
+        );
+        // Odd position fields do not make a message unreadable.
+        let json = br#"{"type":"message","channel":"x","timestamp":"T","offset":"?","epoch":[1]}"#;
+        assert!(frame_remote(Some("news"), json).is_some());
+        assert!(frame_remote(None, json).is_some());
     }
 }
