@@ -32,10 +32,9 @@ const NEWS: &str = "news";
 /// An age no test reaches: histories trimmed by count or memory only.
 const LONG: Duration = Duration::from_secs(3600);
 
-/// The history policy of a channel that keeps `count` publications for `max_age` (in one place:
-/// the constructor's signature is the API's).
+/// The history policy of a channel that keeps `count` publications for `max_age`.
 fn policy(count: usize, max_age: Duration) -> HistoryPolicy {
-    HistoryPolicy::new(count, max_age)
+    HistoryPolicy::new(count, max_age).expect("a valid history policy")
 }
 
 /// A hub whose channel [`NEWS`] keeps its last `count` publications.
