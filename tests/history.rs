@@ -1235,18 +1235,25 @@ const MAX_PUBLISHED: u64 = 20_000;
 /// 1 KiB stream to a history channel: it must be cut with 4000 `slow consumer` after a gapless
 /// prefix of the stream, with nothing dropped; then it reconnects, resumes since its last
 /// offset, and gets everything after it exactly once, in order, then live.
-async fn cut_as_slow_then_recovered(config: HubConfig) {
+///
+/// With `replayed` above 0, that many are published first and the client subscribes since 0:
+/// it is cut for the live publications held behind its replay, not for the replay.
+async fn cut_as_slow_then_recovered(config: HubConfig, replayed: u64) {
     let _turn = one_at_a_time().await;
     let server = Server::start(config).await;
     let hub = server.hub.clone();
+    if replayed > 0 {
+        publish_ticks(&hub, FEED, 1..=replayed, PAD).await;
+    }
     let stream = connect_with_recv_buffer(server.addr, 4096).await;
     let mut stalled = Raw::handshake(stream, server.addr).await;
-    stalled.send_text(&subscribe_request(FEED, None)).await;
+    let since = (replayed > 0).then_some((0, None));
+    stalled.send_text(&subscribe_request(FEED, since)).await;
     let ack = parse(&stalled.read_text().await);
     let (offset, epoch) = ack_position(&ack);
-    assert_eq!(offset, 0);
+    assert_eq!(offset, replayed, "the ack {ack}");
 
-    let mut published = 0;
+    let mut published = replayed;
     while published < MAX_PUBLISHED {
         let stats = hub.stats();
         if stats.slow_consumer_disconnects > 0 || stats.dropped > 0 || hub.client_count() == 0 {
@@ -1332,7 +1339,7 @@ async fn a_slow_consumer_on_a_history_channel_is_cut_and_recovers_everything() {
         .write_timeout(Duration::from_secs(120))
         .build()
         .unwrap();
-    cut_as_slow_then_recovered(config).await;
+    cut_as_slow_then_recovered(config, 0).await;
 }
 
 /// With `DropOldest`, a client over its bound on a history channel is still cut with 4000
@@ -1347,7 +1354,22 @@ async fn drop_oldest_never_drops_history_publications_it_cuts_the_client() {
         .write_timeout(Duration::from_secs(120))
         .build()
         .unwrap();
-    cut_as_slow_then_recovered(config).await;
+    cut_as_slow_then_recovered(config, 0).await;
+}
+
+/// Live publications held behind a replay count against the bound: a client replaying 10,000
+/// publications that reads nothing while the channel keeps publishing is cut with 4000 once
+/// they outgrow its 64 KiB bound (a gapless prefix first), and recovers everything.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn live_publications_held_behind_a_replay_count_against_the_bound() {
+    let config = HubConfig::builder()
+        .channel_history(FEED, policy(MAX_PUBLISHED as usize, LONG))
+        .history_memory_budget(64 << 20)
+        .outbound_queue_bytes(64 * 1024)
+        .write_timeout(Duration::from_secs(120))
+        .build()
+        .unwrap();
+    cut_as_slow_then_recovered(config, 10_000).await;
 }
 
 // ---------------------------------------------------------------------------------------------
