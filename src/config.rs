@@ -6,26 +6,16 @@ use std::time::Duration;
 
 use http::HeaderMap;
 
+use crate::auth::{AuthError, Authenticator, Origin};
 use crate::broker::Broker;
 use crate::client::ClientInfo;
 use crate::error::{Error, Result};
-use crate::http::auth::{AuthError, Authenticator, Origin};
+
+/// Defined with the write path that applies it (`conn/`), configured here.
+pub use crate::conn::SlowConsumerPolicy;
 
 /// The most shards a hub runs: a channel's shards are kept in a 64-bit mask.
 pub const MAX_SHARDS: usize = 64;
-
-/// What the hub does to a client that cannot keep up (see [`Hub`](crate::Hub#slow-clients)).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub enum SlowConsumerPolicy {
-    /// Close the client at once with code 4000 `slow consumer`, discarding what it had queued.
-    /// The default: the client learns it fell behind and can reconnect and resynchronise.
-    #[default]
-    Disconnect,
-    /// Keep the client and drop its oldest queued messages to make room. The client is not
-    /// told; every dropped frame is counted in [`HubStats::dropped`](crate::HubStats::dropped).
-    /// A write that times out still disconnects with 4000.
-    DropOldest,
-}
 
 /// A decision on one client and one channel: `true` allows.
 pub type ChannelPolicyFn = dyn Fn(&ClientInfo, &str) -> bool + Send + Sync;

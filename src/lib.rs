@@ -57,6 +57,7 @@
 #![deny(missing_docs)]
 #![warn(unreachable_pub)]
 
+mod auth;
 #[cfg(feature = "test-support")]
 #[doc(hidden)]
 pub mod bench_support;
@@ -71,6 +72,10 @@ mod shard;
 mod stats;
 mod wire;
 
+pub use auth::{
+    bearer_token, query_param, ApiKeyAuth, AuthError, AuthRequest, Authenticator, BearerTokenAuth,
+    Identity, QueryTokenAuth,
+};
 #[cfg(feature = "redis")]
 pub use broker::redis::{RedisBroker, RedisConfig};
 pub use broker::{Broker, BrokerStats, Inbound, Target};
@@ -81,10 +86,6 @@ pub use config::{
 };
 pub use conn::sys::raise_fd_limit;
 pub use error::{Error, Result};
-pub use http::auth::{
-    bearer_token, query_param, ApiKeyAuth, AuthError, AuthRequest, Authenticator, BearerTokenAuth,
-    Identity, QueryTokenAuth,
-};
 pub use http::{serve, Body, HubService};
 pub use hub::{Hub, SHARD_BACKLOG_BYTES};
 pub use stats::HubStats;

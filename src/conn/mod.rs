@@ -52,7 +52,6 @@ use bytes::{Buf, Bytes};
 use tokio::net::TcpStream;
 
 use crate::client::ClientInfo;
-use crate::config::SlowConsumerPolicy;
 use crate::conn::wake::Wake;
 use crate::hub::Shared;
 use crate::wire::frame::{self, close_code};
@@ -86,6 +85,19 @@ const SLOW_CLOSE_GRACE: Duration = Duration::from_secs(1);
 /// tests/scale.rs, 100 slow clients closed at once).
 fn close_grace(shared: &Shared) -> Duration {
     SLOW_CLOSE_GRACE.max(shared.config.write_timeout)
+}
+
+/// What the hub does to a client that cannot keep up (see [`Hub`](crate::Hub#slow-clients)).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum SlowConsumerPolicy {
+    /// Close the client at once with code 4000 `slow consumer`, discarding what it had queued.
+    /// The default: the client learns it fell behind and can reconnect and resynchronise.
+    #[default]
+    Disconnect,
+    /// Keep the client and drop its oldest queued messages to make room. The client is not
+    /// told; every dropped frame is counted in [`HubStats::dropped`](crate::HubStats::dropped).
+    /// A write that times out still disconnects with 4000.
+    DropOldest,
 }
 
 /// Where a connection's bytes go. In an application's build, only a TCP stream: the null

@@ -8,8 +8,6 @@
 //! handshake; then the raw `TcpStream` is taken back from hyper so the hub can write whole
 //! pre-encoded frames with vectored writes and read without a buffer per idle connection.
 
-pub(crate) mod auth;
-
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
@@ -25,10 +23,10 @@ use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::{TcpListener, TcpStream};
 
+use crate::auth::{origin_allowed, AuthRequest, Identity};
 use crate::client::ClientInfo;
 use crate::conn::task::{self, TaskGuard};
 use crate::conn::{Conn, Socket};
-use crate::http::auth::{origin_allowed, AuthRequest, Identity};
 use crate::hub::{Hub, Shared};
 
 /// The body of every answer the hub gives over plain HTTP.
