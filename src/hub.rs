@@ -13,6 +13,7 @@ use tokio::sync::{mpsc, oneshot, watch, Notify};
 use crate::broker::{Broker, Inbound, Target};
 use crate::client::{ChannelSnapshot, ClientId, ClientSnapshot};
 use crate::config::HubConfig;
+use crate::conn::{self, Clock};
 use crate::error::{Error, Result};
 use crate::shard::directory::{ChannelDirectory, ChannelEntry};
 use crate::shard::{Command, Shard};
@@ -56,10 +57,13 @@ struct ShardHandle {
 /// What the hub, its shards and its connection tasks share.
 pub(crate) struct Shared {
     pub(crate) config: HubConfig,
-    pub(crate) counters: Counters,
+    pub(crate) counters: Arc<Counters>,
+    /// What connections' write paths get: their limits and the counters (a clone of
+    /// `counters`).
+    pub(crate) conn: conn::Env,
     pub(crate) channels: ChannelDirectory,
     shards: Box<[ShardHandle]>,
-    epoch: Instant,
+    pub(crate) clock: Clock,
     next_client: AtomicU64,
     state: AtomicU8,
     /// Flips to true when shutdown begins; accept loops and new upgrades watch it.
@@ -71,7 +75,7 @@ pub(crate) struct Shared {
 impl Shared {
     /// Milliseconds since the hub was created: the clock of keep-alive.
     pub(crate) fn now_ms(&self) -> u64 {
-        self.epoch.elapsed().as_millis() as u64
+        self.clock.now_ms()
     }
 
     pub(crate) fn is_running(&self) -> bool {
@@ -335,6 +339,16 @@ impl Shared {
     }
 }
 
+/// The part of `config` that connections' write paths apply.
+fn conn_limits(config: &HubConfig) -> conn::Limits {
+    conn::Limits {
+        outbound_queue_bytes: config.outbound_queue_bytes,
+        slow_consumer: config.slow_consumer,
+        write_timeout: config.write_timeout,
+        min_read_rate: config.min_read_rate,
+    }
+}
+
 /// The frame one shard gets: the last shard takes the encoded frame itself, the others a copy.
 ///
 /// The copy was made so that shards would not share a reference count, when every delivery
@@ -479,12 +493,17 @@ impl Hub {
             })
             .collect();
         let broker = config.broker.clone();
+        let counters = Arc::new(Counters::new(config.shards));
         let shared = Arc::new(Shared {
-            counters: Counters::new(config.shards),
+            conn: conn::Env {
+                limits: conn_limits(&config),
+                counters: Arc::clone(&counters),
+            },
+            counters,
             config,
             channels: ChannelDirectory::new(broker),
             shards,
-            epoch: Instant::now(),
+            clock: Clock::start(),
             next_client: AtomicU64::new(1),
             state: AtomicU8::new(RUNNING),
             shutting_down: watch::channel(false).0,

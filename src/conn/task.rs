@@ -192,7 +192,7 @@ impl Responder<'_> {
                 violation.code,
                 violation.reason,
                 CloseMode::Now,
-                self.shared,
+                &self.shared.conn,
             );
             return Flow::Closing { peer_closed: false };
         }
@@ -207,7 +207,7 @@ impl Responder<'_> {
                         close_code::POLICY_VIOLATION,
                         "message rate limit exceeded",
                         CloseMode::Now,
-                        self.shared,
+                        &self.shared.conn,
                     );
                     *flow = Flow::Closing { peer_closed: false };
                     return ControlFlow::Break(());
@@ -223,13 +223,14 @@ impl Responder<'_> {
                     }
                 }
             }
-            Event::Ping(payload) => self
-                .conn
-                .send_control(frame::control_frame(OPCODE_PONG, payload), self.shared),
+            Event::Ping(payload) => self.conn.send_control(
+                frame::control_frame(OPCODE_PONG, payload),
+                &self.shared.conn,
+            ),
             Event::Pong => {}
             Event::Close(code) => {
                 let code = code.unwrap_or(close_code::NORMAL);
-                self.conn.close(code, "", CloseMode::Now, self.shared);
+                self.conn.close(code, "", CloseMode::Now, &self.shared.conn);
                 *flow = Flow::Closing { peer_closed: true };
                 return ControlFlow::Break(());
             }
@@ -255,7 +256,7 @@ impl Responder<'_> {
         let mut frame = Vec::with_capacity(header_len + payload.len());
         frame.extend_from_slice(&header[..header_len]);
         frame.extend_from_slice(payload);
-        self.conn.send_one(Bytes::from(frame), self.shared);
+        self.conn.send_one(Bytes::from(frame), &self.shared.conn);
     }
 
     fn handle_request(&self, payload: &[u8]) {
@@ -433,7 +434,7 @@ async fn serve_client(
         Flow::Closing { peer_closed } => {
             Box::pin(finish_close(shared, conn, tcp, &mut reader, peer_closed)).await
         }
-        Flow::Gone | Flow::Open | Flow::Throttled => conn.abort(shared),
+        Flow::Gone | Flow::Open | Flow::Throttled => conn.abort(&shared.conn),
     }
 }
 
@@ -462,13 +463,13 @@ async fn write_blocked(
         () = conn.wake.woken() => Flow::Open,
         ready = tcp.writable() => match ready {
             Ok(()) => {
-                conn.flush_queued(shared);
+                conn.flush_queued(&shared.conn);
                 Flow::Open
             }
             Err(_) => Flow::Gone,
         },
         () = tokio::time::sleep_until(deadline.into()) => {
-            if conn.check_progress(shared) {
+            if conn.check_progress(&shared.conn) {
                 tracing::debug!(client = %conn.info.id, "too little read in a write timeout: slow consumer");
             }
             Flow::Open
@@ -508,7 +509,7 @@ async fn finish_close(
     };
     let flushed = tokio::time::timeout_at(deadline.into(), async {
         loop {
-            match conn.flush_queued(shared) {
+            match conn.flush_queued(&shared.conn) {
                 WriteState::Closed => return true,
                 WriteState::Closing { .. } => {}
                 WriteState::Open | WriteState::Blocked { .. } => return false,
@@ -520,7 +521,7 @@ async fn finish_close(
     })
     .await;
     if flushed != Ok(true) {
-        conn.abort(shared);
+        conn.abort(&shared.conn);
         return;
     }
     if peer_closed {

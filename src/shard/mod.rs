@@ -551,7 +551,9 @@ impl Shard {
                 continue;
             }
             let order = self.order.of(&self.batch.sequences, sequence);
-            let sent = client.conn.send(&self.batch.frames, order, &self.shared);
+            let sent = client
+                .conn
+                .send(&self.batch.frames, order, &self.shared.conn);
             flushed.record(slot, order.len(), sent);
         }
         self.batch.all_sent()
@@ -622,7 +624,7 @@ impl Shard {
         let mut cut = Vec::new();
         for (k, &(_, slot)) in queues.iter().enumerate() {
             if let Some(client) = self.clients[slot as usize].as_ref() {
-                if client.conn.close_over_budget(&self.shared) {
+                if client.conn.close_over_budget(&self.shared.conn) {
                     cut.push(slot);
                 }
             }
@@ -690,9 +692,9 @@ impl Shard {
                 let order = self.order.of(&self.batch.sequences, sequence);
                 let bytes: usize = order.iter().map(|&f| frames[f as usize].len()).sum();
                 let sent = if bytes > Uring::MAX_CLIENT_BYTES {
-                    client.conn.send(frames, order, &self.shared)
+                    client.conn.send(frames, order, &self.shared.conn)
                 } else {
-                    match client.conn.hold_open(frames, order, &self.shared) {
+                    match client.conn.hold_open(frames, order, &self.shared.conn) {
                         Ok(open) => {
                             uring.push(open.fd(), order.iter().map(|&f| &frames[f as usize]));
                             held.push((slot, sequence, open));
@@ -705,7 +707,7 @@ impl Shard {
             }
             for ((slot, sequence, open), written) in held.drain(..).zip(uring.submit()) {
                 let order = self.order.of(&self.batch.sequences, sequence);
-                let sent = open.settle(frames, order, written, &self.shared);
+                let sent = open.settle(frames, order, written, &self.shared.conn);
                 flushed.record(slot, order.len(), sent);
             }
         }
@@ -718,7 +720,7 @@ impl Shard {
                 close_code::GOING_AWAY,
                 "server shutting down",
                 CloseMode::AfterQueued(Instant::now()),
-                &self.shared,
+                &self.shared.conn,
             );
             return;
         }
@@ -927,9 +929,12 @@ impl Shard {
         self.flush();
         if let Some(state) = self.clients[slot as usize].as_ref() {
             let deadline = Instant::now() + self.shared.config.write_timeout;
-            state
-                .conn
-                .close(code, reason, CloseMode::AfterQueued(deadline), &self.shared);
+            state.conn.close(
+                code,
+                reason,
+                CloseMode::AfterQueued(deadline),
+                &self.shared.conn,
+            );
         }
         self.remove_client(slot);
     }
@@ -943,7 +948,7 @@ impl Shard {
                     close_code::GOING_AWAY,
                     "server shutting down",
                     CloseMode::AfterQueued(deadline),
-                    &self.shared,
+                    &self.shared.conn,
                 );
                 self.remove_client(slot);
             }
@@ -966,7 +971,7 @@ impl Shard {
                 continue;
             };
             if now_ms.saturating_sub(client.conn.last_seen_ms()) > timeout_ms {
-                client.conn.abort(&self.shared);
+                client.conn.abort(&self.shared.conn);
                 silent.push(slot);
             } else if ping {
                 self.stage(slot, frame::ping_frame());
@@ -1016,7 +1021,7 @@ impl Shard {
     fn drop_all_clients(&mut self) {
         for slot in 0..self.clients.len() as u32 {
             if let Some(client) = self.clients[slot as usize].as_ref() {
-                client.conn.abort(&self.shared);
+                client.conn.abort(&self.shared.conn);
                 self.remove_client(slot);
             }
         }
