@@ -15,8 +15,8 @@ use bytes::Bytes;
 
 use crate::client::{ClientId, ClientInfo};
 use crate::config::HubConfig;
-use crate::conn::task::Reader;
 use crate::conn::{Conn, Socket};
+use crate::http::session::Reader;
 use crate::hub::{Hub, Shared};
 use crate::shard::{Command, Shard};
 use crate::wire::frame::{Decoder, Event};

@@ -1,5 +1,6 @@
 //! One client's connection as the shard and the connection task share it: the socket, the
-//! outbound queue, and the write path.
+//! outbound queue, and the write path. The connection task itself, which reads the client and
+//! calls into the hub, is a layer up, in `http/session.rs`.
 //!
 //! # The write path (hot)
 //!
@@ -36,7 +37,6 @@
 //! [`HubStats::dropped`]: crate::HubStats::dropped
 
 pub(crate) mod sys;
-pub(crate) mod task;
 #[cfg(all(feature = "io-uring", target_os = "linux"))]
 pub(crate) mod uring;
 pub(crate) mod wake;

@@ -5,6 +5,10 @@
 //! runs the close handshake. While a client is idle the task holds no buffer: it waits for
 //! readiness, then reads into a per-thread scratch buffer, and only the tail of a frame still
 //! arriving is copied into a buffer of the connection's own, freed once the frame is whole.
+//!
+//! It lives above the hub (not in `conn/`) because it is the hub's client: it enqueues the
+//! client's requests to its shard, publishes, waits for room and counts itself in the hub's
+//! connection tasks. `conn/` keeps what the shard and this task share: the [`Conn`].
 
 use std::cell::{Cell, RefCell};
 use std::io;
