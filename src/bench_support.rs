@@ -174,7 +174,7 @@ impl ShardHarness {
     /// A harness whose shard 0 runs under `config` (use `shards(1)`).
     pub fn new(config: HubConfig) -> Self {
         let hub = Hub::with_config(config);
-        let shard = Shard::new(0, Arc::clone(hub.shared()));
+        let shard = hub.shared().new_shard(0);
         ShardHarness {
             hub,
             shard,

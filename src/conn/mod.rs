@@ -925,7 +925,7 @@ mod tests {
                 .build()
                 .unwrap(),
         );
-        let env = &hub.shared().conn;
+        let env = &hub.shared().conn_env;
         let info = ClientInfo::anonymous(1);
         let conn = Conn::new(info, Socket::Tcp(server), 0);
 

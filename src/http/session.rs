@@ -196,7 +196,7 @@ impl Responder<'_> {
                 violation.code,
                 violation.reason,
                 CloseMode::Now,
-                &self.shared.conn,
+                &self.shared.conn_env,
             );
             return Flow::Closing { peer_closed: false };
         }
@@ -211,7 +211,7 @@ impl Responder<'_> {
                         close_code::POLICY_VIOLATION,
                         "message rate limit exceeded",
                         CloseMode::Now,
-                        &self.shared.conn,
+                        &self.shared.conn_env,
                     );
                     *flow = Flow::Closing { peer_closed: false };
                     return ControlFlow::Break(());
@@ -229,12 +229,13 @@ impl Responder<'_> {
             }
             Event::Ping(payload) => self.conn.send_control(
                 frame::control_frame(OPCODE_PONG, payload),
-                &self.shared.conn,
+                &self.shared.conn_env,
             ),
             Event::Pong => {}
             Event::Close(code) => {
                 let code = code.unwrap_or(close_code::NORMAL);
-                self.conn.close(code, "", CloseMode::Now, &self.shared.conn);
+                self.conn
+                    .close(code, "", CloseMode::Now, &self.shared.conn_env);
                 *flow = Flow::Closing { peer_closed: true };
                 return ControlFlow::Break(());
             }
@@ -260,7 +261,8 @@ impl Responder<'_> {
         let mut frame = Vec::with_capacity(header_len + payload.len());
         frame.extend_from_slice(&header[..header_len]);
         frame.extend_from_slice(payload);
-        self.conn.send_one(Bytes::from(frame), &self.shared.conn);
+        self.conn
+            .send_one(Bytes::from(frame), &self.shared.conn_env);
     }
 
     fn handle_request(&self, payload: &[u8]) {
@@ -438,7 +440,7 @@ async fn serve_client(
         Flow::Closing { peer_closed } => {
             Box::pin(finish_close(shared, conn, tcp, &mut reader, peer_closed)).await
         }
-        Flow::Gone | Flow::Open | Flow::Throttled => conn.abort(&shared.conn),
+        Flow::Gone | Flow::Open | Flow::Throttled => conn.abort(&shared.conn_env),
     }
 }
 
@@ -467,13 +469,13 @@ async fn write_blocked(
         () = conn.wake.woken() => Flow::Open,
         ready = tcp.writable() => match ready {
             Ok(()) => {
-                conn.flush_queued(&shared.conn);
+                conn.flush_queued(&shared.conn_env);
                 Flow::Open
             }
             Err(_) => Flow::Gone,
         },
         () = tokio::time::sleep_until(deadline.into()) => {
-            if conn.check_progress(&shared.conn) {
+            if conn.check_progress(&shared.conn_env) {
                 tracing::debug!(client = %conn.info.id, "too little read in a write timeout: slow consumer");
             }
             Flow::Open
@@ -513,7 +515,7 @@ async fn finish_close(
     };
     let flushed = tokio::time::timeout_at(deadline.into(), async {
         loop {
-            match conn.flush_queued(&shared.conn) {
+            match conn.flush_queued(&shared.conn_env) {
                 WriteState::Closed => return true,
                 WriteState::Closing { .. } => {}
                 WriteState::Open | WriteState::Blocked { .. } => return false,
@@ -525,7 +527,7 @@ async fn finish_close(
     })
     .await;
     if flushed != Ok(true) {
-        conn.abort(&shared.conn);
+        conn.abort(&shared.conn_env);
         return;
     }
     if peer_closed {
