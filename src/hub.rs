@@ -10,7 +10,7 @@ use serde::Serialize;
 use serde_json::value::RawValue;
 use tokio::sync::{mpsc, oneshot, watch, Notify};
 
-use crate::broker::{Broker, Inbound, Target};
+use crate::broker::{Broker, Inbound, LocalNode, Target};
 use crate::client::{ChannelSnapshot, ClientId, ClientSnapshot};
 use crate::config::HubConfig;
 use crate::conn::{self, Clock};
@@ -320,6 +320,37 @@ impl ChannelActivity for BrokerActivity {
     }
 }
 
+/// How a broker's [`Inbound`] reaches this hub.
+impl LocalNode for Shared {
+    fn fan_out_to_channel(&self, channel: &str, frame: Bytes) -> bool {
+        Shared::fan_out_to_channel(self, channel, frame).is_ok()
+    }
+
+    fn fan_out_to_all(&self, frame: Bytes) -> bool {
+        Shared::fan_out_to_all(self, frame).is_ok()
+    }
+
+    fn has_subscribers(&self, channel: &str) -> bool {
+        self.channels.get(channel).is_some()
+    }
+
+    fn active_channels(&self) -> Vec<String> {
+        self.channels
+            .snapshot()
+            .into_iter()
+            .map(|c| c.name)
+            .collect()
+    }
+}
+
+impl Shared {
+    /// A broker's way in to this hub, which it does not keep alive.
+    pub(crate) fn inbound(self: &Arc<Self>) -> Inbound {
+        let node: std::sync::Weak<Shared> = Arc::downgrade(self);
+        Inbound::new(node)
+    }
+}
+
 /// The frame one shard gets: the last shard takes the encoded frame itself, the others a copy.
 ///
 /// The copy was made so that shards would not share a reference count, when every delivery
@@ -514,7 +545,7 @@ impl Hub {
                 .lock()
                 .unwrap_or_else(|p| p.into_inner()) = tasks;
             if let Some(broker) = self.inner.shared.broker() {
-                broker.start(Inbound::new(&self.inner.shared));
+                broker.start(self.inner.shared.inbound());
             }
         }
     }
@@ -1041,7 +1072,7 @@ mod tests {
             .unwrap();
         let hub = Hub::with_config(config);
         let shared = Arc::clone(hub.shared());
-        let _ = broker.inbound.set(Inbound::new(&shared));
+        let _ = broker.inbound.set(shared.inbound());
         let (done, finished) = std::sync::mpsc::channel();
         for shard in 0..4 {
             let shared = Arc::clone(&shared);
