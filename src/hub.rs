@@ -22,13 +22,6 @@ use crate::stats::{Counters, HubStats};
 use crate::wire::frame::is_valid_close_code;
 use crate::wire::protocol::{self, Envelope, ErrorReason, Message, TYPE_EVENT, TYPE_MESSAGE};
 
-/// The default of [`HubConfigBuilder::shard_backlog_bytes`](crate::HubConfigBuilder::shard_backlog_bytes):
-/// the most bytes of work waiting in one shard's inbox. Past it, calls that add work to that
-/// shard are refused with an error that [`is_overloaded`](Error::is_overloaded), so a
-/// publisher that outruns the shards never grows memory without bound and is never made to
-/// wait (unless it asks to, with the `*_async` methods).
-pub const SHARD_BACKLOG_BYTES: usize = 64 * 1024 * 1024;
-
 const RUNNING: u8 = 0;
 const SHUTTING_DOWN: u8 = 1;
 const STOPPED: u8 = 2;
