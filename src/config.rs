@@ -6,26 +6,23 @@ use std::time::Duration;
 
 use http::HeaderMap;
 
+use crate::auth::{AuthError, Authenticator, Origin};
 use crate::broker::Broker;
 use crate::client::ClientInfo;
 use crate::error::{Error, Result};
-use crate::http::auth::{AuthError, Authenticator, Origin};
+
+/// Defined with the write path that applies it (`conn/`), configured here.
+pub use crate::conn::SlowConsumerPolicy;
+
+/// The default of [`HubConfigBuilder::shard_backlog_bytes`]:
+/// the most bytes of work waiting in one shard's inbox. Past it, calls that add work to that
+/// shard are refused with an error that [`is_overloaded`](Error::is_overloaded), so a
+/// publisher that outruns the shards never grows memory without bound and is never made to
+/// wait (unless it asks to, with the `*_async` methods).
+pub const SHARD_BACKLOG_BYTES: usize = 64 * 1024 * 1024;
 
 /// The most shards a hub runs: a channel's shards are kept in a 64-bit mask.
 pub const MAX_SHARDS: usize = 64;
-
-/// What the hub does to a client that cannot keep up (see [`Hub`](crate::Hub#slow-clients)).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub enum SlowConsumerPolicy {
-    /// Close the client at once with code 4000 `slow consumer`, discarding what it had queued.
-    /// The default: the client learns it fell behind and can reconnect and resynchronise.
-    #[default]
-    Disconnect,
-    /// Keep the client and drop its oldest queued messages to make room. The client is not
-    /// told; every dropped frame is counted in [`HubStats::dropped`](crate::HubStats::dropped).
-    /// A write that times out still disconnects with 4000.
-    DropOldest,
-}
 
 /// A decision on one client and one channel: `true` allows.
 pub type ChannelPolicyFn = dyn Fn(&ClientInfo, &str) -> bool + Send + Sync;
@@ -140,7 +137,7 @@ impl Default for HubConfig {
             outbound_queue_bytes: 16 * 1024 * 1024,
             queue_memory_budget: 256 * 1024 * 1024,
             min_read_rate: 64 * 1024,
-            shard_backlog_bytes: crate::hub::SHARD_BACKLOG_BYTES,
+            shard_backlog_bytes: SHARD_BACKLOG_BYTES,
             slow_consumer: SlowConsumerPolicy::Disconnect,
             max_subscriptions: 1024,
             max_channel_len: 256,

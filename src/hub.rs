@@ -1,7 +1,7 @@
 //! The [`Hub`] handle: the public API, and routing of every call to the shards.
 
 use std::future::Future;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -10,24 +10,17 @@ use serde::Serialize;
 use serde_json::value::RawValue;
 use tokio::sync::{mpsc, oneshot, watch, Notify};
 
-use crate::broker::{Broker, Inbound, Target};
+use crate::broker::{Broker, Inbound, LocalNode, Target};
 use crate::client::{ChannelSnapshot, ClientId, ClientSnapshot};
 use crate::config::HubConfig;
+use crate::conn::{self, Clock};
 use crate::error::{Error, Result};
-use crate::shard::directory::{ChannelDirectory, ChannelEntry};
-use crate::shard::{Command, Shard};
+use crate::shard::directory::{ChannelActivity, ChannelDirectory, ChannelEntry};
+use crate::shard::inbox::Inboxes;
+use crate::shard::{self, Command, Shard, ShardConfig};
 use crate::stats::{Counters, HubStats};
 use crate::wire::frame::is_valid_close_code;
-use crate::wire::protocol::{
-    self, Envelope, ErrorReason, Message, TYPE_ERROR, TYPE_EVENT, TYPE_MESSAGE,
-};
-
-/// The default of [`HubConfigBuilder::shard_backlog_bytes`](crate::HubConfigBuilder::shard_backlog_bytes):
-/// the most bytes of work waiting in one shard's inbox. Past it, calls that add work to that
-/// shard are refused with an error that [`is_overloaded`](Error::is_overloaded), so a
-/// publisher that outruns the shards never grows memory without bound and is never made to
-/// wait (unless it asks to, with the `*_async` methods).
-pub const SHARD_BACKLOG_BYTES: usize = 64 * 1024 * 1024;
+use crate::wire::protocol::{self, Envelope, ErrorReason, Message, TYPE_EVENT, TYPE_MESSAGE};
 
 const RUNNING: u8 = 0;
 const SHUTTING_DOWN: u8 = 1;
@@ -37,29 +30,19 @@ const STOPPED: u8 = 2;
 /// close handshakes before it stops the shards anyway.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
 
-/// One shard's inbox, and the bound on the work waiting in it.
-///
-/// The channel itself is unbounded so that what must never be refused or wait (a client's
-/// register and remove, shutdown, stop: at most a few per connection) goes through it in
-/// order with everything else; everything else is bounded by `backlog`, in bytes of
-/// [`Command::cost`]. Every command is charged its cost when it is sent and gives it back
-/// where the shard takes it out of the inbox ([`Shard::run`]), whatever it then does.
-struct ShardHandle {
-    inbox: mpsc::UnboundedSender<Command>,
-    /// Bytes of work in the inbox: the sum of its commands' [`Command::cost`].
-    backlog: AtomicUsize,
-    /// Someone waits in [`Shared::wait_for_room`]; the shard wakes them when it makes room.
-    waiting: AtomicBool,
-    room: Notify,
-}
-
 /// What the hub, its shards and its connection tasks share.
 pub(crate) struct Shared {
     pub(crate) config: HubConfig,
-    pub(crate) counters: Counters,
-    pub(crate) channels: ChannelDirectory,
-    shards: Box<[ShardHandle]>,
-    epoch: Instant,
+    pub(crate) counters: Arc<Counters>,
+    /// What connections' write paths get: their limits and the counters (a clone of
+    /// `counters`).
+    pub(crate) conn_env: conn::Env,
+    pub(crate) channels: Arc<ChannelDirectory>,
+    /// The shards' inboxes and their backlog bounds (`shard/inbox.rs`).
+    inboxes: Inboxes,
+    /// What each shard reads of the configuration.
+    shard_config: ShardConfig,
+    pub(crate) clock: Clock,
     next_client: AtomicU64,
     state: AtomicU8,
     /// Flips to true when shutdown begins; accept loops and new upgrades watch it.
@@ -71,7 +54,7 @@ pub(crate) struct Shared {
 impl Shared {
     /// Milliseconds since the hub was created: the clock of keep-alive.
     pub(crate) fn now_ms(&self) -> u64 {
-        self.epoch.elapsed().as_millis() as u64
+        self.clock.now_ms()
     }
 
     pub(crate) fn is_running(&self) -> bool {
@@ -84,91 +67,59 @@ impl Shared {
 
     /// The shard that owns `client`.
     pub(crate) fn shard_index(&self, client: ClientId) -> usize {
-        (client.0 % self.shards.len() as u64) as usize
+        (client.0 % self.inboxes.len() as u64) as usize
     }
 
-    /// Sends `command` to shard `index` whatever its backlog: for what must never be refused
-    /// (lifecycle commands, whose cost is zero) and for a client's requests, which its
-    /// connection task only reads while the shard has room ([`has_room`](Self::has_room)).
+    /// Sends `command` to shard `index` whatever its backlog (see [`Inboxes::enqueue`]).
     pub(crate) fn enqueue(&self, index: usize, command: Command) -> Result<()> {
-        let shard = &self.shards[index];
-        let cost = command.cost();
-        shard.backlog.fetch_add(cost, Ordering::Relaxed);
-        if shard.inbox.send(command).is_err() {
-            shard.backlog.fetch_sub(cost, Ordering::Relaxed);
-            return Err(Error::closed());
+        if self.inboxes.enqueue(index, command) {
+            Ok(())
+        } else {
+            Err(Error::closed())
         }
-        Ok(())
     }
 
     /// Sends `command` to shard `index` unless its backlog is over the bound: the API calls
     /// that carry work to one client's shard.
     fn try_enqueue(&self, index: usize, command: Command) -> Result<()> {
-        if !self.reserve(index, command.cost()) {
+        if !self.inboxes.try_enqueue(index, command) {
             self.counters
                 .backlog_refused
                 .fetch_add(1, Ordering::Relaxed);
             return Err(Error::overloaded(index));
         }
-        self.send_reserved(index, command);
         Ok(())
-    }
-
-    /// Charges `cost` to shard `index`'s backlog, unless that takes it over the bound (an
-    /// empty inbox takes anything, so a single large frame is never refused forever).
-    fn reserve(&self, index: usize, cost: usize) -> bool {
-        let backlog = &self.shards[index].backlog;
-        let before = backlog.fetch_add(cost, Ordering::Relaxed);
-        if before > 0 && before + cost > self.config.shard_backlog_bytes {
-            self.give_back(index, cost);
-            return false;
-        }
-        true
-    }
-
-    /// Sends a command whose cost was reserved; a shard that has stopped gives it back.
-    fn send_reserved(&self, index: usize, command: Command) {
-        let cost = command.cost();
-        if self.shards[index].inbox.send(command).is_err() {
-            self.give_back(index, cost);
-        }
-    }
-
-    /// Returns `cost` bytes to shard `index`'s backlog: the shard took commands worth that
-    /// out of its inbox (or a reservation was undone). Wakes whoever waits for room once
-    /// there is some.
-    pub(crate) fn give_back(&self, index: usize, cost: usize) {
-        let shard = &self.shards[index];
-        let after = shard
-            .backlog
-            .fetch_sub(cost, Ordering::SeqCst)
-            .saturating_sub(cost);
-        // SeqCst, with the waiter's store and load in `wait_for_room`: either the waiter sees
-        // this room, or this sees the waiter.
-        if after <= self.config.shard_backlog_bytes && shard.waiting.load(Ordering::SeqCst) {
-            shard.waiting.store(false, Ordering::SeqCst);
-            shard.room.notify_waiters();
-        }
     }
 
     /// Whether shard `index` takes more work now.
     pub(crate) fn has_room(&self, index: usize) -> bool {
-        self.shards[index].backlog.load(Ordering::SeqCst) <= self.config.shard_backlog_bytes
+        self.inboxes.has_room(index)
     }
 
     /// Waits until shard `index` has room for more work (or the hub stops).
     pub(crate) async fn wait_for_room(&self, index: usize) {
-        let shard = &self.shards[index];
-        loop {
-            let notified = shard.room.notified();
-            tokio::pin!(notified);
-            notified.as_mut().enable();
-            shard.waiting.store(true, Ordering::SeqCst);
-            if self.has_room(index) || !self.is_running() {
-                return;
-            }
-            notified.await;
-        }
+        self.inboxes
+            .wait_for_room(index, || !self.is_running())
+            .await;
+    }
+
+    /// Shard `index`, to run: what it reads of the configuration, the write path's limits
+    /// and the counters, the clock, the channel directory and the inboxes, each its own
+    /// handle (the shard never sees `Shared`).
+    pub(crate) fn new_shard(&self, index: usize) -> Shard {
+        Shard::new(
+            index,
+            shard::Context {
+                config: self.shard_config,
+                env: conn::Env {
+                    limits: self.conn_env.limits,
+                    counters: Arc::clone(&self.counters),
+                },
+                clock: self.clock,
+                directory: Arc::clone(&self.channels),
+                inboxes: self.inboxes.clone(),
+            },
+        )
     }
 
     /// Sends one command to each shard in `mask`, all or nothing: the cost is reserved on
@@ -185,10 +136,10 @@ impl Shared {
         while rest != 0 {
             let index = rest.trailing_zeros() as usize;
             rest &= rest - 1;
-            if !self.reserve(index, cost) {
+            if !self.inboxes.reserve(index, cost) {
                 let mut undo = reserved;
                 while undo != 0 {
-                    self.give_back(undo.trailing_zeros() as usize, cost);
+                    self.inboxes.give_back(undo.trailing_zeros() as usize, cost);
                     undo &= undo - 1;
                 }
                 self.counters
@@ -204,14 +155,14 @@ impl Shared {
             rest &= rest - 1;
             let command = make(index, rest == 0);
             debug_assert_eq!(command.cost(), cost, "reserved what the command costs");
-            self.send_reserved(index, command);
+            self.inboxes.send_reserved(index, command);
         }
         Ok(())
     }
 
     /// Every shard's bit.
     fn all_shards(&self) -> u64 {
-        u64::MAX >> (64 - self.shards.len())
+        u64::MAX >> (64 - self.inboxes.len())
     }
 
     fn check_running(&self) -> Result<()> {
@@ -305,16 +256,7 @@ impl Shared {
 
     /// The per-client error message for `reason`, or `None` in strict go-ws mode.
     pub(crate) fn error_frame(&self, reason: ErrorReason, channel: Option<&str>) -> Option<Bytes> {
-        if self.config.strict_go_ws {
-            return None;
-        }
-        let envelope = Envelope {
-            kind: TYPE_ERROR,
-            channel,
-            process_id: None,
-            data: Some(reason.as_str()),
-        };
-        protocol::encode_frame(&envelope, SystemTime::now()).ok()
+        shard::error_frame(self.config.strict_go_ws, reason, channel)
     }
 
     pub(crate) fn task_started(&self) {
@@ -332,6 +274,73 @@ impl Shared {
         {
             self.tasks_idle.notify_waiters();
         }
+    }
+}
+
+/// The part of `config` that connections' write paths apply.
+fn conn_limits(config: &HubConfig) -> conn::Limits {
+    conn::Limits {
+        outbound_queue_bytes: config.outbound_queue_bytes,
+        slow_consumer: config.slow_consumer,
+        write_timeout: config.write_timeout,
+        min_read_rate: config.min_read_rate,
+    }
+}
+
+/// The part of `config` that each shard reads.
+fn shard_config(config: &HubConfig) -> ShardConfig {
+    ShardConfig {
+        heartbeat: config.heartbeat,
+        pong_timeout: config.pong_timeout,
+        max_subscriptions: config.max_subscriptions,
+        strict_go_ws: config.strict_go_ws,
+        queue_memory_budget: config.queue_memory_budget,
+        shards: config.shards,
+    }
+}
+
+/// What the channel directory tells the broker: a channel's first subscriber on this node
+/// and its last (the directory knows no broker, only this).
+struct BrokerActivity(Arc<dyn Broker>);
+
+impl ChannelActivity for BrokerActivity {
+    fn active(&self, channel: &str) {
+        self.0.channel_active(channel);
+    }
+
+    fn inactive(&self, channel: &str) {
+        self.0.channel_inactive(channel);
+    }
+}
+
+/// How a broker's [`Inbound`] reaches this hub.
+impl LocalNode for Shared {
+    fn fan_out_to_channel(&self, channel: &str, frame: Bytes) -> bool {
+        Shared::fan_out_to_channel(self, channel, frame).is_ok()
+    }
+
+    fn fan_out_to_all(&self, frame: Bytes) -> bool {
+        Shared::fan_out_to_all(self, frame).is_ok()
+    }
+
+    fn has_subscribers(&self, channel: &str) -> bool {
+        self.channels.get(channel).is_some()
+    }
+
+    fn active_channels(&self) -> Vec<String> {
+        self.channels
+            .snapshot()
+            .into_iter()
+            .map(|c| c.name)
+            .collect()
+    }
+}
+
+impl Shared {
+    /// A broker's way in to this hub, which it does not keep alive.
+    pub(crate) fn inbound(self: &Arc<Self>) -> Inbound {
+        let node: std::sync::Weak<Shared> = Arc::downgrade(self);
+        Inbound::new(node)
     }
 }
 
@@ -362,7 +371,7 @@ struct Inner {
 impl Drop for Inner {
     /// The last handle is gone: tell the shards to stop. Never blocks.
     fn drop(&mut self) {
-        for index in 0..self.shared.shards.len() {
+        for index in 0..self.shared.inboxes.len() {
             let _ = self.shared.enqueue(index, Command::Stop);
         }
         if let Some(broker) = self.shared.broker() {
@@ -450,7 +459,7 @@ impl Default for Hub {
 impl std::fmt::Debug for Hub {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Hub")
-            .field("shards", &self.inner.shared.shards.len())
+            .field("shards", &self.inner.shared.inboxes.len())
             .field("clients", &self.client_count())
             .finish()
     }
@@ -466,25 +475,23 @@ impl Hub {
     /// [`run`](Hub::run), [`serve`](crate::serve) or upgrade; messages sent before then wait
     /// in the shards' inboxes.
     pub fn with_config(config: HubConfig) -> Hub {
-        let (senders, receivers): (Vec<_>, Vec<_>) = (0..config.shards)
-            .map(|_| mpsc::unbounded_channel())
-            .unzip();
-        let shards = senders
-            .into_iter()
-            .map(|inbox| ShardHandle {
-                inbox,
-                backlog: AtomicUsize::new(0),
-                waiting: AtomicBool::new(false),
-                room: Notify::new(),
-            })
-            .collect();
-        let broker = config.broker.clone();
+        let (inboxes, receivers) = Inboxes::new(config.shards, config.shard_backlog_bytes);
+        let activity = config
+            .broker
+            .clone()
+            .map(|broker| Arc::new(BrokerActivity(broker)) as Arc<dyn ChannelActivity>);
+        let counters = Arc::new(Counters::new(config.shards));
         let shared = Arc::new(Shared {
-            counters: Counters::new(config.shards),
+            conn_env: conn::Env {
+                limits: conn_limits(&config),
+                counters: Arc::clone(&counters),
+            },
+            counters,
+            shard_config: shard_config(&config),
             config,
-            channels: ChannelDirectory::new(broker),
-            shards,
-            epoch: Instant::now(),
+            channels: Arc::new(ChannelDirectory::new(activity)),
+            inboxes,
+            clock: Clock::start(),
             next_client: AtomicU64::new(1),
             state: AtomicU8::new(RUNNING),
             shutting_down: watch::channel(false).0,
@@ -521,7 +528,7 @@ impl Hub {
                 .into_iter()
                 .enumerate()
                 .map(|(index, inbox)| {
-                    let shard = Shard::new(index, Arc::clone(&self.inner.shared));
+                    let shard = self.inner.shared.new_shard(index);
                     tokio::spawn(shard.run(inbox))
                 })
                 .collect();
@@ -531,7 +538,7 @@ impl Hub {
                 .lock()
                 .unwrap_or_else(|p| p.into_inner()) = tasks;
             if let Some(broker) = self.inner.shared.broker() {
-                broker.start(Inbound::new(&self.inner.shared));
+                broker.start(self.inner.shared.inbound());
             }
         }
     }
@@ -562,7 +569,7 @@ impl Hub {
         }
         shared.shutting_down.send_replace(true);
         let deadline = Instant::now() + shared.config.shutdown_drain;
-        for index in 0..shared.shards.len() {
+        for index in 0..shared.inboxes.len() {
             let _ = shared.enqueue(index, Command::Shutdown { deadline });
         }
         let give_up = tokio::time::Instant::from_std(deadline + SHUTDOWN_GRACE);
@@ -580,13 +587,11 @@ impl Hub {
             }
         }
         shared.state.store(STOPPED, Ordering::Release);
-        for index in 0..shared.shards.len() {
+        for index in 0..shared.inboxes.len() {
             let _ = shared.enqueue(index, Command::Stop);
         }
-        for shard in shared.shards.iter() {
-            // Publishers waiting for room see the hub stopped.
-            shard.room.notify_waiters();
-        }
+        // Publishers waiting for room see the hub stopped.
+        shared.inboxes.wake_waiters();
         let tasks = std::mem::take(
             &mut *self
                 .inner
@@ -954,10 +959,8 @@ impl Hub {
     pub fn stats(&self) -> HubStats {
         let shared = &self.inner.shared;
         let mut stats = shared.counters.snapshot(shared.channels.channel_count());
-        stats.shard_backlog_bytes = shared
-            .shards
-            .iter()
-            .map(|s| s.backlog.load(Ordering::Relaxed))
+        stats.shard_backlog_bytes = (0..shared.inboxes.len())
+            .map(|index| shared.inboxes.backlog(index))
             .collect();
         stats.broker = shared.broker().map(|b| b.stats());
         stats
@@ -972,7 +975,7 @@ impl Hub {
     /// once the hub has stopped.
     pub async fn clients(&self) -> Vec<ClientSnapshot> {
         let mut clients = Vec::new();
-        for shard in 0..self.inner.shared.shards.len() {
+        for shard in 0..self.inner.shared.inboxes.len() {
             clients.extend(self.snapshot_of(shard).await);
         }
         clients.sort_by_key(|c| c.info.id);
@@ -1002,5 +1005,88 @@ impl Hub {
             return Vec::new();
         }
         answer.await.unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::AtomicUsize;
+
+    use super::*;
+    use crate::broker::BrokerStats;
+
+    // From `shard/directory.rs`, which no longer knows brokers: the hub's `BrokerActivity`
+    // is what tells the broker, so this is where the whole path is tested.
+    /// A broker that reads the hub back through `Inbound` whenever it is told of a channel,
+    /// as the Redis broker does (from its own task) to reconcile.
+    #[derive(Default)]
+    struct CallingBack {
+        inbound: std::sync::OnceLock<Inbound>,
+        active: AtomicUsize,
+        inactive: AtomicUsize,
+    }
+
+    impl CallingBack {
+        fn call_back(&self, channel: &str) {
+            let inbound = self.inbound.get().expect("the test sets it first");
+            let _ = inbound.has_subscribers(channel);
+            let _ = inbound.active_channels();
+            inbound.deliver(Target::Channel(channel), br#"{"type":"event"}"#);
+        }
+    }
+
+    impl Broker for Arc<CallingBack> {
+        fn start(&self, _: Inbound) {}
+        fn publish(&self, _: Target<'_>, _: Bytes) {}
+        fn channel_active(&self, channel: &str) {
+            self.call_back(channel);
+            self.active.fetch_add(1, Ordering::Relaxed);
+        }
+        fn channel_inactive(&self, channel: &str) {
+            self.call_back(channel);
+            self.inactive.fetch_add(1, Ordering::Relaxed);
+        }
+        fn stats(&self) -> BrokerStats {
+            BrokerStats::new(true)
+        }
+        fn shutdown(&self) {}
+    }
+
+    /// The directory tells the broker outside its locks: a broker that calls back into
+    /// `Inbound` from `channel_active` and `channel_inactive` does not deadlock, while shards
+    /// (here, threads) join and leave the same channels.
+    #[test]
+    fn a_broker_may_call_back_into_the_hub() {
+        let broker = Arc::new(CallingBack::default());
+        let config = HubConfig::builder()
+            .shards(4)
+            .broker(Arc::clone(&broker))
+            .build()
+            .unwrap();
+        let hub = Hub::with_config(config);
+        let shared = Arc::clone(hub.shared());
+        let _ = broker.inbound.set(shared.inbound());
+        let (done, finished) = std::sync::mpsc::channel();
+        for shard in 0..4 {
+            let shared = Arc::clone(&shared);
+            let done = done.clone();
+            std::thread::spawn(move || {
+                for round in 0..500 {
+                    let channel = ["a", "b", "c"][round % 3];
+                    let entry = shared.channels.join(channel, shard);
+                    shared.channels.leave(&entry, shard);
+                }
+                let _ = done.send(());
+            });
+        }
+        for _ in 0..4 {
+            finished
+                .recv_timeout(std::time::Duration::from_secs(20))
+                .expect("joins and leaves finish (a broker calling back must not deadlock)");
+        }
+        assert_eq!(shared.channels.channel_count(), 0);
+        let active = broker.active.load(Ordering::Relaxed);
+        assert!(active > 0);
+        assert_eq!(active, broker.inactive.load(Ordering::Relaxed));
     }
 }

@@ -82,7 +82,37 @@ pub struct HubStats {
     /// `send(2)` for good and stops counting.
     pub io_uring_shards: usize,
     /// The broker's counters, when the hub has one (several nodes).
-    pub broker: Option<crate::BrokerStats>,
+    pub broker: Option<BrokerStats>,
+}
+
+/// A broker's counters, in [`HubStats::broker`](crate::HubStats::broker).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct BrokerStats {
+    /// Whether the broker is connected to its server now.
+    pub connected: bool,
+    /// Connections made after the first (each one after a loss).
+    pub reconnects: u64,
+    /// Messages sent to other nodes.
+    pub sent: u64,
+    /// Messages received from other nodes and delivered here (own messages not counted).
+    pub received: u64,
+    /// Messages that could not be sent: the server was away or the send queue was full.
+    pub send_dropped: u64,
+    /// Messages received that could not be read (not the bridge format) and were dropped.
+    pub receive_dropped: u64,
+    /// Channels this node listens to now.
+    pub channels: usize,
+}
+
+impl BrokerStats {
+    /// Counters for a broker that does nothing.
+    pub fn new(connected: bool) -> Self {
+        BrokerStats {
+            connected,
+            ..BrokerStats::default()
+        }
+    }
 }
 
 /// The hub's shared counters.

@@ -14,6 +14,7 @@
 //! read, which makes batches large.
 
 pub(crate) mod directory;
+pub(crate) mod inbox;
 pub(crate) mod retained;
 
 use std::collections::HashMap;
@@ -27,12 +28,12 @@ use smallvec::SmallVec;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::client::{ClientId, ClientSnapshot};
-use crate::conn::{CloseMode, Conn, Sent};
-use crate::hub::Shared;
-use crate::shard::directory::ChannelEntry;
+use crate::conn::{self, Clock, CloseMode, Conn, Sent};
+use crate::shard::directory::{ChannelDirectory, ChannelEntry};
+use crate::shard::inbox::Inboxes;
 use crate::shard::retained::Retained;
 use crate::wire::frame::{self, close_code};
-use crate::wire::protocol::{self, ErrorReason, TYPE_SUBSCRIBED, TYPE_UNSUBSCRIBED};
+use crate::wire::protocol::{self, ErrorReason, TYPE_ERROR, TYPE_SUBSCRIBED, TYPE_UNSUBSCRIBED};
 
 /// The most commands taken from the inbox before flushing. Large enough that a reader's burst
 /// of publishes lands in one batch (so each subscriber gets one write for all of them), small
@@ -45,6 +46,54 @@ pub(crate) const BATCH: usize = 256;
 /// [`HubStats::longest_shard_turn`](crate::HubStats::longest_shard_turn)); large enough that
 /// yielding (a trip through tokio's scheduler) costs nothing measurable per client.
 pub(crate) const FLUSH_CHUNK: usize = 256;
+
+/// The part of the hub's configuration that a shard reads (copied out of `HubConfig` by
+/// the hub; see the setters of the same names on `HubConfigBuilder`).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct ShardConfig {
+    pub(crate) heartbeat: Duration,
+    pub(crate) pong_timeout: Duration,
+    /// The most channels a client may subscribe to by its own requests.
+    pub(crate) max_subscriptions: usize,
+    /// go-ws's exact behaviour: no acknowledgements, no error messages.
+    pub(crate) strict_go_ws: bool,
+    pub(crate) queue_memory_budget: usize,
+    /// How many shards the hub runs (this one's share of the budget is `1 / shards`).
+    pub(crate) shards: usize,
+}
+
+/// What a shard gets from the layer above, each part a handle of its own: no shard sees the
+/// hub.
+pub(crate) struct Context {
+    pub(crate) config: ShardConfig,
+    /// For its clients' write paths: their limits, and the hub's counters (which the shard
+    /// bumps too).
+    pub(crate) env: conn::Env,
+    /// The keep-alive clock its clients' `last_seen` is measured in.
+    pub(crate) clock: Clock,
+    pub(crate) directory: Arc<ChannelDirectory>,
+    /// Every shard's inbox: this one gives back what it takes out of its own.
+    pub(crate) inboxes: Inboxes,
+}
+
+/// The per-client error message for `reason`, or `None` in strict go-ws mode (go-ws sends
+/// none): for the shard's replies and the connection task's.
+pub(crate) fn error_frame(
+    strict_go_ws: bool,
+    reason: ErrorReason,
+    channel: Option<&str>,
+) -> Option<Bytes> {
+    if strict_go_ws {
+        return None;
+    }
+    let envelope = protocol::Envelope {
+        kind: TYPE_ERROR,
+        channel,
+        process_id: None,
+        data: Some(reason.as_str()),
+    };
+    protocol::encode_frame(&envelope, std::time::SystemTime::now()).ok()
+}
 
 /// What a shard can be asked to do.
 pub(crate) enum Command {
@@ -101,7 +150,7 @@ impl Command {
     /// holds (a frame, a channel name) and itself. Lifecycle commands cost nothing: they
     /// are never refused, and there are at most a few per connection.
     ///
-    /// The sender charges this ([`Shared::enqueue`] and the others) and the shard gives it
+    /// The sender charges this ([`Inboxes::enqueue`] and the others) and the shard gives it
     /// back where it takes the command out of its inbox ([`Shard::run`]), so no command kind
     /// can forget to.
     pub(crate) fn cost(&self) -> usize {
@@ -156,7 +205,13 @@ struct LocalChannel {
 
 pub(crate) struct Shard {
     index: usize,
-    shared: Arc<Shared>,
+    config: ShardConfig,
+    /// Passed to every `Conn` call; its counters are the hub's.
+    env: conn::Env,
+    clock: Clock,
+    /// Which shards have subscribers of each channel: joined and left here.
+    directory: Arc<ChannelDirectory>,
+    inboxes: Inboxes,
     clients: Vec<Option<ShardClient>>,
     free_clients: Vec<u32>,
     by_id: HashMap<ClientId, u32, ahash::RandomState>,
@@ -358,14 +413,25 @@ impl Batch {
 }
 
 impl Shard {
-    pub(crate) fn new(index: usize, shared: Arc<Shared>) -> Self {
+    pub(crate) fn new(index: usize, context: Context) -> Self {
+        let Context {
+            config,
+            env,
+            clock,
+            directory,
+            inboxes,
+        } = context;
         #[cfg(all(feature = "io-uring", target_os = "linux"))]
-        let uring = crate::conn::uring::Uring::for_shard(index, &shared.counters.io_uring_shards);
+        let uring = crate::conn::uring::Uring::for_shard(index, &env.counters.io_uring_shards);
         #[cfg(not(all(feature = "io-uring", target_os = "linux")))]
         tracing::info!(shard = index, "shard writes with send(2)");
         Shard {
             index,
-            shared,
+            config,
+            env,
+            clock,
+            directory,
+            inboxes,
             clients: Vec::new(),
             free_clients: Vec::new(),
             by_id: HashMap::default(),
@@ -411,7 +477,7 @@ impl Shard {
             // handling does with them (see `Command::cost`).
             let cost: usize = commands.iter().map(Command::cost).sum();
             if cost > 0 {
-                self.shared.give_back(self.index, cost);
+                self.inboxes.give_back(self.index, cost);
             }
             for command in commands.drain(..) {
                 stop |= self.handle(command).is_break();
@@ -440,7 +506,7 @@ impl Shard {
         let took = self.turn_start.elapsed().as_micros() as u64;
         if took > self.longest_turn_us {
             self.longest_turn_us = took;
-            self.shared
+            self.env
                 .counters
                 .longest_shard_turn_us
                 .fetch_max(took, Ordering::Relaxed);
@@ -450,7 +516,7 @@ impl Shard {
     /// The keep-alive tick: a quarter of the heartbeat, so a silent client is noticed within
     /// a quarter heartbeat of its pong timeout.
     fn tick_period(&self) -> Duration {
-        (self.shared.config.heartbeat / 4).max(Duration::from_millis(10))
+        (self.config.heartbeat / 4).max(Duration::from_millis(10))
     }
 
     pub(crate) fn handle(&mut self, command: Command) -> ControlFlow<()> {
@@ -551,7 +617,7 @@ impl Shard {
                 continue;
             }
             let order = self.order.of(&self.batch.sequences, sequence);
-            let sent = client.conn.send(&self.batch.frames, order, &self.shared);
+            let sent = client.conn.send(&self.batch.frames, order, &self.env);
             flushed.record(slot, order.len(), sent);
         }
         self.batch.all_sent()
@@ -569,7 +635,7 @@ impl Shard {
             self.remove_client(slot);
         }
         if flushed.delivered > 0 {
-            self.shared
+            self.env
                 .counters
                 .delivered
                 .fetch_add(flushed.delivered, Ordering::Relaxed);
@@ -585,8 +651,7 @@ impl Shard {
 
     /// Tells the hub how much memory this shard's frames hold in queues.
     fn publish_queued_memory(&self) {
-        self.shared.counters.queued_memory[self.index]
-            .store(self.retained.bytes(), Ordering::Relaxed);
+        self.env.counters.queued_memory[self.index].store(self.retained.bytes(), Ordering::Relaxed);
     }
 
     /// When all queues together hold more memory than the hub's budget, and this shard more
@@ -594,16 +659,16 @@ impl Shard {
     /// share keeps the hub within budget), closes this shard's clients with the largest
     /// queues first, with 4000, until its share holds.
     fn enforce_budget(&mut self) {
-        let budget = self.shared.config.queue_memory_budget as u64;
-        let counters = &self.shared.counters;
+        let budget = self.config.queue_memory_budget as u64;
+        let counters = &self.env.counters;
         if counters.queued_memory_bytes() <= budget {
             return;
         }
         self.retained.release(true);
         self.publish_queued_memory();
-        let share = budget / self.shared.config.shards as u64;
+        let share = budget / self.config.shards as u64;
         let over = |shard: &Shard| {
-            shard.retained.bytes() > share && shard.shared.counters.queued_memory_bytes() > budget
+            shard.retained.bytes() > share && shard.env.counters.queued_memory_bytes() > budget
         };
         if !over(self) {
             return;
@@ -622,7 +687,7 @@ impl Shard {
         let mut cut = Vec::new();
         for (k, &(_, slot)) in queues.iter().enumerate() {
             if let Some(client) = self.clients[slot as usize].as_ref() {
-                if client.conn.close_over_budget(&self.shared) {
+                if client.conn.close_over_budget(&self.env) {
                     cut.push(slot);
                 }
             }
@@ -690,9 +755,9 @@ impl Shard {
                 let order = self.order.of(&self.batch.sequences, sequence);
                 let bytes: usize = order.iter().map(|&f| frames[f as usize].len()).sum();
                 let sent = if bytes > Uring::MAX_CLIENT_BYTES {
-                    client.conn.send(frames, order, &self.shared)
+                    client.conn.send(frames, order, &self.env)
                 } else {
-                    match client.conn.hold_open(frames, order, &self.shared) {
+                    match client.conn.hold_open(frames, order, &self.env) {
                         Ok(open) => {
                             uring.push(open.fd(), order.iter().map(|&f| &frames[f as usize]));
                             held.push((slot, sequence, open));
@@ -705,7 +770,7 @@ impl Shard {
             }
             for ((slot, sequence, open), written) in held.drain(..).zip(uring.submit()) {
                 let order = self.order.of(&self.batch.sequences, sequence);
-                let sent = open.settle(frames, order, written, &self.shared);
+                let sent = open.settle(frames, order, written, &self.env);
                 flushed.record(slot, order.len(), sent);
             }
         }
@@ -718,7 +783,7 @@ impl Shard {
                 close_code::GOING_AWAY,
                 "server shutting down",
                 CloseMode::AfterQueued(Instant::now()),
-                &self.shared,
+                &self.env,
             );
             return;
         }
@@ -743,8 +808,8 @@ impl Shard {
         if let Some(user) = user {
             self.by_user.entry(user).or_default().push(slot);
         }
-        self.shared.counters.clients.fetch_add(1, Ordering::Relaxed);
-        self.shared.counters.shard_clients[self.index].fetch_add(1, Ordering::Relaxed);
+        self.env.counters.clients.fetch_add(1, Ordering::Relaxed);
+        self.env.counters.shard_clients[self.index].fetch_add(1, Ordering::Relaxed);
     }
 
     /// Takes the client out of every table; its connection is left as it is (the caller
@@ -770,8 +835,8 @@ impl Shard {
                 }
             }
         }
-        self.shared.counters.clients.fetch_sub(1, Ordering::Relaxed);
-        self.shared.counters.shard_clients[self.index].fetch_sub(1, Ordering::Relaxed);
+        self.env.counters.clients.fetch_sub(1, Ordering::Relaxed);
+        self.env.counters.shard_clients[self.index].fetch_sub(1, Ordering::Relaxed);
     }
 
     fn handle_subscribe(&mut self, client: ClientId, channel: &str, from_client: bool) {
@@ -787,7 +852,7 @@ impl Shard {
                 .is_some_and(|c| &*c.entry.name == channel)
         });
         if !already {
-            if from_client && state.subscriptions.len() >= self.shared.config.max_subscriptions {
+            if from_client && state.subscriptions.len() >= self.config.max_subscriptions {
                 self.reply_error(slot, ErrorReason::TooManySubscriptions, channel);
                 return;
             }
@@ -817,7 +882,7 @@ impl Shard {
     }
 
     fn join_channel(&mut self, slot: u32, name: &str) {
-        let directory = &self.shared.channels;
+        let directory = &self.directory;
         let existing = directory.get(name).and_then(|entry| {
             let local = *self.channel_by_entry.get(&entry_key(&entry))?;
             entry.add_subscriber();
@@ -883,7 +948,7 @@ impl Shard {
             };
             self.free_channels.push(subscription.channel);
             self.channel_by_entry.remove(&entry_key(&channel.entry));
-            self.shared.channels.leave(&channel.entry, self.index);
+            self.directory.leave(&channel.entry, self.index);
         } else {
             channel.entry.remove_subscriber();
         }
@@ -926,10 +991,10 @@ impl Shard {
         // What was sent to the client before the disconnect goes out before its close frame.
         self.flush();
         if let Some(state) = self.clients[slot as usize].as_ref() {
-            let deadline = Instant::now() + self.shared.config.write_timeout;
+            let deadline = Instant::now() + self.env.limits.write_timeout;
             state
                 .conn
-                .close(code, reason, CloseMode::AfterQueued(deadline), &self.shared);
+                .close(code, reason, CloseMode::AfterQueued(deadline), &self.env);
         }
         self.remove_client(slot);
     }
@@ -943,7 +1008,7 @@ impl Shard {
                     close_code::GOING_AWAY,
                     "server shutting down",
                     CloseMode::AfterQueued(deadline),
-                    &self.shared,
+                    &self.env,
                 );
                 self.remove_client(slot);
             }
@@ -954,9 +1019,9 @@ impl Shard {
     /// than the pong timeout (they cannot answer a close handshake, so none is attempted).
     fn handle_tick(&mut self) {
         let now = Instant::now();
-        let now_ms = self.shared.now_ms();
-        let timeout_ms = self.shared.config.pong_timeout.as_millis() as u64;
-        let ping = now.duration_since(self.last_ping) >= self.shared.config.heartbeat;
+        let now_ms = self.clock.now_ms();
+        let timeout_ms = self.config.pong_timeout.as_millis() as u64;
+        let ping = now.duration_since(self.last_ping) >= self.config.heartbeat;
         if ping {
             self.last_ping = now;
         }
@@ -966,7 +1031,7 @@ impl Shard {
                 continue;
             };
             if now_ms.saturating_sub(client.conn.last_seen_ms()) > timeout_ms {
-                client.conn.abort(&self.shared);
+                client.conn.abort(&self.env);
                 silent.push(slot);
             } else if ping {
                 self.stage(slot, frame::ping_frame());
@@ -982,7 +1047,7 @@ impl Shard {
     }
 
     fn acknowledge(&mut self, slot: u32, kind: &str, channel: &str) {
-        if self.shared.config.strict_go_ws {
+        if self.config.strict_go_ws {
             return;
         }
         let envelope = protocol::Envelope::bare(kind, Some(channel));
@@ -992,7 +1057,7 @@ impl Shard {
     }
 
     fn reply_error(&mut self, slot: u32, reason: ErrorReason, channel: &str) {
-        if let Some(frame) = self.shared.error_frame(reason, Some(channel)) {
+        if let Some(frame) = error_frame(self.config.strict_go_ws, reason, Some(channel)) {
             self.stage(slot, frame);
         }
     }
@@ -1016,7 +1081,7 @@ impl Shard {
     fn drop_all_clients(&mut self) {
         for slot in 0..self.clients.len() as u32 {
             if let Some(client) = self.clients[slot as usize].as_ref() {
-                client.conn.abort(&self.shared);
+                client.conn.abort(&self.env);
                 self.remove_client(slot);
             }
         }
