@@ -230,6 +230,7 @@ impl ShardHarness {
             client,
             channel: channel.into(),
             from_client: true,
+            since: None,
         });
     }
 
@@ -258,6 +259,7 @@ impl ShardHarness {
         self.run(Command::Publish {
             channel: entry,
             frame,
+            offset: 0,
         });
         true
     }

@@ -15,12 +15,15 @@ use crate::client::{ChannelSnapshot, ClientId, ClientSnapshot};
 use crate::config::HubConfig;
 use crate::conn::{self, Clock};
 use crate::error::{Error, Result};
+use crate::history::{HistoryPage, HistoryStore, Publication, StreamPosition};
 use crate::shard::directory::{ChannelActivity, ChannelDirectory, ChannelEntry};
 use crate::shard::inbox::Inboxes;
 use crate::shard::{self, Command, Shard, ShardConfig};
-use crate::stats::{Counters, HubStats};
+use crate::stats::{Counters, HistoryFigures, HubStats};
 use crate::wire::frame::is_valid_close_code;
-use crate::wire::protocol::{self, Envelope, ErrorReason, Message, TYPE_EVENT, TYPE_MESSAGE};
+use crate::wire::protocol::{
+    self, Envelope, ErrorReason, Message, Position, TYPE_EVENT, TYPE_MESSAGE,
+};
 
 const RUNNING: u8 = 0;
 const SHUTTING_DOWN: u8 = 1;
@@ -38,6 +41,9 @@ pub(crate) struct Shared {
     /// `counters`).
     pub(crate) conn_env: conn::Env,
     pub(crate) channels: Arc<ChannelDirectory>,
+    /// The channels' histories (`history/`): empty, and never looked at, unless the
+    /// configuration gives some channel a history.
+    pub(crate) history: Arc<HistoryStore>,
     /// The shards' inboxes and their backlog bounds (`shard/inbox.rs`).
     inboxes: Inboxes,
     /// What each shard reads of the configuration.
@@ -117,6 +123,7 @@ impl Shared {
                 },
                 clock: self.clock,
                 directory: Arc::clone(&self.channels),
+                history: Arc::clone(&self.history),
                 inboxes: self.inboxes.clone(),
             },
         )
@@ -176,18 +183,26 @@ impl Shared {
     /// Publishes to `channel` the frame `encode` makes: to the local shards with subscribers,
     /// then to the broker. Without a broker, a publish to a channel nobody here listens to
     /// costs one map lookup and is never encoded.
+    ///
+    /// On a channel with history, the publication is numbered (see
+    /// [`publish_numbered`](Self::publish_numbered)) and its position returned.
     pub(crate) fn publish_with(
         &self,
         channel: &str,
-        encode: impl FnOnce() -> Result<Bytes>,
-    ) -> Result<()> {
+        encode: impl Fn(Option<Position<'_>>) -> Result<Bytes>,
+    ) -> Result<Option<StreamPosition>> {
         self.check_running()?;
+        if !self.history.is_disabled() {
+            if let Some(position) = self.publish_numbered(channel, &encode)? {
+                return Ok(Some(position));
+            }
+        }
         let entry = self.channels.get(channel);
         if self.broker().is_none() && entry.is_none() {
             self.counters.published.fetch_add(1, Ordering::Relaxed);
-            return Ok(());
+            return Ok(None);
         }
-        let frame = encode()?;
+        let frame = encode(None)?;
         let payload = self.broker().map(|_| protocol::frame_payload(&frame));
         if let Some(entry) = entry {
             self.fan_out_to_entry(&entry, frame)?;
@@ -196,7 +211,60 @@ impl Shared {
         if let (Some(broker), Some(payload)) = (self.broker(), payload) {
             broker.publish(Target::Channel(channel), payload);
         }
-        Ok(())
+        Ok(None)
+    }
+
+    /// A publish to a channel with history; `Ok(None)` if `channel` has none.
+    ///
+    /// Under the channel's lock (its sequencer) the publication gets the next offset, is
+    /// encoded with it, handed to every shard with subscribers (all or nothing: a refusal
+    /// numbers nothing, so an overload never leaves a gap) and kept. Publishers to one
+    /// channel take turns here, so every shard's inbox gets the channel's publications in
+    /// offset order, and a shard that subscribes a client under the same lock knows exactly
+    /// which offsets will still reach it (`shard/catch_up.rs`).
+    ///
+    /// Each shard gets its own copy of the frame: the history holds the encoded one, and a
+    /// shard counts the memory its slow clients' queues hold by being the only other holder
+    /// of its frames (`shard/retained.rs`).
+    fn publish_numbered(
+        &self,
+        channel: &str,
+        encode: &impl Fn(Option<Position<'_>>) -> Result<Bytes>,
+    ) -> Result<Option<StreamPosition>> {
+        let now_ms = self.now_ms();
+        let Some(numbered) = self.history.with_channel(channel, now_ms, |history| {
+            let offset = history.next_offset();
+            let epoch = Arc::clone(history.epoch());
+            // go-ws clients have never seen the fields: strict mode keeps them out.
+            let position = Position {
+                offset,
+                epoch: &epoch,
+            };
+            let frame = encode((!self.config.strict_go_ws).then_some(position))?;
+            if let Some(entry) = self.channels.get(channel) {
+                self.fan_out(entry.shard_mask(), Command::frame_cost(&frame), |_, _| {
+                    Command::Publish {
+                        channel: Arc::clone(&entry),
+                        frame: Bytes::copy_from_slice(&frame),
+                        offset,
+                    }
+                })?;
+            }
+            history.append(frame, now_ms);
+            Ok::<_, Error>(StreamPosition { offset, epoch })
+        }) else {
+            return Ok(None);
+        };
+        let position = numbered?;
+        self.history.enforce_budget();
+        self.counters.published.fetch_add(1, Ordering::Relaxed);
+        // Other nodes get it without this node's position: until histories live in Redis,
+        // each node numbers its own, and a position means nothing elsewhere.
+        if let Some(broker) = self.broker() {
+            let frame = encode(None)?;
+            broker.publish(Target::Channel(channel), protocol::frame_payload(&frame));
+        }
+        Ok(Some(position))
     }
 
     pub(crate) fn broker(&self) -> Option<&Arc<dyn Broker>> {
@@ -219,6 +287,7 @@ impl Shared {
             |_, last| Command::Publish {
                 channel: Arc::clone(entry),
                 frame: frame_for_shard(&frame, last),
+                offset: 0,
             },
         )
     }
@@ -243,15 +312,16 @@ impl Shared {
     /// A client's `publish`, already allowed by the policy: its data is copied raw into the
     /// frame, never parsed into a tree.
     pub(crate) fn publish_from_client(&self, channel: &str, data: Option<&RawValue>) -> Result<()> {
-        self.publish_with(channel, || {
+        self.publish_with(channel, |position| {
             let envelope = Envelope {
                 kind: TYPE_MESSAGE,
                 channel: Some(channel),
                 process_id: None,
                 data,
             };
-            protocol::encode_frame(&envelope, SystemTime::now()).map_err(Error::encode)
+            protocol::encode_frame_at(&envelope, SystemTime::now(), position).map_err(Error::encode)
         })
+        .map(drop)
     }
 
     /// The per-client error message for `reason`, or `None` in strict go-ws mode.
@@ -296,6 +366,32 @@ fn shard_config(config: &HubConfig) -> ShardConfig {
         strict_go_ws: config.strict_go_ws,
         queue_memory_budget: config.queue_memory_budget,
         shards: config.shards,
+    }
+}
+
+/// How often expired publications are trimmed from the histories and idle histories removed.
+/// Reading a history trims what expired in it first, so this bounds only how long expired
+/// memory stays held, and how soon an idle channel's history goes (then its epoch changes).
+const HISTORY_SWEEP_PERIOD: Duration = Duration::from_secs(1);
+
+/// The histories' sweeper, until the hub stops: a channel's history goes when it has no
+/// subscribers and its age limit has passed since its last publication.
+async fn sweep_histories(shared: std::sync::Weak<Shared>) {
+    let mut every = tokio::time::interval(HISTORY_SWEEP_PERIOD);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    every.tick().await;
+    loop {
+        every.tick().await;
+        let Some(shared) = shared.upgrade() else {
+            return;
+        };
+        if !shared.is_running() {
+            return;
+        }
+        let directory = &shared.channels;
+        shared
+            .history
+            .sweep(shared.now_ms(), |channel| directory.get(channel).is_some());
     }
 }
 
@@ -488,6 +584,10 @@ impl Hub {
             },
             counters,
             shard_config: shard_config(&config),
+            history: Arc::new(HistoryStore::new(
+                config.history.clone(),
+                config.history_memory_budget,
+            )),
             config,
             channels: Arc::new(ChannelDirectory::new(activity)),
             inboxes,
@@ -539,6 +639,9 @@ impl Hub {
                 .unwrap_or_else(|p| p.into_inner()) = tasks;
             if let Some(broker) = self.inner.shared.broker() {
                 broker.start(self.inner.shared.inbound());
+            }
+            if !self.inner.shared.history.is_disabled() {
+                tokio::spawn(sweep_histories(Arc::downgrade(&self.inner.shared)));
             }
         }
     }
@@ -635,9 +738,73 @@ impl Hub {
     /// The hub has shut down ([`Error::is_closed`]), or a shard with subscribers is over its
     /// backlog ([`Error::is_overloaded`]); either way nothing was sent, to anyone.
     pub fn send_to_channel(&self, channel: &str, message: &Message) -> Result<()> {
-        self.inner.shared.publish_with(channel, || {
-            protocol::encode_frame(&Envelope::of(message, Some(channel)), SystemTime::now())
-                .map_err(Error::encode)
+        self.publish(channel, message).map(drop)
+    }
+
+    /// As [`send_to_channel`](Hub::send_to_channel), and on a channel with history
+    /// ([`HubConfigBuilder::channel_history`](crate::HubConfigBuilder::channel_history)) tells
+    /// where the message went in it: its offset and the channel's epoch (`Ok(None)` on a
+    /// channel without history). An application can store the position with what it
+    /// rendered, and a client that loads the page subscribes `since` it, missing nothing.
+    ///
+    /// The offsets of one channel follow the order in which its subscribers receive the
+    /// messages, whatever the number of publishers: publishers to a channel with history take
+    /// turns while the message is numbered and handed to the shards.
+    ///
+    /// # Errors
+    ///
+    /// As [`send_to_channel`](Hub::send_to_channel): a refused message got no offset, and
+    /// the history has no gap.
+    pub fn publish(&self, channel: &str, message: &Message) -> Result<Option<StreamPosition>> {
+        self.inner.shared.publish_with(channel, |position| {
+            let envelope = Envelope::of(message, Some(channel));
+            protocol::encode_frame_at(&envelope, SystemTime::now(), position).map_err(Error::encode)
+        })
+    }
+
+    /// As [`publish`](Hub::publish), waiting for room as
+    /// [`send_to_channel_async`](Hub::send_to_channel_async) does instead of returning the
+    /// overload error.
+    ///
+    /// # Errors
+    ///
+    /// As [`send_to_channel_async`](Hub::send_to_channel_async).
+    pub async fn publish_async(
+        &self,
+        channel: &str,
+        message: &Message,
+    ) -> Result<Option<StreamPosition>> {
+        let mut position = None;
+        self.when_room(|| {
+            position = self.publish(channel, message)?;
+            Ok(())
+        })
+        .await?;
+        Ok(position)
+    }
+
+    /// Up to `limit` publications of `channel`'s history after offset `since`, oldest first,
+    /// with the channel's epoch and latest offset; `None` when the channel has no history.
+    /// Each publication is the JSON text its subscribers received. `recovered` says whether
+    /// the history still holds every offset after `since` (as a subscribe `since` would).
+    pub fn history(&self, channel: &str, since: u64, limit: usize) -> Option<HistoryPage> {
+        let shared = &self.inner.shared;
+        let now_ms = shared.now_ms();
+        let page = shared.history.with_channel(channel, now_ms, |history| {
+            history.read(since, limit, now_ms)
+        })?;
+        Some(HistoryPage {
+            epoch: page.epoch,
+            latest: page.latest,
+            recovered: page.recovered,
+            publications: page
+                .publications
+                .into_iter()
+                .map(|(offset, frame)| Publication {
+                    offset,
+                    message: protocol::frame_payload(&frame),
+                })
+                .collect(),
         })
     }
 
@@ -673,15 +840,19 @@ impl Hub {
             exit_code: i32,
         }
         let channel = protocol::process_channel(process_id);
-        self.inner.shared.publish_with(&channel, || {
-            let envelope = Envelope {
-                kind: protocol::TYPE_PROCESS_STATUS,
-                channel: Some(&channel),
-                process_id: Some(process_id),
-                data: Some(&Status { status, exit_code }),
-            };
-            protocol::encode_frame(&envelope, SystemTime::now()).map_err(Error::encode)
-        })
+        self.inner
+            .shared
+            .publish_with(&channel, |position| {
+                let envelope = Envelope {
+                    kind: protocol::TYPE_PROCESS_STATUS,
+                    channel: Some(&channel),
+                    process_id: Some(process_id),
+                    data: Some(&Status { status, exit_code }),
+                };
+                protocol::encode_frame_at(&envelope, SystemTime::now(), position)
+                    .map_err(Error::encode)
+            })
+            .map(drop)
     }
 
     /// Sends an `error` message with data `text` to every client.
@@ -779,6 +950,7 @@ impl Hub {
                 client,
                 channel: channel.into(),
                 from_client: false,
+                since: None,
             },
         )
     }
@@ -963,6 +1135,17 @@ impl Hub {
             .map(|index| shared.inboxes.backlog(index))
             .collect();
         stats.broker = shared.broker().map(|b| b.stats());
+        let history = shared.history.stats();
+        stats.history = HistoryFigures {
+            channels: history.channels,
+            publications: history.retained,
+            memory_bytes: history.memory,
+            detached_bytes: history.detached_memory,
+            trimmed_by_count: history.trimmed_by_count,
+            trimmed_by_age: history.trimmed_by_age,
+            trimmed_by_cap: history.trimmed_by_cap,
+        };
+        stats.queued_memory_bytes += history.detached_memory as u64;
         stats
     }
 

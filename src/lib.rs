@@ -90,10 +90,12 @@ pub use config::{
 };
 pub use conn::sys::raise_fd_limit;
 pub use error::{Error, Result};
-pub use history::{HistoryPolicy, HistoryRules, HISTORY_MEMORY_BUDGET};
+pub use history::{
+    HistoryPage, HistoryPolicy, HistoryRules, Publication, StreamPosition, HISTORY_MEMORY_BUDGET,
+};
 pub use http::{serve, Body, HubService};
 pub use hub::Hub;
-pub use stats::HubStats;
+pub use stats::{HistoryFigures, HubStats};
 pub use wire::frame::close_code;
 pub use wire::protocol::{
     process_channel, ErrorReason, Message, PROCESS_CHANNEL_PREFIX, TYPE_ERROR, TYPE_EVENT,

@@ -59,6 +59,9 @@ pub struct HubStats {
     /// Connection tasks alive now: equal to `clients` when idle, and back to zero after
     /// shutdown.
     pub connection_tasks: usize,
+    /// Channel histories ([`HubConfigBuilder::channel_history`](crate::HubConfigBuilder::channel_history)):
+    /// how many channels have one, what they retain, and what was trimmed.
+    pub history: HistoryFigures,
     /// Upgrades refused: 401, 403 and 503 answers.
     pub upgrades_refused: u64,
     /// Calls refused with an error that [`is_overloaded`](crate::Error::is_overloaded)
@@ -178,6 +181,7 @@ impl Counters {
             queued_bytes: self.queued_bytes.load(Relaxed),
             queued_memory_bytes: self.queued_memory_bytes(),
             connection_tasks: self.connection_tasks.load(Relaxed),
+            history: HistoryFigures::default(),
             upgrades_refused: self.upgrades_refused.load(Relaxed),
             backlog_refused: self.backlog_refused.load(Relaxed),
             shard_clients: self.shard_clients.iter().map(|c| c.load(Relaxed)).collect(),
@@ -189,4 +193,29 @@ impl Counters {
             broker: None,
         }
     }
+}
+
+/// What the channel histories hold, in [`HubStats::history`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct HistoryFigures {
+    /// Channels with a history now (a counter and an epoch), whether or not it holds
+    /// publications.
+    pub channels: usize,
+    /// Publications retained in all histories.
+    pub publications: usize,
+    /// What the retained publications count against
+    /// [`history_memory_budget`](crate::HubConfigBuilder::history_memory_budget): their
+    /// frames plus 80 bytes each.
+    pub memory_bytes: usize,
+    /// Bytes trimmed from histories but still held by replays in progress (they count
+    /// against [`queue_memory_budget`](crate::HubConfigBuilder::queue_memory_budget), with
+    /// `queued_memory_bytes`).
+    pub detached_bytes: usize,
+    /// Publications trimmed because their channel held its most.
+    pub trimmed_by_count: u64,
+    /// Publications trimmed because they were older than their channel's age limit.
+    pub trimmed_by_age: u64,
+    /// Publications trimmed because the histories together reached the memory budget.
+    pub trimmed_by_cap: u64,
 }

@@ -49,6 +49,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use bytes::{Buf, Bytes};
+use smallvec::SmallVec;
 use tokio::net::TcpStream;
 
 use crate::client::ClientInfo;
@@ -243,11 +244,33 @@ struct Outbound {
     bytes: u32,
     /// The front frame was partly written: it must be finished before anything else.
     front_partial: bool,
+    /// A replay is waiting for this queue to drain: the connection task asks the shard for
+    /// more when it does ([`Conn::take_feed_wanted`]).
+    feed_wanted: bool,
+    /// The client is subscribed to a channel with history: no drop policy applies to it,
+    /// since a dropped publication would be a gap nobody notices (it is cut instead, and
+    /// recovers).
+    holds_history: bool,
     state: WriteState,
     /// While blocked: bytes queued when the current progress period began, and bytes
     /// written since (see [`Conn::check_progress`]).
     period_owed: u32,
     period_written: u32,
+}
+
+/// The most frames a replay hands [`Conn::send_replay`] at once.
+pub(crate) const REPLAY_CHUNK: usize = 64;
+
+/// What became of a chunk of a replay.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Replayed {
+    /// The socket took all of it: the next chunk may follow at once.
+    Taken,
+    /// Some or all of it waits for the socket (or the chunk was not written: the queue was
+    /// not empty); the connection task asks for more when the queue drains.
+    Later,
+    /// The client is closing or gone.
+    Closed,
 }
 
 /// Why a client is cut as a slow consumer: each has its own counter.
@@ -467,6 +490,8 @@ impl Conn {
                 frames: VecDeque::new(),
                 bytes: 0,
                 front_partial: false,
+                feed_wanted: false,
+                holds_history: false,
                 state: WriteState::Open,
                 period_owed: 0,
                 period_written: 0,
@@ -630,7 +655,12 @@ impl Conn {
         if out.bytes <= bound {
             return None;
         }
-        Some(match env.limits.slow_consumer {
+        let policy = if out.holds_history {
+            SlowConsumerPolicy::Disconnect
+        } else {
+            env.limits.slow_consumer
+        };
+        Some(match policy {
             SlowConsumerPolicy::Disconnect => {
                 self.close_slow_locked(out, Slow::QueueBound, env);
                 Sent::SlowConsumer
@@ -710,6 +740,75 @@ impl Conn {
         self.close_slow_locked(&mut out, Slow::Budget, env);
         account_queued(env, before, out.bytes);
         true
+    }
+
+    /// Cuts the client with 4000 as over its outbound bound: for live publications a shard
+    /// holds for it behind a replay (`shard/catch_up.rs`). Returns false if it was already
+    /// closing.
+    pub(crate) fn close_over_bound(&self, env: &Env) -> bool {
+        let mut out = self.lock();
+        if matches!(out.state, WriteState::Closing { .. } | WriteState::Closed) {
+            return false;
+        }
+        let before = out.bytes;
+        self.close_slow_locked(&mut out, Slow::QueueBound, env);
+        account_queued(env, before, out.bytes);
+        true
+    }
+
+    /// Marks the client as subscribed to a channel with history: from now on it is cut
+    /// rather than have publications dropped when it falls behind (PROTOCOL.md: "Publications
+    /// of history channels are never dropped by a drop policy").
+    pub(crate) fn mark_history(&self) {
+        self.lock().holds_history = true;
+    }
+
+    /// Writes `frames` of a replay, outside the client's outbound bound, if the socket is
+    /// taking data now: what it does not take waits in the queue, and then (or when the
+    /// queue was not empty to begin with) the connection task asks for more once the queue
+    /// has drained. So a replay holds at most one chunk in the queue, however long it is.
+    pub(crate) fn send_replay(&self, frames: &[Bytes], env: &Env) -> Replayed {
+        let mut out = self.lock();
+        match out.state {
+            WriteState::Open => {}
+            WriteState::Blocked { .. } => {
+                out.feed_wanted = true;
+                return Replayed::Later;
+            }
+            WriteState::Closing { .. } | WriteState::Closed => return Replayed::Closed,
+        }
+        let before = out.bytes;
+        let order: SmallVec<[u32; REPLAY_CHUNK]> = (0..frames.len() as u32).collect();
+        let written = write_indexed(&self.socket, frames, &order);
+        let sent = match written {
+            Ok((whole, _)) if whole == order.len() => Replayed::Taken,
+            Ok((whole, partial)) => {
+                for (k, frame) in frames[whole..].iter().enumerate() {
+                    let mut frame = frame.clone();
+                    if k == 0 {
+                        frame.advance(partial);
+                    }
+                    out.push(frame);
+                }
+                out.front_partial = partial > 0;
+                out.feed_wanted = true;
+                out.begin_period(Instant::now());
+                self.wake.wake();
+                Replayed::Later
+            }
+            Err(_) => {
+                self.abort_locked(&mut out);
+                Replayed::Closed
+            }
+        };
+        account_queued(env, before, out.bytes);
+        sent
+    }
+
+    /// Whether a replay waits for the queue to drain (see [`send_replay`](Self::send_replay));
+    /// clears the request.
+    pub(crate) fn take_feed_wanted(&self) -> bool {
+        std::mem::take(&mut self.lock().feed_wanted)
     }
 
     /// Bytes queued now.
@@ -872,6 +971,8 @@ mod tests {
             frames: VecDeque::new(),
             bytes: 0,
             front_partial,
+            feed_wanted: false,
+            holds_history: false,
             state: WriteState::Blocked {
                 since: Instant::now(),
             },

@@ -269,8 +269,7 @@ impl Responder<'_> {
         let config = &self.shared.config;
         let client = &self.conn.info;
         match protocol::decode_request(payload, config.strict_go_ws) {
-            // TODO(history): hand `since` to the shard's subscribe.
-            Ok(ClientRequest::Subscribe { channel, since: _ }) => {
+            Ok(ClientRequest::Subscribe { channel, since }) => {
                 if channel.len() > config.max_channel_len {
                     return self.reply_error(ErrorReason::InvalidChannel, Some(&channel));
                 }
@@ -283,6 +282,7 @@ impl Responder<'_> {
                     client: client.id,
                     channel: channel.into(),
                     from_client: true,
+                    since: since.map(|since| Box::new(since.into_owned())),
                 });
             }
             Ok(ClientRequest::Unsubscribe(channel)) => {
@@ -470,7 +470,12 @@ async fn write_blocked(
         () = conn.wake.woken() => Flow::Open,
         ready = tcp.writable() => match ready {
             Ok(()) => {
-                conn.flush_queued(&shared.conn_env);
+                let state = conn.flush_queued(&shared.conn_env);
+                if matches!(state, WriteState::Open) && conn.take_feed_wanted() {
+                    // A replay waited for the queue to drain: its shard writes the next chunk.
+                    let id = conn.info.id;
+                    let _ = shared.enqueue(shared.shard_index(id), Command::FeedReplay { client: id });
+                }
                 Flow::Open
             }
             Err(_) => Flow::Gone,

@@ -13,6 +13,7 @@
 //! on the same worker (tokio's LIFO slot) after the reader has queued every publish of its
 //! read, which makes batches large.
 
+mod catch_up;
 pub(crate) mod directory;
 pub(crate) mod inbox;
 pub(crate) mod retained;
@@ -29,11 +30,15 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::client::{ClientId, ClientSnapshot};
 use crate::conn::{self, Clock, CloseMode, Conn, Sent};
+use crate::history::HistoryStore;
+use crate::shard::catch_up::LocalHistory;
 use crate::shard::directory::{ChannelDirectory, ChannelEntry};
 use crate::shard::inbox::Inboxes;
 use crate::shard::retained::Retained;
 use crate::wire::frame::{self, close_code};
-use crate::wire::protocol::{self, ErrorReason, TYPE_ERROR, TYPE_SUBSCRIBED, TYPE_UNSUBSCRIBED};
+use crate::wire::protocol::{
+    self, Ack, ErrorReason, Since, TYPE_ERROR, TYPE_SUBSCRIBED, TYPE_UNSUBSCRIBED,
+};
 
 /// The most commands taken from the inbox before flushing. Large enough that a reader's burst
 /// of publishes lands in one batch (so each subscriber gets one write for all of them), small
@@ -72,6 +77,9 @@ pub(crate) struct Context {
     /// The keep-alive clock its clients' `last_seen` is measured in.
     pub(crate) clock: Clock,
     pub(crate) directory: Arc<ChannelDirectory>,
+    /// The channels' histories: a subscription to a channel with history takes effect under
+    /// its lock (`catch_up.rs`).
+    pub(crate) history: Arc<HistoryStore>,
     /// Every shard's inbox: this one gives back what it takes out of its own.
     pub(crate) inboxes: Inboxes,
 }
@@ -107,6 +115,9 @@ pub(crate) enum Command {
         channel: Box<str>,
         /// A client's own request: the subscription limit applies.
         from_client: bool,
+        /// Resume after this position (a client's `since`): on a channel with history, what
+        /// was published after it is replayed first.
+        since: Option<Box<Since<'static>>>,
     },
     Unsubscribe {
         client: ClientId,
@@ -115,6 +126,13 @@ pub(crate) enum Command {
     Publish {
         channel: Arc<ChannelEntry>,
         frame: Bytes,
+        /// Its offset on a channel with history; 0 on a channel without (and for a message
+        /// from another node, which has none here).
+        offset: u64,
+    },
+    /// A client's queue drained while a replay waited for it: write the replay's next chunk.
+    FeedReplay {
+        client: ClientId,
     },
     Broadcast(Bytes),
     SendToClient {
@@ -161,12 +179,18 @@ impl Command {
             | Command::SendToClient { frame, .. }
             | Command::SendToUser { frame, .. }
             | Command::Reply { frame, .. } => Self::frame_cost(frame),
-            Command::Subscribe { channel, .. } | Command::Unsubscribe { channel, .. } => {
-                ITSELF + channel.len()
+            Command::Subscribe { channel, since, .. } => {
+                let since = since.as_ref().map_or(0, |since| {
+                    std::mem::size_of::<Since<'static>>()
+                        + since.epoch.as_ref().map_or(0, |epoch| epoch.len())
+                });
+                ITSELF + channel.len() + since
             }
+            Command::Unsubscribe { channel, .. } => ITSELF + channel.len(),
             Command::Disconnect { reason, .. } => ITSELF + reason.len(),
             Command::Register(_)
             | Command::Remove { .. }
+            | Command::FeedReplay { .. }
             | Command::Snapshot(_)
             | Command::Shutdown { .. }
             | Command::Stop => 0,
@@ -181,12 +205,16 @@ impl Command {
 }
 
 /// One of the client's subscriptions: which local channel, and where the client sits in that
-/// channel's member array (so leaving is O(1), by swap-remove).
+/// channel's member array (so leaving is O(1), by swap-remove), or [`CATCHING_UP`].
 #[derive(Clone, Copy)]
 struct Subscription {
     channel: u32,
     position: u32,
 }
+
+/// The position of a subscriber that is not among the channel's members yet: it is catching
+/// up on a channel with history (`catch_up.rs`).
+const CATCHING_UP: u32 = u32::MAX;
 
 struct ShardClient {
     conn: Arc<Conn>,
@@ -201,6 +229,9 @@ struct ShardClient {
 struct LocalChannel {
     entry: Arc<ChannelEntry>,
     members: Vec<u32>,
+    /// On a channel with history: the last offset given to the members, and the subscribers
+    /// not among them yet. Boxed: most channels have none.
+    history: Option<Box<LocalHistory>>,
 }
 
 pub(crate) struct Shard {
@@ -211,6 +242,7 @@ pub(crate) struct Shard {
     clock: Clock,
     /// Which shards have subscribers of each channel: joined and left here.
     directory: Arc<ChannelDirectory>,
+    history: Arc<HistoryStore>,
     inboxes: Inboxes,
     clients: Vec<Option<ShardClient>>,
     free_clients: Vec<u32>,
@@ -229,6 +261,8 @@ pub(crate) struct Shard {
     order: Order,
     /// The frames slow clients' queues hold: the memory the hub's budget bounds.
     retained: Retained,
+    /// Replays to write once the batch is flushed: (client slot, local channel).
+    feeding: Vec<(u32, u32)>,
     shutting_down: bool,
     last_ping: Instant,
     /// When the current turn on the worker thread began, and the longest turn so far.
@@ -419,6 +453,7 @@ impl Shard {
             env,
             clock,
             directory,
+            history,
             inboxes,
         } = context;
         #[cfg(all(feature = "io-uring", target_os = "linux"))]
@@ -431,6 +466,7 @@ impl Shard {
             env,
             clock,
             directory,
+            history,
             inboxes,
             clients: Vec::new(),
             free_clients: Vec::new(),
@@ -444,6 +480,7 @@ impl Shard {
             uring,
             order: Order::default(),
             retained: Retained::default(),
+            feeding: Vec::new(),
             shutting_down: false,
             last_ping: Instant::now(),
             turn_start: Instant::now(),
@@ -489,6 +526,11 @@ impl Shard {
                 tick.reset();
             }
             self.flush_yielding().await;
+            if !self.feeding.is_empty() {
+                self.turn_began();
+                self.feed_replays();
+                self.turn_ended();
+            }
             if stop {
                 break;
             }
@@ -534,9 +576,19 @@ impl Shard {
                 client,
                 channel,
                 from_client,
-            } => self.handle_subscribe(client, &channel, from_client),
+                since,
+            } => self.handle_subscribe(client, &channel, from_client, since.as_deref()),
             Command::Unsubscribe { client, channel } => self.handle_unsubscribe(client, &channel),
-            Command::Publish { channel, frame } => self.handle_publish(&channel, frame),
+            Command::Publish {
+                channel,
+                frame,
+                offset,
+            } => self.handle_publish(&channel, frame, offset),
+            Command::FeedReplay { client } => {
+                if let Some(&slot) = self.by_id.get(&client) {
+                    self.want_feed(slot);
+                }
+            }
             Command::Broadcast(frame) => self.handle_broadcast(frame),
             Command::SendToClient { client, frame } | Command::Reply { client, frame } => {
                 if let Some(&slot) = self.by_id.get(&client) {
@@ -660,16 +712,17 @@ impl Shard {
     /// queues first, with 4000, until its share holds.
     fn enforce_budget(&mut self) {
         let budget = self.config.queue_memory_budget as u64;
-        let counters = &self.env.counters;
-        if counters.queued_memory_bytes() <= budget {
+        // Trimmed history that replays still hold is queue memory too.
+        let held = |shard: &Shard| {
+            shard.env.counters.queued_memory_bytes() + shard.history.detached_memory() as u64
+        };
+        if held(self) <= budget {
             return;
         }
         self.retained.release(true);
         self.publish_queued_memory();
         let share = budget / self.config.shards as u64;
-        let over = |shard: &Shard| {
-            shard.retained.bytes() > share && shard.env.counters.queued_memory_bytes() > budget
-        };
+        let over = |shard: &Shard| shard.retained.bytes() > share && held(shard) > budget;
         if !over(self) {
             return;
         }
@@ -839,26 +892,52 @@ impl Shard {
         self.env.counters.shard_clients[self.index].fetch_sub(1, Ordering::Relaxed);
     }
 
-    fn handle_subscribe(&mut self, client: ClientId, channel: &str, from_client: bool) {
+    fn handle_subscribe(
+        &mut self,
+        client: ClientId,
+        channel: &str,
+        from_client: bool,
+        since: Option<&Since<'static>>,
+    ) {
         let Some(&slot) = self.by_id.get(&client) else {
             return;
         };
         let Some(state) = self.clients[slot as usize].as_ref() else {
             return;
         };
-        let already = state.subscriptions.iter().any(|s| {
+        let already = self.subscription_to(state, channel);
+        if already.is_none()
+            && from_client
+            && state.subscriptions.len() >= self.config.max_subscriptions
+        {
+            self.reply_error(slot, ErrorReason::TooManySubscriptions, channel);
+            return;
+        }
+        // go-ws clients have never seen `since`: strict mode makes it a plain subscribe.
+        let since = since.filter(|_| !self.config.strict_go_ws);
+        if !self.history.is_disabled() {
+            if let Some(lock) = self.history.channel(channel, self.clock.now_ms()) {
+                return self.subscribe_with_history(slot, channel, &lock, already, since);
+            }
+        }
+        if already.is_none() {
+            self.join_channel(slot, channel);
+        }
+        // A `since` on a channel without history: nothing to recover from.
+        let ack = Ack {
+            recovered: since.map(|_| false),
+            position: None,
+        };
+        self.acknowledge(slot, TYPE_SUBSCRIBED, channel, ack);
+    }
+
+    /// The client's subscription to `channel`, if it has one.
+    fn subscription_to(&self, client: &ShardClient, channel: &str) -> Option<Subscription> {
+        client.subscriptions.iter().copied().find(|s| {
             self.channels[s.channel as usize]
                 .as_ref()
                 .is_some_and(|c| &*c.entry.name == channel)
-        });
-        if !already {
-            if from_client && state.subscriptions.len() >= self.config.max_subscriptions {
-                self.reply_error(slot, ErrorReason::TooManySubscriptions, channel);
-                return;
-            }
-            self.join_channel(slot, channel);
-        }
-        self.acknowledge(slot, TYPE_SUBSCRIBED, channel);
+        })
     }
 
     fn handle_unsubscribe(&mut self, client: ClientId, channel: &str) {
@@ -878,10 +957,27 @@ impl Shard {
             let subscription = state.subscriptions.swap_remove(i);
             self.leave_channel(slot, subscription);
         }
-        self.acknowledge(slot, TYPE_UNSUBSCRIBED, channel);
+        self.acknowledge(slot, TYPE_UNSUBSCRIBED, channel, Ack::default());
     }
 
     fn join_channel(&mut self, slot: u32, name: &str) {
+        let local = self.local_channel_for(name);
+        let Some(channel) = self.channels[local as usize].as_mut() else {
+            return;
+        };
+        let position = channel.members.len() as u32;
+        channel.members.push(slot);
+        if let Some(client) = self.clients[slot as usize].as_mut() {
+            client.subscriptions.push(Subscription {
+                channel: local,
+                position,
+            });
+        }
+    }
+
+    /// The local channel `name`, created (and this shard's bit set in the directory) if this
+    /// shard has no subscriber to it yet; one more subscriber is counted either way.
+    fn local_channel_for(&mut self, name: &str) -> u32 {
         let directory = &self.directory;
         let existing = directory.get(name).and_then(|entry| {
             let local = *self.channel_by_entry.get(&entry_key(&entry))?;
@@ -896,6 +992,7 @@ impl Shard {
                 let channel = LocalChannel {
                     entry,
                     members: Vec::new(),
+                    history: None,
                 };
                 let local = match self.free_channels.pop() {
                     Some(local) => {
@@ -911,17 +1008,7 @@ impl Shard {
                 local
             }
         };
-        let Some(channel) = self.channels[local as usize].as_mut() else {
-            return;
-        };
-        let position = channel.members.len() as u32;
-        channel.members.push(slot);
-        if let Some(client) = self.clients[slot as usize].as_mut() {
-            client.subscriptions.push(Subscription {
-                channel: local,
-                position,
-            });
-        }
+        local
     }
 
     /// Removes `slot` from a channel's members (the subscription is already out of the
@@ -930,19 +1017,14 @@ impl Shard {
         let Some(channel) = self.channels[subscription.channel as usize].as_mut() else {
             return;
         };
-        let position = subscription.position as usize;
-        debug_assert_eq!(channel.members.get(position), Some(&slot));
-        channel.members.swap_remove(position);
-        if let Some(&moved) = channel.members.get(position) {
-            if let Some(client) = self.clients[moved as usize].as_mut() {
-                for s in client.subscriptions.iter_mut() {
-                    if s.channel == subscription.channel {
-                        s.position = position as u32;
-                    }
-                }
+        if subscription.position == CATCHING_UP {
+            if let Some(history) = channel.history.as_mut() {
+                history.forget(slot);
             }
+        } else {
+            remove_member(&mut self.clients, channel, subscription);
         }
-        if channel.members.is_empty() {
+        if channel.members.is_empty() && channel.history.as_ref().is_none_or(|h| h.is_idle()) {
             let Some(channel) = self.channels[subscription.channel as usize].take() else {
                 return;
             };
@@ -954,16 +1036,28 @@ impl Shard {
         }
     }
 
-    fn handle_publish(&mut self, entry: &Arc<ChannelEntry>, frame: Bytes) {
+    fn handle_publish(&mut self, entry: &Arc<ChannelEntry>, frame: Bytes, offset: u64) {
         let Some(&local) = self.channel_by_entry.get(&entry_key(entry)) else {
             return;
         };
-        let Some(channel) = self.channels[local as usize].as_ref() else {
+        let Some(channel) = self.channels[local as usize].as_mut() else {
             return;
         };
+        if let Some(history) = channel.history.as_mut() {
+            if !history.take_offset(offset) {
+                return;
+            }
+        }
         let index = self.batch.add_frame(frame);
         for &slot in &channel.members {
             self.batch.stage(&mut self.clients, slot, index);
+        }
+        if channel
+            .history
+            .as_ref()
+            .is_some_and(|history| history.has_catching_up())
+        {
+            self.publish_to_catching_up(local, index, offset);
         }
     }
 
@@ -1046,14 +1140,12 @@ impl Shard {
         }
     }
 
-    fn acknowledge(&mut self, slot: u32, kind: &str, channel: &str) {
+    fn acknowledge(&mut self, slot: u32, kind: &str, channel: &str, ack: Ack<'_>) {
         if self.config.strict_go_ws {
             return;
         }
-        let envelope = protocol::Envelope::bare(kind, Some(channel));
-        if let Ok(frame) = protocol::encode_frame(&envelope, std::time::SystemTime::now()) {
-            self.stage(slot, frame);
-        }
+        let frame = protocol::encode_ack(kind, channel, ack, std::time::SystemTime::now());
+        self.stage(slot, frame);
     }
 
     fn reply_error(&mut self, slot: u32, reason: ErrorReason, channel: &str) {
@@ -1083,6 +1175,27 @@ impl Shard {
             if let Some(client) = self.clients[slot as usize].as_ref() {
                 client.conn.abort(&self.env);
                 self.remove_client(slot);
+            }
+        }
+    }
+}
+
+/// Takes a member out of its channel's `members` by swap-remove; the member moved into its
+/// place gets its position updated.
+fn remove_member(
+    clients: &mut [Option<ShardClient>],
+    channel: &mut LocalChannel,
+    subscription: Subscription,
+) {
+    let position = subscription.position as usize;
+    debug_assert!(channel.members.get(position).is_some());
+    channel.members.swap_remove(position);
+    if let Some(&moved) = channel.members.get(position) {
+        if let Some(client) = clients[moved as usize].as_mut() {
+            for s in client.subscriptions.iter_mut() {
+                if s.channel == subscription.channel {
+                    s.position = position as u32;
+                }
             }
         }
     }
