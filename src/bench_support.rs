@@ -15,11 +15,11 @@ use bytes::Bytes;
 
 use crate::client::{ClientId, ClientInfo};
 use crate::config::HubConfig;
-use crate::conn::task::Reader;
 use crate::conn::{Conn, Socket};
 use crate::history::{
     ChannelLock, HistoryPolicy, HistoryRules, HistoryStore, HISTORY_MEMORY_BUDGET,
 };
+use crate::http::session::Reader;
 use crate::hub::{Hub, Shared};
 use crate::shard::{Command, Shard};
 use crate::wire::frame::{Decoder, Event};
@@ -203,7 +203,7 @@ impl ShardHarness {
     /// A harness whose shard 0 runs under `config` (use `shards(1)`).
     pub fn new(config: HubConfig) -> Self {
         let hub = Hub::with_config(config);
-        let shard = Shard::new(0, Arc::clone(hub.shared()));
+        let shard = hub.shared().new_shard(0);
         ShardHarness {
             hub,
             shard,
@@ -230,6 +230,7 @@ impl ShardHarness {
             client,
             channel: channel.into(),
             from_client: true,
+            since: None,
         });
     }
 
@@ -258,6 +259,7 @@ impl ShardHarness {
         self.run(Command::Publish {
             channel: entry,
             frame,
+            offset: 0,
         });
         true
     }

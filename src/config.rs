@@ -6,26 +6,24 @@ use std::time::Duration;
 
 use http::HeaderMap;
 
+use crate::auth::{AuthError, Authenticator, Origin};
 use crate::broker::Broker;
 use crate::client::ClientInfo;
 use crate::error::{Error, Result};
-use crate::http::auth::{AuthError, Authenticator, Origin};
+use crate::history::{HistoryPolicy, HistoryRules, HISTORY_MEMORY_BUDGET};
+
+/// Defined with the write path that applies it (`conn/`), configured here.
+pub use crate::conn::SlowConsumerPolicy;
+
+/// The default of [`HubConfigBuilder::shard_backlog_bytes`]:
+/// the most bytes of work waiting in one shard's inbox. Past it, calls that add work to that
+/// shard are refused with an error that [`is_overloaded`](Error::is_overloaded), so a
+/// publisher that outruns the shards never grows memory without bound and is never made to
+/// wait (unless it asks to, with the `*_async` methods).
+pub const SHARD_BACKLOG_BYTES: usize = 64 * 1024 * 1024;
 
 /// The most shards a hub runs: a channel's shards are kept in a 64-bit mask.
 pub const MAX_SHARDS: usize = 64;
-
-/// What the hub does to a client that cannot keep up (see [`Hub`](crate::Hub#slow-clients)).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub enum SlowConsumerPolicy {
-    /// Close the client at once with code 4000 `slow consumer`, discarding what it had queued.
-    /// The default: the client learns it fell behind and can reconnect and resynchronise.
-    #[default]
-    Disconnect,
-    /// Keep the client and drop its oldest queued messages to make room. The client is not
-    /// told; every dropped frame is counted in [`HubStats::dropped`](crate::HubStats::dropped).
-    /// A write that times out still disconnects with 4000.
-    DropOldest,
-}
 
 /// A decision on one client and one channel: `true` allows.
 pub type ChannelPolicyFn = dyn Fn(&ClientInfo, &str) -> bool + Send + Sync;
@@ -124,6 +122,8 @@ pub struct HubConfig {
     pub(crate) path: String,
     pub(crate) authenticator: Option<Arc<dyn Authenticator>>,
     pub(crate) broker: Option<Arc<dyn Broker>>,
+    pub(crate) history: HistoryRules,
+    pub(crate) history_memory_budget: usize,
     pub(crate) on_connect: Option<Arc<OnConnect>>,
     pub(crate) on_disconnect: Option<Arc<OnDisconnect>>,
     pub(crate) on_auth_failure: Option<Arc<OnAuthFailure>>,
@@ -140,7 +140,7 @@ impl Default for HubConfig {
             outbound_queue_bytes: 16 * 1024 * 1024,
             queue_memory_budget: 256 * 1024 * 1024,
             min_read_rate: 64 * 1024,
-            shard_backlog_bytes: crate::hub::SHARD_BACKLOG_BYTES,
+            shard_backlog_bytes: SHARD_BACKLOG_BYTES,
             slow_consumer: SlowConsumerPolicy::Disconnect,
             max_subscriptions: 1024,
             max_channel_len: 256,
@@ -156,6 +156,8 @@ impl Default for HubConfig {
             path: "/ws".to_owned(),
             authenticator: None,
             broker: None,
+            history: HistoryRules::new(),
+            history_memory_budget: HISTORY_MEMORY_BUDGET,
             on_connect: None,
             on_disconnect: None,
             on_auth_failure: None,
@@ -230,6 +232,8 @@ impl fmt::Debug for HubConfig {
             .field("path", &self.path)
             .field("authenticator", &self.authenticator.is_some())
             .field("broker", &self.broker.is_some())
+            .field("history", &self.history)
+            .field("history_memory_budget", &self.history_memory_budget)
             .finish_non_exhaustive()
     }
 }
@@ -399,6 +403,33 @@ impl HubConfigBuilder {
         self
     }
 
+    /// Keeps a history for the channel named `channel` (PROTOCOL.md, "History and recovery"):
+    /// its publications get offsets, the last ones are kept as `policy` says, and a client
+    /// that comes back subscribes with `since` and gets what it missed, once and in order.
+    /// An exact name beats any prefix ([`prefix_history`](Self::prefix_history)); setting a
+    /// name again replaces its policy. Default: no channel has a history.
+    pub fn channel_history(mut self, channel: impl Into<Box<str>>, policy: HistoryPolicy) -> Self {
+        self.config.history = self.config.history.channel(channel, policy);
+        self
+    }
+
+    /// Keeps a history for every channel whose name starts with `prefix` (e.g. `process:`
+    /// for build logs); the longest matching prefix wins. See
+    /// [`channel_history`](Self::channel_history).
+    pub fn prefix_history(mut self, prefix: impl Into<Box<str>>, policy: HistoryPolicy) -> Self {
+        self.config.history = self.config.history.prefix(prefix, policy);
+        self
+    }
+
+    /// The most bytes all channel histories together hold (frames plus 80 bytes each): past
+    /// it, the oldest publications of the hub are trimmed as a count or age limit trims them
+    /// (same epoch; a client that needed them recovers with `recovered: false`). Default:
+    /// [`HISTORY_MEMORY_BUDGET`] (256 MiB).
+    pub fn history_memory_budget(mut self, bytes: usize) -> Self {
+        self.config.history_memory_budget = bytes;
+        self
+    }
+
     /// go-ws strict mode: no `subscribed`/`unsubscribed` acknowledgements and no per-client
     /// `error` messages, exactly what a go-ws client has seen. Default: off.
     pub fn strict_go_ws(mut self, strict: bool) -> Self {
@@ -501,6 +532,7 @@ impl HubConfigBuilder {
             ("outbound queue bytes", c.outbound_queue_bytes == 0),
             ("queue memory budget", c.queue_memory_budget == 0),
             ("shard backlog bytes", c.shard_backlog_bytes == 0),
+            ("history memory budget", c.history_memory_budget == 0),
             ("max subscriptions", c.max_subscriptions == 0),
             ("max channel length", c.max_channel_len == 0),
             ("max connections", c.max_connections == 0),

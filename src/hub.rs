@@ -1,7 +1,7 @@
 //! The [`Hub`] handle: the public API, and routing of every call to the shards.
 
 use std::future::Future;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -10,24 +10,20 @@ use serde::Serialize;
 use serde_json::value::RawValue;
 use tokio::sync::{mpsc, oneshot, watch, Notify};
 
-use crate::broker::{Broker, Inbound, Target};
+use crate::broker::{Broker, Inbound, LocalNode, Target};
 use crate::client::{ChannelSnapshot, ClientId, ClientSnapshot};
 use crate::config::HubConfig;
+use crate::conn::{self, Clock};
 use crate::error::{Error, Result};
-use crate::shard::directory::{ChannelDirectory, ChannelEntry};
-use crate::shard::{Command, Shard};
-use crate::stats::{Counters, HubStats};
+use crate::history::{HistoryPage, HistoryStore, Publication, StreamPosition};
+use crate::shard::directory::{ChannelActivity, ChannelDirectory, ChannelEntry};
+use crate::shard::inbox::Inboxes;
+use crate::shard::{self, Command, Shard, ShardConfig};
+use crate::stats::{Counters, HistoryFigures, HubStats};
 use crate::wire::frame::is_valid_close_code;
 use crate::wire::protocol::{
-    self, Envelope, ErrorReason, Message, TYPE_ERROR, TYPE_EVENT, TYPE_MESSAGE,
+    self, Envelope, ErrorReason, Message, Position, TYPE_EVENT, TYPE_MESSAGE,
 };
-
-/// The default of [`HubConfigBuilder::shard_backlog_bytes`](crate::HubConfigBuilder::shard_backlog_bytes):
-/// the most bytes of work waiting in one shard's inbox. Past it, calls that add work to that
-/// shard are refused with an error that [`is_overloaded`](Error::is_overloaded), so a
-/// publisher that outruns the shards never grows memory without bound and is never made to
-/// wait (unless it asks to, with the `*_async` methods).
-pub const SHARD_BACKLOG_BYTES: usize = 64 * 1024 * 1024;
 
 const RUNNING: u8 = 0;
 const SHUTTING_DOWN: u8 = 1;
@@ -37,29 +33,22 @@ const STOPPED: u8 = 2;
 /// close handshakes before it stops the shards anyway.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
 
-/// One shard's inbox, and the bound on the work waiting in it.
-///
-/// The channel itself is unbounded so that what must never be refused or wait (a client's
-/// register and remove, shutdown, stop: at most a few per connection) goes through it in
-/// order with everything else; everything else is bounded by `backlog`, in bytes of
-/// [`Command::cost`]. Every command is charged its cost when it is sent and gives it back
-/// where the shard takes it out of the inbox ([`Shard::run`]), whatever it then does.
-struct ShardHandle {
-    inbox: mpsc::UnboundedSender<Command>,
-    /// Bytes of work in the inbox: the sum of its commands' [`Command::cost`].
-    backlog: AtomicUsize,
-    /// Someone waits in [`Shared::wait_for_room`]; the shard wakes them when it makes room.
-    waiting: AtomicBool,
-    room: Notify,
-}
-
 /// What the hub, its shards and its connection tasks share.
 pub(crate) struct Shared {
     pub(crate) config: HubConfig,
-    pub(crate) counters: Counters,
-    pub(crate) channels: ChannelDirectory,
-    shards: Box<[ShardHandle]>,
-    epoch: Instant,
+    pub(crate) counters: Arc<Counters>,
+    /// What connections' write paths get: their limits and the counters (a clone of
+    /// `counters`).
+    pub(crate) conn_env: conn::Env,
+    pub(crate) channels: Arc<ChannelDirectory>,
+    /// The channels' histories (`history/`): empty, and never looked at, unless the
+    /// configuration gives some channel a history.
+    pub(crate) history: Arc<HistoryStore>,
+    /// The shards' inboxes and their backlog bounds (`shard/inbox.rs`).
+    inboxes: Inboxes,
+    /// What each shard reads of the configuration.
+    shard_config: ShardConfig,
+    pub(crate) clock: Clock,
     next_client: AtomicU64,
     state: AtomicU8,
     /// Flips to true when shutdown begins; accept loops and new upgrades watch it.
@@ -71,7 +60,7 @@ pub(crate) struct Shared {
 impl Shared {
     /// Milliseconds since the hub was created: the clock of keep-alive.
     pub(crate) fn now_ms(&self) -> u64 {
-        self.epoch.elapsed().as_millis() as u64
+        self.clock.now_ms()
     }
 
     pub(crate) fn is_running(&self) -> bool {
@@ -84,91 +73,60 @@ impl Shared {
 
     /// The shard that owns `client`.
     pub(crate) fn shard_index(&self, client: ClientId) -> usize {
-        (client.0 % self.shards.len() as u64) as usize
+        (client.0 % self.inboxes.len() as u64) as usize
     }
 
-    /// Sends `command` to shard `index` whatever its backlog: for what must never be refused
-    /// (lifecycle commands, whose cost is zero) and for a client's requests, which its
-    /// connection task only reads while the shard has room ([`has_room`](Self::has_room)).
+    /// Sends `command` to shard `index` whatever its backlog (see [`Inboxes::enqueue`]).
     pub(crate) fn enqueue(&self, index: usize, command: Command) -> Result<()> {
-        let shard = &self.shards[index];
-        let cost = command.cost();
-        shard.backlog.fetch_add(cost, Ordering::Relaxed);
-        if shard.inbox.send(command).is_err() {
-            shard.backlog.fetch_sub(cost, Ordering::Relaxed);
-            return Err(Error::closed());
+        if self.inboxes.enqueue(index, command) {
+            Ok(())
+        } else {
+            Err(Error::closed())
         }
-        Ok(())
     }
 
     /// Sends `command` to shard `index` unless its backlog is over the bound: the API calls
     /// that carry work to one client's shard.
     fn try_enqueue(&self, index: usize, command: Command) -> Result<()> {
-        if !self.reserve(index, command.cost()) {
+        if !self.inboxes.try_enqueue(index, command) {
             self.counters
                 .backlog_refused
                 .fetch_add(1, Ordering::Relaxed);
             return Err(Error::overloaded(index));
         }
-        self.send_reserved(index, command);
         Ok(())
-    }
-
-    /// Charges `cost` to shard `index`'s backlog, unless that takes it over the bound (an
-    /// empty inbox takes anything, so a single large frame is never refused forever).
-    fn reserve(&self, index: usize, cost: usize) -> bool {
-        let backlog = &self.shards[index].backlog;
-        let before = backlog.fetch_add(cost, Ordering::Relaxed);
-        if before > 0 && before + cost > self.config.shard_backlog_bytes {
-            self.give_back(index, cost);
-            return false;
-        }
-        true
-    }
-
-    /// Sends a command whose cost was reserved; a shard that has stopped gives it back.
-    fn send_reserved(&self, index: usize, command: Command) {
-        let cost = command.cost();
-        if self.shards[index].inbox.send(command).is_err() {
-            self.give_back(index, cost);
-        }
-    }
-
-    /// Returns `cost` bytes to shard `index`'s backlog: the shard took commands worth that
-    /// out of its inbox (or a reservation was undone). Wakes whoever waits for room once
-    /// there is some.
-    pub(crate) fn give_back(&self, index: usize, cost: usize) {
-        let shard = &self.shards[index];
-        let after = shard
-            .backlog
-            .fetch_sub(cost, Ordering::SeqCst)
-            .saturating_sub(cost);
-        // SeqCst, with the waiter's store and load in `wait_for_room`: either the waiter sees
-        // this room, or this sees the waiter.
-        if after <= self.config.shard_backlog_bytes && shard.waiting.load(Ordering::SeqCst) {
-            shard.waiting.store(false, Ordering::SeqCst);
-            shard.room.notify_waiters();
-        }
     }
 
     /// Whether shard `index` takes more work now.
     pub(crate) fn has_room(&self, index: usize) -> bool {
-        self.shards[index].backlog.load(Ordering::SeqCst) <= self.config.shard_backlog_bytes
+        self.inboxes.has_room(index)
     }
 
     /// Waits until shard `index` has room for more work (or the hub stops).
     pub(crate) async fn wait_for_room(&self, index: usize) {
-        let shard = &self.shards[index];
-        loop {
-            let notified = shard.room.notified();
-            tokio::pin!(notified);
-            notified.as_mut().enable();
-            shard.waiting.store(true, Ordering::SeqCst);
-            if self.has_room(index) || !self.is_running() {
-                return;
-            }
-            notified.await;
-        }
+        self.inboxes
+            .wait_for_room(index, || !self.is_running())
+            .await;
+    }
+
+    /// Shard `index`, to run: what it reads of the configuration, the write path's limits
+    /// and the counters, the clock, the channel directory and the inboxes, each its own
+    /// handle (the shard never sees `Shared`).
+    pub(crate) fn new_shard(&self, index: usize) -> Shard {
+        Shard::new(
+            index,
+            shard::Context {
+                config: self.shard_config,
+                env: conn::Env {
+                    limits: self.conn_env.limits,
+                    counters: Arc::clone(&self.counters),
+                },
+                clock: self.clock,
+                directory: Arc::clone(&self.channels),
+                history: Arc::clone(&self.history),
+                inboxes: self.inboxes.clone(),
+            },
+        )
     }
 
     /// Sends one command to each shard in `mask`, all or nothing: the cost is reserved on
@@ -185,10 +143,10 @@ impl Shared {
         while rest != 0 {
             let index = rest.trailing_zeros() as usize;
             rest &= rest - 1;
-            if !self.reserve(index, cost) {
+            if !self.inboxes.reserve(index, cost) {
                 let mut undo = reserved;
                 while undo != 0 {
-                    self.give_back(undo.trailing_zeros() as usize, cost);
+                    self.inboxes.give_back(undo.trailing_zeros() as usize, cost);
                     undo &= undo - 1;
                 }
                 self.counters
@@ -204,14 +162,14 @@ impl Shared {
             rest &= rest - 1;
             let command = make(index, rest == 0);
             debug_assert_eq!(command.cost(), cost, "reserved what the command costs");
-            self.send_reserved(index, command);
+            self.inboxes.send_reserved(index, command);
         }
         Ok(())
     }
 
     /// Every shard's bit.
     fn all_shards(&self) -> u64 {
-        u64::MAX >> (64 - self.shards.len())
+        u64::MAX >> (64 - self.inboxes.len())
     }
 
     fn check_running(&self) -> Result<()> {
@@ -225,18 +183,26 @@ impl Shared {
     /// Publishes to `channel` the frame `encode` makes: to the local shards with subscribers,
     /// then to the broker. Without a broker, a publish to a channel nobody here listens to
     /// costs one map lookup and is never encoded.
+    ///
+    /// On a channel with history, the publication is numbered (see
+    /// [`publish_numbered`](Self::publish_numbered)) and its position returned.
     pub(crate) fn publish_with(
         &self,
         channel: &str,
-        encode: impl FnOnce() -> Result<Bytes>,
-    ) -> Result<()> {
+        encode: impl Fn(Option<Position<'_>>) -> Result<Bytes>,
+    ) -> Result<Option<StreamPosition>> {
         self.check_running()?;
+        if !self.history.is_disabled() {
+            if let Some(position) = self.publish_numbered(channel, &encode)? {
+                return Ok(Some(position));
+            }
+        }
         let entry = self.channels.get(channel);
         if self.broker().is_none() && entry.is_none() {
             self.counters.published.fetch_add(1, Ordering::Relaxed);
-            return Ok(());
+            return Ok(None);
         }
-        let frame = encode()?;
+        let frame = encode(None)?;
         let payload = self.broker().map(|_| protocol::frame_payload(&frame));
         if let Some(entry) = entry {
             self.fan_out_to_entry(&entry, frame)?;
@@ -245,7 +211,60 @@ impl Shared {
         if let (Some(broker), Some(payload)) = (self.broker(), payload) {
             broker.publish(Target::Channel(channel), payload);
         }
-        Ok(())
+        Ok(None)
+    }
+
+    /// A publish to a channel with history; `Ok(None)` if `channel` has none.
+    ///
+    /// Under the channel's lock (its sequencer) the publication gets the next offset, is
+    /// encoded with it, handed to every shard with subscribers (all or nothing: a refusal
+    /// numbers nothing, so an overload never leaves a gap) and kept. Publishers to one
+    /// channel take turns here, so every shard's inbox gets the channel's publications in
+    /// offset order, and a shard that subscribes a client under the same lock knows exactly
+    /// which offsets will still reach it (`shard/catch_up.rs`).
+    ///
+    /// Each shard gets its own copy of the frame: the history holds the encoded one, and a
+    /// shard counts the memory its slow clients' queues hold by being the only other holder
+    /// of its frames (`shard/retained.rs`).
+    fn publish_numbered(
+        &self,
+        channel: &str,
+        encode: &impl Fn(Option<Position<'_>>) -> Result<Bytes>,
+    ) -> Result<Option<StreamPosition>> {
+        let now_ms = self.now_ms();
+        let Some(numbered) = self.history.with_channel(channel, now_ms, |history| {
+            let offset = history.next_offset();
+            let epoch = Arc::clone(history.epoch());
+            // go-ws clients have never seen the fields: strict mode keeps them out.
+            let position = Position {
+                offset,
+                epoch: &epoch,
+            };
+            let frame = encode((!self.config.strict_go_ws).then_some(position))?;
+            if let Some(entry) = self.channels.get(channel) {
+                self.fan_out(entry.shard_mask(), Command::frame_cost(&frame), |_, _| {
+                    Command::Publish {
+                        channel: Arc::clone(&entry),
+                        frame: Bytes::copy_from_slice(&frame),
+                        offset,
+                    }
+                })?;
+            }
+            history.append(frame, now_ms);
+            Ok::<_, Error>(StreamPosition { offset, epoch })
+        }) else {
+            return Ok(None);
+        };
+        let position = numbered?;
+        self.history.enforce_budget();
+        self.counters.published.fetch_add(1, Ordering::Relaxed);
+        // Other nodes get it without this node's position: until histories live in Redis,
+        // each node numbers its own, and a position means nothing elsewhere.
+        if let Some(broker) = self.broker() {
+            let frame = encode(None)?;
+            broker.publish(Target::Channel(channel), protocol::frame_payload(&frame));
+        }
+        Ok(Some(position))
     }
 
     pub(crate) fn broker(&self) -> Option<&Arc<dyn Broker>> {
@@ -268,6 +287,7 @@ impl Shared {
             |_, last| Command::Publish {
                 channel: Arc::clone(entry),
                 frame: frame_for_shard(&frame, last),
+                offset: 0,
             },
         )
     }
@@ -292,29 +312,21 @@ impl Shared {
     /// A client's `publish`, already allowed by the policy: its data is copied raw into the
     /// frame, never parsed into a tree.
     pub(crate) fn publish_from_client(&self, channel: &str, data: Option<&RawValue>) -> Result<()> {
-        self.publish_with(channel, || {
+        self.publish_with(channel, |position| {
             let envelope = Envelope {
                 kind: TYPE_MESSAGE,
                 channel: Some(channel),
                 process_id: None,
                 data,
             };
-            protocol::encode_frame(&envelope, SystemTime::now()).map_err(Error::encode)
+            protocol::encode_frame_at(&envelope, SystemTime::now(), position).map_err(Error::encode)
         })
+        .map(drop)
     }
 
     /// The per-client error message for `reason`, or `None` in strict go-ws mode.
     pub(crate) fn error_frame(&self, reason: ErrorReason, channel: Option<&str>) -> Option<Bytes> {
-        if self.config.strict_go_ws {
-            return None;
-        }
-        let envelope = Envelope {
-            kind: TYPE_ERROR,
-            channel,
-            process_id: None,
-            data: Some(reason.as_str()),
-        };
-        protocol::encode_frame(&envelope, SystemTime::now()).ok()
+        shard::error_frame(self.config.strict_go_ws, reason, channel)
     }
 
     pub(crate) fn task_started(&self) {
@@ -332,6 +344,99 @@ impl Shared {
         {
             self.tasks_idle.notify_waiters();
         }
+    }
+}
+
+/// The part of `config` that connections' write paths apply.
+fn conn_limits(config: &HubConfig) -> conn::Limits {
+    conn::Limits {
+        outbound_queue_bytes: config.outbound_queue_bytes,
+        slow_consumer: config.slow_consumer,
+        write_timeout: config.write_timeout,
+        min_read_rate: config.min_read_rate,
+    }
+}
+
+/// The part of `config` that each shard reads.
+fn shard_config(config: &HubConfig) -> ShardConfig {
+    ShardConfig {
+        heartbeat: config.heartbeat,
+        pong_timeout: config.pong_timeout,
+        max_subscriptions: config.max_subscriptions,
+        strict_go_ws: config.strict_go_ws,
+        queue_memory_budget: config.queue_memory_budget,
+        shards: config.shards,
+    }
+}
+
+/// How often expired publications are trimmed from the histories and idle histories removed.
+/// Reading a history trims what expired in it first, so this bounds only how long expired
+/// memory stays held, and how soon an idle channel's history goes (then its epoch changes).
+const HISTORY_SWEEP_PERIOD: Duration = Duration::from_secs(1);
+
+/// The histories' sweeper, until the hub stops: a channel's history goes when it has no
+/// subscribers and its age limit has passed since its last publication.
+async fn sweep_histories(shared: std::sync::Weak<Shared>) {
+    let mut every = tokio::time::interval(HISTORY_SWEEP_PERIOD);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    every.tick().await;
+    loop {
+        every.tick().await;
+        let Some(shared) = shared.upgrade() else {
+            return;
+        };
+        if !shared.is_running() {
+            return;
+        }
+        let directory = &shared.channels;
+        shared
+            .history
+            .sweep(shared.now_ms(), |channel| directory.get(channel).is_some());
+    }
+}
+
+/// What the channel directory tells the broker: a channel's first subscriber on this node
+/// and its last (the directory knows no broker, only this).
+struct BrokerActivity(Arc<dyn Broker>);
+
+impl ChannelActivity for BrokerActivity {
+    fn active(&self, channel: &str) {
+        self.0.channel_active(channel);
+    }
+
+    fn inactive(&self, channel: &str) {
+        self.0.channel_inactive(channel);
+    }
+}
+
+/// How a broker's [`Inbound`] reaches this hub.
+impl LocalNode for Shared {
+    fn fan_out_to_channel(&self, channel: &str, frame: Bytes) -> bool {
+        Shared::fan_out_to_channel(self, channel, frame).is_ok()
+    }
+
+    fn fan_out_to_all(&self, frame: Bytes) -> bool {
+        Shared::fan_out_to_all(self, frame).is_ok()
+    }
+
+    fn has_subscribers(&self, channel: &str) -> bool {
+        self.channels.get(channel).is_some()
+    }
+
+    fn active_channels(&self) -> Vec<String> {
+        self.channels
+            .snapshot()
+            .into_iter()
+            .map(|c| c.name)
+            .collect()
+    }
+}
+
+impl Shared {
+    /// A broker's way in to this hub, which it does not keep alive.
+    pub(crate) fn inbound(self: &Arc<Self>) -> Inbound {
+        let node: std::sync::Weak<Shared> = Arc::downgrade(self);
+        Inbound::new(node)
     }
 }
 
@@ -362,7 +467,7 @@ struct Inner {
 impl Drop for Inner {
     /// The last handle is gone: tell the shards to stop. Never blocks.
     fn drop(&mut self) {
-        for index in 0..self.shared.shards.len() {
+        for index in 0..self.shared.inboxes.len() {
             let _ = self.shared.enqueue(index, Command::Stop);
         }
         if let Some(broker) = self.shared.broker() {
@@ -450,7 +555,7 @@ impl Default for Hub {
 impl std::fmt::Debug for Hub {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Hub")
-            .field("shards", &self.inner.shared.shards.len())
+            .field("shards", &self.inner.shared.inboxes.len())
             .field("clients", &self.client_count())
             .finish()
     }
@@ -466,25 +571,27 @@ impl Hub {
     /// [`run`](Hub::run), [`serve`](crate::serve) or upgrade; messages sent before then wait
     /// in the shards' inboxes.
     pub fn with_config(config: HubConfig) -> Hub {
-        let (senders, receivers): (Vec<_>, Vec<_>) = (0..config.shards)
-            .map(|_| mpsc::unbounded_channel())
-            .unzip();
-        let shards = senders
-            .into_iter()
-            .map(|inbox| ShardHandle {
-                inbox,
-                backlog: AtomicUsize::new(0),
-                waiting: AtomicBool::new(false),
-                room: Notify::new(),
-            })
-            .collect();
-        let broker = config.broker.clone();
+        let (inboxes, receivers) = Inboxes::new(config.shards, config.shard_backlog_bytes);
+        let activity = config
+            .broker
+            .clone()
+            .map(|broker| Arc::new(BrokerActivity(broker)) as Arc<dyn ChannelActivity>);
+        let counters = Arc::new(Counters::new(config.shards));
         let shared = Arc::new(Shared {
-            counters: Counters::new(config.shards),
+            conn_env: conn::Env {
+                limits: conn_limits(&config),
+                counters: Arc::clone(&counters),
+            },
+            counters,
+            shard_config: shard_config(&config),
+            history: Arc::new(HistoryStore::new(
+                config.history.clone(),
+                config.history_memory_budget,
+            )),
             config,
-            channels: ChannelDirectory::new(broker),
-            shards,
-            epoch: Instant::now(),
+            channels: Arc::new(ChannelDirectory::new(activity)),
+            inboxes,
+            clock: Clock::start(),
             next_client: AtomicU64::new(1),
             state: AtomicU8::new(RUNNING),
             shutting_down: watch::channel(false).0,
@@ -521,7 +628,7 @@ impl Hub {
                 .into_iter()
                 .enumerate()
                 .map(|(index, inbox)| {
-                    let shard = Shard::new(index, Arc::clone(&self.inner.shared));
+                    let shard = self.inner.shared.new_shard(index);
                     tokio::spawn(shard.run(inbox))
                 })
                 .collect();
@@ -531,7 +638,10 @@ impl Hub {
                 .lock()
                 .unwrap_or_else(|p| p.into_inner()) = tasks;
             if let Some(broker) = self.inner.shared.broker() {
-                broker.start(Inbound::new(&self.inner.shared));
+                broker.start(self.inner.shared.inbound());
+            }
+            if !self.inner.shared.history.is_disabled() {
+                tokio::spawn(sweep_histories(Arc::downgrade(&self.inner.shared)));
             }
         }
     }
@@ -562,7 +672,7 @@ impl Hub {
         }
         shared.shutting_down.send_replace(true);
         let deadline = Instant::now() + shared.config.shutdown_drain;
-        for index in 0..shared.shards.len() {
+        for index in 0..shared.inboxes.len() {
             let _ = shared.enqueue(index, Command::Shutdown { deadline });
         }
         let give_up = tokio::time::Instant::from_std(deadline + SHUTDOWN_GRACE);
@@ -580,13 +690,11 @@ impl Hub {
             }
         }
         shared.state.store(STOPPED, Ordering::Release);
-        for index in 0..shared.shards.len() {
+        for index in 0..shared.inboxes.len() {
             let _ = shared.enqueue(index, Command::Stop);
         }
-        for shard in shared.shards.iter() {
-            // Publishers waiting for room see the hub stopped.
-            shard.room.notify_waiters();
-        }
+        // Publishers waiting for room see the hub stopped.
+        shared.inboxes.wake_waiters();
         let tasks = std::mem::take(
             &mut *self
                 .inner
@@ -630,9 +738,73 @@ impl Hub {
     /// The hub has shut down ([`Error::is_closed`]), or a shard with subscribers is over its
     /// backlog ([`Error::is_overloaded`]); either way nothing was sent, to anyone.
     pub fn send_to_channel(&self, channel: &str, message: &Message) -> Result<()> {
-        self.inner.shared.publish_with(channel, || {
-            protocol::encode_frame(&Envelope::of(message, Some(channel)), SystemTime::now())
-                .map_err(Error::encode)
+        self.publish(channel, message).map(drop)
+    }
+
+    /// As [`send_to_channel`](Hub::send_to_channel), and on a channel with history
+    /// ([`HubConfigBuilder::channel_history`](crate::HubConfigBuilder::channel_history)) tells
+    /// where the message went in it: its offset and the channel's epoch (`Ok(None)` on a
+    /// channel without history). An application can store the position with what it
+    /// rendered, and a client that loads the page subscribes `since` it, missing nothing.
+    ///
+    /// The offsets of one channel follow the order in which its subscribers receive the
+    /// messages, whatever the number of publishers: publishers to a channel with history take
+    /// turns while the message is numbered and handed to the shards.
+    ///
+    /// # Errors
+    ///
+    /// As [`send_to_channel`](Hub::send_to_channel): a refused message got no offset, and
+    /// the history has no gap.
+    pub fn publish(&self, channel: &str, message: &Message) -> Result<Option<StreamPosition>> {
+        self.inner.shared.publish_with(channel, |position| {
+            let envelope = Envelope::of(message, Some(channel));
+            protocol::encode_frame_at(&envelope, SystemTime::now(), position).map_err(Error::encode)
+        })
+    }
+
+    /// As [`publish`](Hub::publish), waiting for room as
+    /// [`send_to_channel_async`](Hub::send_to_channel_async) does instead of returning the
+    /// overload error.
+    ///
+    /// # Errors
+    ///
+    /// As [`send_to_channel_async`](Hub::send_to_channel_async).
+    pub async fn publish_async(
+        &self,
+        channel: &str,
+        message: &Message,
+    ) -> Result<Option<StreamPosition>> {
+        let mut position = None;
+        self.when_room(|| {
+            position = self.publish(channel, message)?;
+            Ok(())
+        })
+        .await?;
+        Ok(position)
+    }
+
+    /// Up to `limit` publications of `channel`'s history after offset `since`, oldest first,
+    /// with the channel's epoch and latest offset; `None` when the channel has no history.
+    /// Each publication is the JSON text its subscribers received. `recovered` says whether
+    /// the history still holds every offset after `since` (as a subscribe `since` would).
+    pub fn history(&self, channel: &str, since: u64, limit: usize) -> Option<HistoryPage> {
+        let shared = &self.inner.shared;
+        let now_ms = shared.now_ms();
+        let page = shared.history.with_channel(channel, now_ms, |history| {
+            history.read(since, limit, now_ms)
+        })?;
+        Some(HistoryPage {
+            epoch: page.epoch,
+            latest: page.latest,
+            recovered: page.recovered,
+            publications: page
+                .publications
+                .into_iter()
+                .map(|(offset, frame)| Publication {
+                    offset,
+                    message: protocol::frame_payload(&frame),
+                })
+                .collect(),
         })
     }
 
@@ -668,15 +840,19 @@ impl Hub {
             exit_code: i32,
         }
         let channel = protocol::process_channel(process_id);
-        self.inner.shared.publish_with(&channel, || {
-            let envelope = Envelope {
-                kind: protocol::TYPE_PROCESS_STATUS,
-                channel: Some(&channel),
-                process_id: Some(process_id),
-                data: Some(&Status { status, exit_code }),
-            };
-            protocol::encode_frame(&envelope, SystemTime::now()).map_err(Error::encode)
-        })
+        self.inner
+            .shared
+            .publish_with(&channel, |position| {
+                let envelope = Envelope {
+                    kind: protocol::TYPE_PROCESS_STATUS,
+                    channel: Some(&channel),
+                    process_id: Some(process_id),
+                    data: Some(&Status { status, exit_code }),
+                };
+                protocol::encode_frame_at(&envelope, SystemTime::now(), position)
+                    .map_err(Error::encode)
+            })
+            .map(drop)
     }
 
     /// Sends an `error` message with data `text` to every client.
@@ -774,6 +950,7 @@ impl Hub {
                 client,
                 channel: channel.into(),
                 from_client: false,
+                since: None,
             },
         )
     }
@@ -954,12 +1131,21 @@ impl Hub {
     pub fn stats(&self) -> HubStats {
         let shared = &self.inner.shared;
         let mut stats = shared.counters.snapshot(shared.channels.channel_count());
-        stats.shard_backlog_bytes = shared
-            .shards
-            .iter()
-            .map(|s| s.backlog.load(Ordering::Relaxed))
+        stats.shard_backlog_bytes = (0..shared.inboxes.len())
+            .map(|index| shared.inboxes.backlog(index))
             .collect();
         stats.broker = shared.broker().map(|b| b.stats());
+        let history = shared.history.stats();
+        stats.history = HistoryFigures {
+            channels: history.channels,
+            publications: history.retained,
+            memory_bytes: history.memory,
+            detached_bytes: history.detached_memory,
+            trimmed_by_count: history.trimmed_by_count,
+            trimmed_by_age: history.trimmed_by_age,
+            trimmed_by_cap: history.trimmed_by_cap,
+        };
+        stats.queued_memory_bytes += history.detached_memory as u64;
         stats
     }
 
@@ -972,7 +1158,7 @@ impl Hub {
     /// once the hub has stopped.
     pub async fn clients(&self) -> Vec<ClientSnapshot> {
         let mut clients = Vec::new();
-        for shard in 0..self.inner.shared.shards.len() {
+        for shard in 0..self.inner.shared.inboxes.len() {
             clients.extend(self.snapshot_of(shard).await);
         }
         clients.sort_by_key(|c| c.info.id);
@@ -1002,5 +1188,88 @@ impl Hub {
             return Vec::new();
         }
         answer.await.unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::AtomicUsize;
+
+    use super::*;
+    use crate::broker::BrokerStats;
+
+    // From `shard/directory.rs`, which no longer knows brokers: the hub's `BrokerActivity`
+    // is what tells the broker, so this is where the whole path is tested.
+    /// A broker that reads the hub back through `Inbound` whenever it is told of a channel,
+    /// as the Redis broker does (from its own task) to reconcile.
+    #[derive(Default)]
+    struct CallingBack {
+        inbound: std::sync::OnceLock<Inbound>,
+        active: AtomicUsize,
+        inactive: AtomicUsize,
+    }
+
+    impl CallingBack {
+        fn call_back(&self, channel: &str) {
+            let inbound = self.inbound.get().expect("the test sets it first");
+            let _ = inbound.has_subscribers(channel);
+            let _ = inbound.active_channels();
+            inbound.deliver(Target::Channel(channel), br#"{"type":"event"}"#);
+        }
+    }
+
+    impl Broker for Arc<CallingBack> {
+        fn start(&self, _: Inbound) {}
+        fn publish(&self, _: Target<'_>, _: Bytes) {}
+        fn channel_active(&self, channel: &str) {
+            self.call_back(channel);
+            self.active.fetch_add(1, Ordering::Relaxed);
+        }
+        fn channel_inactive(&self, channel: &str) {
+            self.call_back(channel);
+            self.inactive.fetch_add(1, Ordering::Relaxed);
+        }
+        fn stats(&self) -> BrokerStats {
+            BrokerStats::new(true)
+        }
+        fn shutdown(&self) {}
+    }
+
+    /// The directory tells the broker outside its locks: a broker that calls back into
+    /// `Inbound` from `channel_active` and `channel_inactive` does not deadlock, while shards
+    /// (here, threads) join and leave the same channels.
+    #[test]
+    fn a_broker_may_call_back_into_the_hub() {
+        let broker = Arc::new(CallingBack::default());
+        let config = HubConfig::builder()
+            .shards(4)
+            .broker(Arc::clone(&broker))
+            .build()
+            .unwrap();
+        let hub = Hub::with_config(config);
+        let shared = Arc::clone(hub.shared());
+        let _ = broker.inbound.set(shared.inbound());
+        let (done, finished) = std::sync::mpsc::channel();
+        for shard in 0..4 {
+            let shared = Arc::clone(&shared);
+            let done = done.clone();
+            std::thread::spawn(move || {
+                for round in 0..500 {
+                    let channel = ["a", "b", "c"][round % 3];
+                    let entry = shared.channels.join(channel, shard);
+                    shared.channels.leave(&entry, shard);
+                }
+                let _ = done.send(());
+            });
+        }
+        for _ in 0..4 {
+            finished
+                .recv_timeout(std::time::Duration::from_secs(20))
+                .expect("joins and leaves finish (a broker calling back must not deadlock)");
+        }
+        assert_eq!(shared.channels.channel_count(), 0);
+        let active = broker.active.load(Ordering::Relaxed);
+        assert!(active > 0);
+        assert_eq!(active, broker.inactive.load(Ordering::Relaxed));
     }
 }

@@ -40,23 +40,27 @@
 //! shards that have subscribers; each shard stages the frame for every subscriber (an index,
 //! not a copy) and writes all of a client's frames of a batch with one write.
 //!
-//! Layers, from the bottom (a layer uses those above it in this table, never those below):
+//! Layers, from the bottom: a module uses only those in the rows above its own in this table
+//! (never one in a row below, so there is no import cycle), and what it needs of a layer
+//! above it is handed down as a narrow handle (the last column), never the hub's shared
+//! state:
 //!
-//! | module | what |
-//! |---|---|
-//! | `wire` | `protocol`: the JSON envelope, encoding, decoding; `frame`: WebSocket framing, the client frame decoder. No IO |
-//! | `conn` | one connection: its outbound queue and write path (`send(2)`, or io_uring with the `io-uring` feature), the connection task that reads and answers it, the wake-up between them |
-//! | `shard` | the shard actor (the hot path: batches of commands, staging, one write per client), the channel directory, the memory held by slow clients' queues |
-//! | `hub` | the [`Hub`] handle: the public API, routing to the shards and their bounded inboxes; beside it `config` ([`HubConfig`]), `error` ([`Error`]), `stats` ([`HubStats`]), `client` |
-//! | `http` | [`serve`], [`Hub::handler`], the upgrade; authenticators and origins |
-//! | `broker` | several nodes: the [`Broker`] trait and, with feature `redis`, `RedisBroker` |
+//! | module | what | gets from above |
+//! |---|---|---|
+//! | `wire` | `protocol`: the JSON envelope, encoding, decoding; `frame`: WebSocket framing, the client frame decoder. No IO | nothing |
+//! | `client`, `stats`, `error`, `auth` | plain data that every layer may name: client ids and info; the counters and [`HubStats`]; [`Error`]; authenticators and origins. They import nothing of the crate | nothing |
+//! | `conn` | one connection (`Conn`, shared by its shard and its connection task): its outbound queue and write path (`send(2)`, or io_uring with the `io-uring` feature), the wake-up of its task, the keep-alive clock | `conn::Env`: its limits (`conn::Limits`, copied out of the configuration) and the counters it bumps |
+//! | `shard` | the shard actor (the hot path: batches of commands, staging, one write per client), its inbox and backlog bound (`shard/inbox.rs`), the channel directory, the memory held by slow clients' queues | `shard::Context`: its part of the configuration, a `conn::Env`, the clock, the directory, the inboxes; the directory tells a `ChannelActivity` object the hub installs |
+//! | `broker` | several nodes: the [`Broker`] trait, [`Inbound`] and, with feature `redis`, `RedisBroker` | `Inbound` reaches the hub through the `LocalNode` trait that `broker` defines and the hub implements |
+//! | `hub`, `config` | the [`Hub`] handle: the public API, routing to the shards; beside it [`HubConfig`] (which holds a broker and an authenticator as inputs) | - |
+//! | `http` | [`serve`], [`Hub::handler`] and [`Hub::handle_websocket`] (an `impl Hub` of its own: in `hub.rs` they would make `hub` name `http`), the upgrade, the connection task (`http/session.rs`) that reads a client and calls the hub | - |
 //!
-//! One dependency still points upwards: `conn` and `shard` reach the counters and the
-//! configuration through the hub's shared state rather than through handles of their own.
+//! The test-only `bench_support` module sits above all of them.
 
 #![deny(missing_docs)]
 #![warn(unreachable_pub)]
 
+mod auth;
 #[cfg(feature = "test-support")]
 #[doc(hidden)]
 pub mod bench_support;
@@ -72,24 +76,26 @@ mod shard;
 mod stats;
 mod wire;
 
+pub use auth::{
+    bearer_token, query_param, ApiKeyAuth, AuthError, AuthRequest, Authenticator, BearerTokenAuth,
+    Identity, QueryTokenAuth,
+};
 #[cfg(feature = "redis")]
 pub use broker::redis::{RedisBroker, RedisConfig};
 pub use broker::{Broker, BrokerStats, Inbound, Target};
 pub use client::{ChannelSnapshot, ClientId, ClientInfo, ClientSnapshot};
 pub use config::{
     ChannelPolicyFn, HubConfig, HubConfigBuilder, PublishPolicy, RateLimit, SlowConsumerPolicy,
-    MAX_SHARDS,
+    MAX_SHARDS, SHARD_BACKLOG_BYTES,
 };
 pub use conn::sys::raise_fd_limit;
 pub use error::{Error, Result};
-pub use history::{HistoryPolicy, HistoryRules, HISTORY_MEMORY_BUDGET};
-pub use http::auth::{
-    bearer_token, query_param, ApiKeyAuth, AuthError, AuthRequest, Authenticator, BearerTokenAuth,
-    Identity, QueryTokenAuth,
+pub use history::{
+    HistoryPage, HistoryPolicy, HistoryRules, Publication, StreamPosition, HISTORY_MEMORY_BUDGET,
 };
 pub use http::{serve, Body, HubService};
-pub use hub::{Hub, SHARD_BACKLOG_BYTES};
-pub use stats::HubStats;
+pub use hub::Hub;
+pub use stats::{HistoryFigures, HubStats};
 pub use wire::frame::close_code;
 pub use wire::protocol::{
     process_channel, ErrorReason, Message, PROCESS_CHANNEL_PREFIX, TYPE_ERROR, TYPE_EVENT,

@@ -59,6 +59,9 @@ pub struct HubStats {
     /// Connection tasks alive now: equal to `clients` when idle, and back to zero after
     /// shutdown.
     pub connection_tasks: usize,
+    /// Channel histories ([`HubConfigBuilder::channel_history`](crate::HubConfigBuilder::channel_history)):
+    /// how many channels have one, what they retain, and what was trimmed.
+    pub history: HistoryFigures,
     /// Upgrades refused: 401, 403 and 503 answers.
     pub upgrades_refused: u64,
     /// Calls refused with an error that [`is_overloaded`](crate::Error::is_overloaded)
@@ -82,7 +85,37 @@ pub struct HubStats {
     /// `send(2)` for good and stops counting.
     pub io_uring_shards: usize,
     /// The broker's counters, when the hub has one (several nodes).
-    pub broker: Option<crate::BrokerStats>,
+    pub broker: Option<BrokerStats>,
+}
+
+/// A broker's counters, in [`HubStats::broker`](crate::HubStats::broker).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct BrokerStats {
+    /// Whether the broker is connected to its server now.
+    pub connected: bool,
+    /// Connections made after the first (each one after a loss).
+    pub reconnects: u64,
+    /// Messages sent to other nodes.
+    pub sent: u64,
+    /// Messages received from other nodes and delivered here (own messages not counted).
+    pub received: u64,
+    /// Messages that could not be sent: the server was away or the send queue was full.
+    pub send_dropped: u64,
+    /// Messages received that could not be read (not the bridge format) and were dropped.
+    pub receive_dropped: u64,
+    /// Channels this node listens to now.
+    pub channels: usize,
+}
+
+impl BrokerStats {
+    /// Counters for a broker that does nothing.
+    pub fn new(connected: bool) -> Self {
+        BrokerStats {
+            connected,
+            ..BrokerStats::default()
+        }
+    }
 }
 
 /// The hub's shared counters.
@@ -148,6 +181,7 @@ impl Counters {
             queued_bytes: self.queued_bytes.load(Relaxed),
             queued_memory_bytes: self.queued_memory_bytes(),
             connection_tasks: self.connection_tasks.load(Relaxed),
+            history: HistoryFigures::default(),
             upgrades_refused: self.upgrades_refused.load(Relaxed),
             backlog_refused: self.backlog_refused.load(Relaxed),
             shard_clients: self.shard_clients.iter().map(|c| c.load(Relaxed)).collect(),
@@ -159,4 +193,29 @@ impl Counters {
             broker: None,
         }
     }
+}
+
+/// What the channel histories hold, in [`HubStats::history`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct HistoryFigures {
+    /// Channels with a history now (a counter and an epoch), whether or not it holds
+    /// publications.
+    pub channels: usize,
+    /// Publications retained in all histories.
+    pub publications: usize,
+    /// What the retained publications count against
+    /// [`history_memory_budget`](crate::HubConfigBuilder::history_memory_budget): their
+    /// frames plus 80 bytes each.
+    pub memory_bytes: usize,
+    /// Bytes trimmed from histories but still held by replays in progress (they count
+    /// against [`queue_memory_budget`](crate::HubConfigBuilder::queue_memory_budget), with
+    /// `queued_memory_bytes`).
+    pub detached_bytes: usize,
+    /// Publications trimmed because their channel held its most.
+    pub trimmed_by_count: u64,
+    /// Publications trimmed because they were older than their channel's age limit.
+    pub trimmed_by_age: u64,
+    /// Publications trimmed because the histories together reached the memory budget.
+    pub trimmed_by_cap: u64,
 }

@@ -10,11 +10,10 @@
 //! go-ws's own bridge format, so Go and Rust nodes can serve one cluster.
 
 use std::fmt;
-use std::sync::{Arc, Weak};
+use std::sync::Weak;
 
 use bytes::Bytes;
 
-use crate::hub::Shared;
 use crate::wire::protocol;
 
 #[cfg(feature = "redis")]
@@ -29,35 +28,8 @@ pub enum Target<'a> {
     Broadcast,
 }
 
-/// A broker's counters, in [`HubStats::broker`](crate::HubStats::broker).
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-#[non_exhaustive]
-pub struct BrokerStats {
-    /// Whether the broker is connected to its server now.
-    pub connected: bool,
-    /// Connections made after the first (each one after a loss).
-    pub reconnects: u64,
-    /// Messages sent to other nodes.
-    pub sent: u64,
-    /// Messages received from other nodes and delivered here (own messages not counted).
-    pub received: u64,
-    /// Messages that could not be sent: the server was away or the send queue was full.
-    pub send_dropped: u64,
-    /// Messages received that could not be read (not the bridge format) and were dropped.
-    pub receive_dropped: u64,
-    /// Channels this node listens to now.
-    pub channels: usize,
-}
-
-impl BrokerStats {
-    /// Counters for a broker that does nothing.
-    pub fn new(connected: bool) -> Self {
-        BrokerStats {
-            connected,
-            ..BrokerStats::default()
-        }
-    }
-}
+/// Defined with the hub's other counters (`stats.rs`), which it is part of.
+pub use crate::stats::BrokerStats;
 
 /// Carries messages between the hubs of several nodes.
 ///
@@ -103,10 +75,24 @@ pub trait Broker: Send + Sync + 'static {
     fn shutdown(&self);
 }
 
+/// What [`Inbound`] reaches of the local hub: the hub implements it. Defined here so that
+/// the broker layer never names the hub.
+pub(crate) trait LocalNode: Send + Sync {
+    /// Hands `frame` to the local subscribers of `channel`, all or nothing; false if a shard
+    /// with subscribers is over its backlog.
+    fn fan_out_to_channel(&self, channel: &str, frame: Bytes) -> bool;
+    /// Hands `frame` to every local client, all or nothing; false as above.
+    fn fan_out_to_all(&self, frame: Bytes) -> bool;
+    /// Whether this node has subscribers to `channel` now.
+    fn has_subscribers(&self, channel: &str) -> bool;
+    /// Every channel this node has subscribers to now.
+    fn active_channels(&self) -> Vec<String>;
+}
+
 /// Delivers messages from other nodes to this hub's clients: the broker's way in.
 #[derive(Clone)]
 pub struct Inbound {
-    shared: Weak<Shared>,
+    node: Weak<dyn LocalNode>,
 }
 
 impl fmt::Debug for Inbound {
@@ -116,10 +102,9 @@ impl fmt::Debug for Inbound {
 }
 
 impl Inbound {
-    pub(crate) fn new(shared: &Arc<Shared>) -> Self {
-        Inbound {
-            shared: Arc::downgrade(shared),
-        }
+    /// A way in to `node`, which it does not keep alive.
+    pub(crate) fn new(node: Weak<dyn LocalNode>) -> Self {
+        Inbound { node }
     }
 
     /// Delivers `message` (the envelope's JSON, as another node encoded it) to this node's
@@ -132,7 +117,7 @@ impl Inbound {
     /// [`HubStats::backlog_refused`](crate::HubStats::backlog_refused)); nothing is delivered
     /// then.
     pub fn deliver(&self, target: Target<'_>, message: &[u8]) -> bool {
-        let Some(shared) = self.shared.upgrade() else {
+        let Some(node) = self.node.upgrade() else {
             return false;
         };
         let channel = match target {
@@ -142,25 +127,24 @@ impl Inbound {
         let Some(frame) = protocol::frame_remote(channel, message) else {
             return false;
         };
-        let delivered = match channel {
-            Some(channel) => shared.fan_out_to_channel(channel, frame),
-            None => shared.fan_out_to_all(frame),
-        };
-        delivered.is_ok()
+        match channel {
+            Some(channel) => node.fan_out_to_channel(channel, frame),
+            None => node.fan_out_to_all(frame),
+        }
     }
 
     /// Whether this node has subscribers to `channel` now.
     pub fn has_subscribers(&self, channel: &str) -> bool {
-        self.shared
+        self.node
             .upgrade()
-            .is_some_and(|s| s.channels.get(channel).is_some())
+            .is_some_and(|node| node.has_subscribers(channel))
     }
 
     /// Every channel this node has subscribers to now: what a broker listens to again after
     /// it reconnects.
     pub fn active_channels(&self) -> Vec<String> {
-        self.shared.upgrade().map_or_else(Vec::new, |s| {
-            s.channels.snapshot().into_iter().map(|c| c.name).collect()
-        })
+        self.node
+            .upgrade()
+            .map_or_else(Vec::new, |node| node.active_channels())
     }
 }

@@ -1,5 +1,6 @@
 //! One client's connection as the shard and the connection task share it: the socket, the
-//! outbound queue, and the write path.
+//! outbound queue, and the write path. The connection task itself, which reads the client and
+//! calls into the hub, is a layer up, in `http/session.rs`.
 //!
 //! # The write path (hot)
 //!
@@ -36,7 +37,6 @@
 //! [`HubStats::dropped`]: crate::HubStats::dropped
 
 pub(crate) mod sys;
-pub(crate) mod task;
 #[cfg(all(feature = "io-uring", target_os = "linux"))]
 pub(crate) mod uring;
 pub(crate) mod wake;
@@ -45,16 +45,16 @@ use std::cell::RefCell;
 use std::collections::VecDeque;
 use std::io::{self, IoSlice};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use bytes::{Buf, Bytes};
+use smallvec::SmallVec;
 use tokio::net::TcpStream;
 
 use crate::client::ClientInfo;
-use crate::config::SlowConsumerPolicy;
 use crate::conn::wake::Wake;
-use crate::hub::Shared;
+use crate::stats::Counters;
 use crate::wire::frame::{self, close_code};
 
 /// Frames per write (gathered into one buffer, or one `writev` for large batches). Linux
@@ -84,8 +84,64 @@ const SLOW_CLOSE_GRACE: Duration = Duration::from_secs(1);
 /// and the socket turns writable again only once about half of that is read: a fixed second
 /// cut off slow clients that were still reading, which then never saw their 4000 (found by
 /// tests/scale.rs, 100 slow clients closed at once).
-fn close_grace(shared: &Shared) -> Duration {
-    SLOW_CLOSE_GRACE.max(shared.config.write_timeout)
+fn close_grace(env: &Env) -> Duration {
+    SLOW_CLOSE_GRACE.max(env.limits.write_timeout)
+}
+
+/// The part of the hub's configuration that the write path applies (the hub copies it out of
+/// `HubConfig`; see the setters of the same names on `HubConfigBuilder`).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Limits {
+    /// The most bytes a client's queue holds before [`SlowConsumerPolicy`] applies.
+    pub(crate) outbound_queue_bytes: usize,
+    pub(crate) slow_consumer: SlowConsumerPolicy,
+    /// The progress period of a client that is behind, and the least time a client closed at
+    /// once gets to take its close frame (see [`close_grace`]).
+    pub(crate) write_timeout: Duration,
+    /// Bytes per second a client that is behind must take at least.
+    pub(crate) min_read_rate: usize,
+}
+
+/// What a connection's write path needs from above: its limits, and the hub's counters that
+/// it bumps. The shard holds one and the connection task reaches the hub's; every send takes
+/// it by reference.
+pub(crate) struct Env {
+    pub(crate) limits: Limits,
+    pub(crate) counters: Arc<Counters>,
+}
+
+/// The clock of keep-alive: milliseconds since the hub was created, which is what
+/// [`Conn::touch`] records and the shard compares with the pong timeout.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Clock {
+    epoch: Instant,
+}
+
+impl Clock {
+    /// A clock that starts now.
+    pub(crate) fn start() -> Self {
+        Clock {
+            epoch: Instant::now(),
+        }
+    }
+
+    /// Milliseconds since the clock started.
+    pub(crate) fn now_ms(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64
+    }
+}
+
+/// What the hub does to a client that cannot keep up (see [`Hub`](crate::Hub#slow-clients)).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum SlowConsumerPolicy {
+    /// Close the client at once with code 4000 `slow consumer`, discarding what it had queued.
+    /// The default: the client learns it fell behind and can reconnect and resynchronise.
+    #[default]
+    Disconnect,
+    /// Keep the client and drop its oldest queued messages to make room. The client is not
+    /// told; every dropped frame is counted in [`HubStats::dropped`](crate::HubStats::dropped).
+    /// A write that times out still disconnects with 4000.
+    DropOldest,
 }
 
 /// Where a connection's bytes go. In an application's build, only a TCP stream: the null
@@ -188,11 +244,33 @@ struct Outbound {
     bytes: u32,
     /// The front frame was partly written: it must be finished before anything else.
     front_partial: bool,
+    /// A replay is waiting for this queue to drain: the connection task asks the shard for
+    /// more when it does ([`Conn::take_feed_wanted`]).
+    feed_wanted: bool,
+    /// The client is subscribed to a channel with history: no drop policy applies to it,
+    /// since a dropped publication would be a gap nobody notices (it is cut instead, and
+    /// recovers).
+    holds_history: bool,
     state: WriteState,
     /// While blocked: bytes queued when the current progress period began, and bytes
     /// written since (see [`Conn::check_progress`]).
     period_owed: u32,
     period_written: u32,
+}
+
+/// The most frames a replay hands [`Conn::send_replay`] at once.
+pub(crate) const REPLAY_CHUNK: usize = 64;
+
+/// What became of a chunk of a replay.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Replayed {
+    /// The socket took all of it: the next chunk may follow at once.
+    Taken,
+    /// Some or all of it waits for the socket (or the chunk was not written: the queue was
+    /// not empty); the connection task asks for more when the queue drains.
+    Later,
+    /// The client is closing or gone.
+    Closed,
 }
 
 /// Why a client is cut as a slow consumer: each has its own counter.
@@ -412,6 +490,8 @@ impl Conn {
                 frames: VecDeque::new(),
                 bytes: 0,
                 front_partial: false,
+                feed_wanted: false,
+                holds_history: false,
                 state: WriteState::Open,
                 period_owed: 0,
                 period_written: 0,
@@ -464,29 +544,28 @@ impl Conn {
     /// queued. This is the hot path: one lock and, when nothing is queued, one `send` for the
     /// client's whole batch (its frames gathered), straight to the kernel. A frame is cloned
     /// (a reference-count increment) only when it has to wait in the queue.
-    pub(crate) fn send(&self, frames: &[Bytes], order: &[u32], shared: &Shared) -> Sent {
+    pub(crate) fn send(&self, frames: &[Bytes], order: &[u32], env: &Env) -> Sent {
         let mut out = self.lock();
         let before = out.bytes;
         let sent = match out.state {
             WriteState::Open => {
                 let written = write_indexed(&self.socket, frames, order);
-                self.after_write(&mut out, frames, order, written, shared)
+                self.after_write(&mut out, frames, order, written, env)
             }
             WriteState::Blocked { .. } => {
                 for &index in order {
                     out.push(frames[index as usize].clone());
                 }
-                self.enforce_bound(&mut out, shared).unwrap_or(Sent::Queued)
+                self.enforce_bound(&mut out, env).unwrap_or(Sent::Queued)
             }
             WriteState::Closing { .. } | WriteState::Closed => {
-                shared
-                    .counters
+                env.counters
                     .dropped
                     .fetch_add(order.len() as u64, Ordering::Relaxed);
                 Sent::Closed
             }
         };
-        account_queued(shared, before, out.bytes);
+        account_queued(env, before, out.bytes);
         sent
     }
 
@@ -499,7 +578,7 @@ impl Conn {
         frames: &[Bytes],
         order: &[u32],
         written: io::Result<(usize, usize)>,
-        shared: &Shared,
+        env: &Env,
     ) -> Sent {
         match written {
             Ok((whole, _)) if whole == order.len() => Sent::Ok,
@@ -514,7 +593,7 @@ impl Conn {
                 out.front_partial = partial > 0;
                 out.begin_period(Instant::now());
                 self.wake.wake();
-                self.enforce_bound(out, shared).unwrap_or(Sent::Queued)
+                self.enforce_bound(out, env).unwrap_or(Sent::Queued)
             }
             Err(_) => {
                 self.abort_locked(out);
@@ -531,7 +610,7 @@ impl Conn {
         &self,
         frames: &[Bytes],
         order: &[u32],
-        shared: &Shared,
+        env: &Env,
     ) -> Result<HeldOpen<'_>, Sent> {
         let out = self.lock();
         if let (WriteState::Open, Socket::Tcp(stream)) = (out.state, &self.socket) {
@@ -543,48 +622,52 @@ impl Conn {
             });
         }
         drop(out);
-        Err(self.send(frames, order, shared))
+        Err(self.send(frames, order, env))
     }
 
     /// Sends one frame; see [`send`](Self::send).
-    pub(crate) fn send_one(&self, frame: Bytes, shared: &Shared) -> Sent {
-        self.send(std::slice::from_ref(&frame), &[0], shared)
+    pub(crate) fn send_one(&self, frame: Bytes, env: &Env) -> Sent {
+        self.send(std::slice::from_ref(&frame), &[0], env)
     }
 
     /// Sends a control frame (a pong) ahead of queued data: it only waits for a frame already
     /// partly written. Dropped if the connection is closing. The state is looked at and the
     /// frame written or queued under one lock, so nothing the shard sends meanwhile can go
     /// ahead of it.
-    pub(crate) fn send_control(&self, frame: Bytes, shared: &Shared) {
+    pub(crate) fn send_control(&self, frame: Bytes, env: &Env) {
         let mut out = self.lock();
         let before = out.bytes;
         match out.state {
             WriteState::Open => {
                 let frames = std::slice::from_ref(&frame);
                 let written = write_indexed(&self.socket, frames, &[0]);
-                self.after_write(&mut out, frames, &[0], written, shared);
+                self.after_write(&mut out, frames, &[0], written, env);
             }
             WriteState::Blocked { .. } => out.push_control(frame),
             WriteState::Closing { .. } | WriteState::Closed => {}
         }
-        account_queued(shared, before, out.bytes);
+        account_queued(env, before, out.bytes);
     }
 
     /// Applies the slow-consumer policy if the queue is over its bound; `None` if it is not.
-    fn enforce_bound(&self, out: &mut Outbound, shared: &Shared) -> Option<Sent> {
-        let bound = shared.config.outbound_queue_bytes as u32;
+    fn enforce_bound(&self, out: &mut Outbound, env: &Env) -> Option<Sent> {
+        let bound = env.limits.outbound_queue_bytes as u32;
         if out.bytes <= bound {
             return None;
         }
-        Some(match shared.config.slow_consumer {
+        let policy = if out.holds_history {
+            SlowConsumerPolicy::Disconnect
+        } else {
+            env.limits.slow_consumer
+        };
+        Some(match policy {
             SlowConsumerPolicy::Disconnect => {
-                self.close_slow_locked(out, Slow::QueueBound, shared);
+                self.close_slow_locked(out, Slow::QueueBound, env);
                 Sent::SlowConsumer
             }
             SlowConsumerPolicy::DropOldest => {
                 let dropped = out.drop_oldest(bound);
-                shared
-                    .counters
+                env.counters
                     .dropped
                     .fetch_add(dropped as u64, Ordering::Relaxed);
                 Sent::Queued
@@ -592,9 +675,9 @@ impl Conn {
         })
     }
 
-    fn close_slow_locked(&self, out: &mut Outbound, why: Slow, shared: &Shared) {
+    fn close_slow_locked(&self, out: &mut Outbound, why: Slow, env: &Env) {
         let dropped = out.discard();
-        let counters = &shared.counters;
+        let counters = &env.counters;
         counters
             .dropped
             .fetch_add(dropped as u64, Ordering::Relaxed);
@@ -609,7 +692,7 @@ impl Conn {
             "slow consumer",
         ));
         out.state = WriteState::Closing {
-            deadline: Instant::now() + close_grace(shared),
+            deadline: Instant::now() + close_grace(env),
         };
         self.wake.wake();
     }
@@ -618,45 +701,114 @@ impl Conn {
     /// each write timeout): if it took what was queued when the period began, or at least
     /// [`min_read_rate`](crate::HubConfigBuilder::min_read_rate) times the period, a new
     /// period begins; otherwise it is cut with 4000. Returns true if it was cut.
-    pub(crate) fn check_progress(&self, shared: &Shared) -> bool {
+    pub(crate) fn check_progress(&self, env: &Env) -> bool {
         // Write what the socket takes now first: the client may have read while this task
         // waited for a worker thread, and a hub that is slow to write must not blame the
         // client for it.
-        if !matches!(self.flush_queued(shared), WriteState::Blocked { .. }) {
+        if !matches!(self.flush_queued(env), WriteState::Blocked { .. }) {
             return false;
         }
         let mut out = self.lock();
         let WriteState::Blocked { since } = out.state else {
             return false;
         };
-        let period = shared.config.write_timeout;
+        let period = env.limits.write_timeout;
         let now = Instant::now();
         if now < since + period {
             return false;
         }
-        let at_min_rate = shared.config.min_read_rate as f64 * period.as_secs_f64();
+        let at_min_rate = env.limits.min_read_rate as f64 * period.as_secs_f64();
         let required = (f64::from(out.period_owed).min(at_min_rate) as u32).max(1);
         if out.period_written >= required {
             out.begin_period(now);
             return false;
         }
         let before = out.bytes;
-        self.close_slow_locked(&mut out, Slow::Stalled, shared);
-        account_queued(shared, before, out.bytes);
+        self.close_slow_locked(&mut out, Slow::Stalled, env);
+        account_queued(env, before, out.bytes);
         true
     }
 
     /// Cuts the client with 4000 to bring the hub's queue memory under its budget. Returns
     /// false if it was already closing.
-    pub(crate) fn close_over_budget(&self, shared: &Shared) -> bool {
+    pub(crate) fn close_over_budget(&self, env: &Env) -> bool {
         let mut out = self.lock();
         if matches!(out.state, WriteState::Closing { .. } | WriteState::Closed) {
             return false;
         }
         let before = out.bytes;
-        self.close_slow_locked(&mut out, Slow::Budget, shared);
-        account_queued(shared, before, out.bytes);
+        self.close_slow_locked(&mut out, Slow::Budget, env);
+        account_queued(env, before, out.bytes);
         true
+    }
+
+    /// Cuts the client with 4000 as over its outbound bound: for live publications a shard
+    /// holds for it behind a replay (`shard/catch_up.rs`). Returns false if it was already
+    /// closing.
+    pub(crate) fn close_over_bound(&self, env: &Env) -> bool {
+        let mut out = self.lock();
+        if matches!(out.state, WriteState::Closing { .. } | WriteState::Closed) {
+            return false;
+        }
+        let before = out.bytes;
+        self.close_slow_locked(&mut out, Slow::QueueBound, env);
+        account_queued(env, before, out.bytes);
+        true
+    }
+
+    /// Marks the client as subscribed to a channel with history: from now on it is cut
+    /// rather than have publications dropped when it falls behind (PROTOCOL.md: "Publications
+    /// of history channels are never dropped by a drop policy").
+    pub(crate) fn mark_history(&self) {
+        self.lock().holds_history = true;
+    }
+
+    /// Writes `frames` of a replay, outside the client's outbound bound, if the socket is
+    /// taking data now: what it does not take waits in the queue, and then (or when the
+    /// queue was not empty to begin with) the connection task asks for more once the queue
+    /// has drained. So a replay holds at most one chunk in the queue, however long it is.
+    pub(crate) fn send_replay(&self, frames: &[Bytes], env: &Env) -> Replayed {
+        let mut out = self.lock();
+        match out.state {
+            WriteState::Open => {}
+            WriteState::Blocked { .. } => {
+                out.feed_wanted = true;
+                return Replayed::Later;
+            }
+            WriteState::Closing { .. } | WriteState::Closed => return Replayed::Closed,
+        }
+        let before = out.bytes;
+        let order: SmallVec<[u32; REPLAY_CHUNK]> = (0..frames.len() as u32).collect();
+        let written = write_indexed(&self.socket, frames, &order);
+        let sent = match written {
+            Ok((whole, _)) if whole == order.len() => Replayed::Taken,
+            Ok((whole, partial)) => {
+                for (k, frame) in frames[whole..].iter().enumerate() {
+                    let mut frame = frame.clone();
+                    if k == 0 {
+                        frame.advance(partial);
+                    }
+                    out.push(frame);
+                }
+                out.front_partial = partial > 0;
+                out.feed_wanted = true;
+                out.begin_period(Instant::now());
+                self.wake.wake();
+                Replayed::Later
+            }
+            Err(_) => {
+                self.abort_locked(&mut out);
+                Replayed::Closed
+            }
+        };
+        account_queued(env, before, out.bytes);
+        sent
+    }
+
+    /// Whether a replay waits for the queue to drain (see [`send_replay`](Self::send_replay));
+    /// clears the request.
+    pub(crate) fn take_feed_wanted(&self) -> bool {
+        std::mem::take(&mut self.lock().feed_wanted)
     }
 
     /// Bytes queued now.
@@ -666,7 +818,7 @@ impl Conn {
 
     /// Begins the close handshake with `code` and `reason`. Returns false if the connection
     /// was already closing, in which case nothing changes.
-    pub(crate) fn close(&self, code: u16, reason: &str, mode: CloseMode, shared: &Shared) -> bool {
+    pub(crate) fn close(&self, code: u16, reason: &str, mode: CloseMode, env: &Env) -> bool {
         let mut out = self.lock();
         if matches!(out.state, WriteState::Closing { .. } | WriteState::Closed) {
             return false;
@@ -676,34 +828,32 @@ impl Conn {
             CloseMode::AfterQueued(deadline) => deadline,
             CloseMode::Now => {
                 let dropped = out.discard();
-                shared
-                    .counters
+                env.counters
                     .dropped
                     .fetch_add(dropped as u64, Ordering::Relaxed);
-                Instant::now() + close_grace(shared)
+                Instant::now() + close_grace(env)
             }
         };
         out.push(frame::close_frame(code, reason));
         out.state = WriteState::Closing { deadline };
-        account_queued(shared, before, out.bytes);
+        account_queued(env, before, out.bytes);
         drop(out);
         self.wake.wake();
         true
     }
 
     /// Stops all writing at once (the peer is gone or silent); queued frames are dropped.
-    pub(crate) fn abort(&self, shared: &Shared) {
+    pub(crate) fn abort(&self, env: &Env) {
         let mut out = self.lock();
         let before = out.bytes;
         if !matches!(out.state, WriteState::Closed) {
             let dropped = out.frames.len();
-            shared
-                .counters
+            env.counters
                 .dropped
                 .fetch_add(dropped as u64, Ordering::Relaxed);
         }
         self.abort_locked(&mut out);
-        account_queued(shared, before, out.bytes);
+        account_queued(env, before, out.bytes);
     }
 
     fn abort_locked(&self, out: &mut Outbound) {
@@ -717,7 +867,7 @@ impl Conn {
     /// Writes what is queued, for the connection task once the socket is writable. Returns the
     /// state after it: `Open` once the queue is empty (its memory is freed), or `Closed` when
     /// a close frame went out or the socket failed.
-    pub(crate) fn flush_queued(&self, shared: &Shared) -> WriteState {
+    pub(crate) fn flush_queued(&self, env: &Env) -> WriteState {
         let mut out = self.lock();
         let before = out.bytes;
         match out.state {
@@ -740,7 +890,7 @@ impl Conn {
                 }
             }
         }
-        account_queued(shared, before, out.bytes);
+        account_queued(env, before, out.bytes);
         out.state
     }
 }
@@ -769,7 +919,7 @@ impl HeldOpen<'_> {
         frames: &[Bytes],
         order: &[u32],
         written: io::Result<usize>,
-        shared: &Shared,
+        env: &Env,
     ) -> Sent {
         let written = match written {
             Ok(0) => Err(io::ErrorKind::WriteZero.into()),
@@ -780,8 +930,8 @@ impl HeldOpen<'_> {
         let before = self.out.bytes;
         let sent = self
             .conn
-            .after_write(&mut self.out, frames, order, written, shared);
-        account_queued(shared, before, self.out.bytes);
+            .after_write(&mut self.out, frames, order, written, env);
+        account_queued(env, before, self.out.bytes);
         sent
     }
 }
@@ -793,8 +943,8 @@ fn len32(frame: &Bytes) -> u32 {
 }
 
 /// Keeps the hub-wide count of queued bytes in step with one queue's change.
-fn account_queued(shared: &Shared, before: u32, after: u32) {
-    let counter = &shared.counters.queued_bytes;
+fn account_queued(env: &Env, before: u32, after: u32) {
+    let counter = &env.counters.queued_bytes;
     if after > before {
         counter.fetch_add((after - before) as u64, Ordering::Relaxed);
     } else if before > after {
@@ -821,6 +971,8 @@ mod tests {
             frames: VecDeque::new(),
             bytes: 0,
             front_partial,
+            feed_wanted: false,
+            holds_history: false,
             state: WriteState::Blocked {
                 since: Instant::now(),
             },
@@ -874,17 +1026,17 @@ mod tests {
                 .build()
                 .unwrap(),
         );
-        let shared = hub.shared();
+        let env = &hub.shared().conn_env;
         let info = ClientInfo::anonymous(1);
         let conn = Conn::new(info, Socket::Tcp(server), 0);
 
         // Larger than any loopback socket buffer: the kernel takes part of it.
         let big = frame(32 << 20, b'a');
         let after = frame(1000, b'b');
-        assert_eq!(conn.send_one(big.clone(), shared), Sent::Queued);
-        assert_eq!(conn.send_one(after.clone(), shared), Sent::Queued);
+        assert_eq!(conn.send_one(big.clone(), env), Sent::Queued);
+        assert_eq!(conn.send_one(after.clone(), env), Sent::Queued);
         assert!(conn.lock().front_partial, "the big frame is partly written");
-        conn.send_control(pong(), shared);
+        conn.send_control(pong(), env);
 
         let reader = std::thread::spawn(move || {
             let mut all = Vec::new();
@@ -897,7 +1049,7 @@ mod tests {
             }
             all
         });
-        while !matches!(conn.flush_queued(shared), WriteState::Open) {
+        while !matches!(conn.flush_queued(env), WriteState::Open) {
             tokio::time::sleep(Duration::from_millis(1)).await;
         }
         let all = reader.join().unwrap();

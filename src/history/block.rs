@@ -100,12 +100,6 @@ impl Block {
             block.detached.store(true, Ordering::Release);
         }
     }
-
-    /// Bytes of retained (not freed) frames and their overhead: what it holds.
-    #[cfg(test)]
-    pub(crate) fn held_bytes(&self) -> usize {
-        self.held_bytes
-    }
 }
 
 impl Drop for Block {

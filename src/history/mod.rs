@@ -44,9 +44,6 @@
 //!   channels, so a caller that holds a channel lock while looking up another channel never
 //!   waits on a sweep that waits on it.
 
-// Wired into the hub by a later change: until then, nothing outside the tests calls it.
-#![allow(dead_code)]
-
 mod block;
 mod epoch;
 mod ledger;
@@ -69,6 +66,44 @@ pub(crate) use ring::{ChannelHistory, ChannelLock};
 
 use epoch::EpochSource;
 use ledger::{Ledger, TrimCause};
+
+/// Where a publication is in its channel's history: what [`Hub::publish`] returns and a
+/// client's `since` names.
+///
+/// [`Hub::publish`]: crate::Hub::publish
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct StreamPosition {
+    /// 1 for the channel's first publication, then one more for each, without gaps.
+    pub offset: u64,
+    /// The channel's epoch: offsets are comparable only within one epoch (PROTOCOL.md,
+    /// "History and recovery").
+    pub epoch: Arc<str>,
+}
+
+/// Publications read from a channel's history by [`Hub::history`].
+///
+/// [`Hub::history`]: crate::Hub::history
+#[derive(Debug, Clone)]
+pub struct HistoryPage {
+    /// The channel's epoch.
+    pub epoch: Arc<str>,
+    /// The channel's latest offset (0 before its first publication).
+    pub latest: u64,
+    /// The history still holds every offset after the `since` asked for (it may hold more
+    /// than the page's `limit` returned).
+    pub recovered: bool,
+    /// Oldest first.
+    pub publications: Vec<Publication>,
+}
+
+/// One publication of a [`HistoryPage`].
+#[derive(Debug, Clone)]
+pub struct Publication {
+    /// Its offset in the channel.
+    pub offset: u64,
+    /// The JSON text its subscribers received (with its `offset` and `epoch` fields).
+    pub message: bytes::Bytes,
+}
 
 /// The default hub-wide cap on the memory all channel histories hold together: 256 MiB.
 ///
@@ -214,6 +249,7 @@ impl HistoryStore {
 
     /// Bytes the histories hold: every retained publication's frame plus
     /// [`ENTRY_OVERHEAD`](block::ENTRY_OVERHEAD).
+    #[cfg(any(test, feature = "test-support"))]
     pub(crate) fn memory(&self) -> usize {
         self.ledger.memory()
     }

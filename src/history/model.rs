@@ -109,7 +109,6 @@ impl ModelEntry {
 /// its blocks).
 #[derive(Debug)]
 struct ModelHistory {
-    channel: usize,
     epoch: Option<String>,
     latest: u64,
     first: u64,
@@ -226,7 +225,6 @@ impl HistoryModelCheck {
             (policy.max_publications(), policy.max_age_ms())
         };
         self.histories.push(ModelHistory {
-            channel,
             epoch: None,
             latest: 0,
             first: 1,

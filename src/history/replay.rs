@@ -1,5 +1,5 @@
 //! A range of a channel's history pinned for one subscriber: [`Replay`]; and a bounded read
-//! of it: [`HistoryPage`].
+//! of it: [`Page`].
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -69,12 +69,14 @@ impl Replay {
     }
 
     /// The history's epoch when pinned.
+    #[cfg(any(test, feature = "test-support"))]
     pub(crate) fn epoch(&self) -> &Arc<str> {
         &self.epoch
     }
 
     /// The channel's latest offset when pinned: the acknowledgement's `offset`; live
     /// publications go on from the next.
+    #[cfg(any(test, feature = "test-support"))]
     pub(crate) fn latest(&self) -> u64 {
         self.latest
     }
@@ -85,6 +87,7 @@ impl Replay {
     }
 
     /// The offset of the next item (`latest + 1` when none is left).
+    #[cfg(any(test, feature = "test-support"))]
     pub(crate) fn first_offset(&self) -> u64 {
         self.next
     }
@@ -138,7 +141,7 @@ impl std::fmt::Debug for Replay {
 
 /// What `ChannelHistory::read` found: up to `limit` publications after `since`.
 #[derive(Debug, Clone)]
-pub(crate) struct HistoryPage {
+pub(crate) struct Page {
     pub(crate) epoch: Arc<str>,
     /// The channel's latest offset.
     pub(crate) latest: u64,

@@ -10,7 +10,7 @@ use bytes::Bytes;
 use super::block::{Block, Entry, BLOCK_LEN};
 use super::ledger::{Ledger, TrimCause};
 use super::policy::HistoryPolicy;
-use super::replay::{HistoryPage, Replay};
+use super::replay::{Page, Replay};
 
 /// A channel's history behind its lock, shared by the store's map, its callers and the
 /// publish-order queue of the memory cap.
@@ -118,6 +118,7 @@ impl ChannelHistory {
     }
 
     /// The oldest offset still held; `latest() + 1` when none is.
+    #[cfg(any(test, feature = "test-support"))]
     pub(crate) fn first_retained(&self) -> u64 {
         self.first
     }
@@ -125,10 +126,6 @@ impl ChannelHistory {
     /// Publications retained.
     pub(crate) fn len(&self) -> usize {
         (self.latest + 1 - self.first) as usize
-    }
-
-    pub(crate) fn policy(&self) -> HistoryPolicy {
-        self.policy
     }
 
     /// The store's sweep removed this history after the caller looked it up: publishing to it
@@ -191,10 +188,10 @@ impl ChannelHistory {
 
     /// At most `limit` publications after `since` (after trimming expired ones at `now_ms`),
     /// for `Hub::history`. Not activity: reading does not keep the history alive.
-    pub(crate) fn read(&mut self, since: u64, limit: usize, now_ms: u64) -> HistoryPage {
+    pub(crate) fn read(&mut self, since: u64, limit: usize, now_ms: u64) -> Page {
         self.trim_expired(now_ms);
         let replay = self.replay_after(since);
-        HistoryPage {
+        Page {
             epoch: Arc::clone(&self.epoch),
             latest: self.latest,
             recovered: replay.recovered(),

@@ -8,7 +8,7 @@
 //! handshake; then the raw `TcpStream` is taken back from hyper so the hub can write whole
 //! pre-encoded frames with vectored writes and read without a buffer per idle connection.
 
-pub(crate) mod auth;
+pub(crate) mod session;
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -25,10 +25,10 @@ use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::{TcpListener, TcpStream};
 
+use crate::auth::{origin_allowed, AuthRequest, Identity};
 use crate::client::ClientInfo;
-use crate::conn::task::{self, TaskGuard};
 use crate::conn::{Conn, Socket};
-use crate::http::auth::{origin_allowed, AuthRequest, Identity};
+use crate::http::session::TaskGuard;
 use crate::hub::{Hub, Shared};
 
 /// The body of every answer the hub gives over plain HTTP.
@@ -309,5 +309,5 @@ fn start_client(
         on_connect(&info, &headers);
     }
     let conn = Arc::new(Conn::new(info, Socket::Tcp(stream), shared.now_ms()));
-    tokio::spawn(task::run(shared, conn, early, guard));
+    tokio::spawn(session::run(shared, conn, early, guard));
 }

@@ -15,7 +15,6 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 
-use crate::broker::Broker;
 use crate::client::ChannelSnapshot;
 
 /// 64 buckets keep write contention between shards low without costing much memory.
@@ -46,20 +45,32 @@ impl ChannelEntry {
     }
 }
 
+/// Told when a channel gains its first subscriber on this node and loses its last. The hub
+/// installs one that tells its broker; the directory knows nothing of brokers.
+///
+/// Called without any of the directory's locks held, so an implementation may read the
+/// directory back (see `Broker::channel_active` for the ordering this gives).
+pub(crate) trait ChannelActivity: Send + Sync {
+    /// `channel` has its first subscriber on this node.
+    fn active(&self, channel: &str);
+    /// `channel`'s last subscriber on this node has gone.
+    fn inactive(&self, channel: &str);
+}
+
 type Bucket = RwLock<HashMap<Box<str>, Arc<ChannelEntry>, ahash::RandomState>>;
 
 pub(crate) struct ChannelDirectory {
     /// Told when a channel gains its first subscriber on this node and loses its last.
-    broker: Option<Arc<dyn Broker>>,
+    activity: Option<Arc<dyn ChannelActivity>>,
     hasher: ahash::RandomState,
     buckets: Box<[Bucket]>,
     count: AtomicUsize,
 }
 
 impl ChannelDirectory {
-    pub(crate) fn new(broker: Option<Arc<dyn Broker>>) -> Self {
+    pub(crate) fn new(activity: Option<Arc<dyn ChannelActivity>>) -> Self {
         ChannelDirectory {
-            broker,
+            activity,
             hasher: ahash::RandomState::new(),
             buckets: (0..BUCKETS).map(|_| Bucket::default()).collect(),
             count: AtomicUsize::new(0),
@@ -98,8 +109,8 @@ impl ChannelDirectory {
         // `Inbound`, which takes that lock. The broker reconciles with the directory, since
         // a `leave` that comes in between may tell it first (see `Broker::channel_active`).
         if created {
-            if let Some(broker) = &self.broker {
-                broker.channel_active(channel);
+            if let Some(activity) = &self.activity {
+                activity.active(channel);
             }
         }
         entry
@@ -120,8 +131,8 @@ impl ChannelDirectory {
         };
         // Outside the lock, as in `join`.
         if removed {
-            if let Some(broker) = &self.broker {
-                broker.channel_inactive(&entry.name);
+            if let Some(activity) = &self.activity {
+                activity.inactive(&entry.name);
             }
         }
     }
@@ -168,11 +179,7 @@ fn write(
 
 #[cfg(test)]
 mod tests {
-    use bytes::Bytes;
-
     use super::*;
-    use crate::broker::{BrokerStats, Inbound, Target};
-    use crate::{Hub, HubConfig};
 
     #[test]
     fn masks_and_counts_follow_joins_and_leaves() {
@@ -193,79 +200,6 @@ mod tests {
         assert!(dir.get("a").is_none());
         assert_eq!(dir.channel_count(), 0);
         assert_eq!(dir.subscriber_count("a"), 0);
-    }
-
-    /// A broker that reads the hub back through `Inbound` whenever it is told of a channel,
-    /// as the Redis broker does (from its own task) to reconcile.
-    #[derive(Default)]
-    struct CallingBack {
-        inbound: std::sync::OnceLock<Inbound>,
-        active: AtomicUsize,
-        inactive: AtomicUsize,
-    }
-
-    impl CallingBack {
-        fn call_back(&self, channel: &str) {
-            let inbound = self.inbound.get().expect("the test sets it first");
-            let _ = inbound.has_subscribers(channel);
-            let _ = inbound.active_channels();
-            inbound.deliver(Target::Channel(channel), br#"{"type":"event"}"#);
-        }
-    }
-
-    impl Broker for Arc<CallingBack> {
-        fn start(&self, _: Inbound) {}
-        fn publish(&self, _: Target<'_>, _: Bytes) {}
-        fn channel_active(&self, channel: &str) {
-            self.call_back(channel);
-            self.active.fetch_add(1, Ordering::Relaxed);
-        }
-        fn channel_inactive(&self, channel: &str) {
-            self.call_back(channel);
-            self.inactive.fetch_add(1, Ordering::Relaxed);
-        }
-        fn stats(&self) -> BrokerStats {
-            BrokerStats::new(true)
-        }
-        fn shutdown(&self) {}
-    }
-
-    /// The directory tells the broker outside its locks: a broker that calls back into
-    /// `Inbound` from `channel_active` and `channel_inactive` does not deadlock, while shards
-    /// (here, threads) join and leave the same channels.
-    #[test]
-    fn a_broker_may_call_back_into_the_hub() {
-        let broker = Arc::new(CallingBack::default());
-        let config = HubConfig::builder()
-            .shards(4)
-            .broker(Arc::clone(&broker))
-            .build()
-            .unwrap();
-        let hub = Hub::with_config(config);
-        let shared = Arc::clone(hub.shared());
-        let _ = broker.inbound.set(Inbound::new(&shared));
-        let (done, finished) = std::sync::mpsc::channel();
-        for shard in 0..4 {
-            let shared = Arc::clone(&shared);
-            let done = done.clone();
-            std::thread::spawn(move || {
-                for round in 0..500 {
-                    let channel = ["a", "b", "c"][round % 3];
-                    let entry = shared.channels.join(channel, shard);
-                    shared.channels.leave(&entry, shard);
-                }
-                let _ = done.send(());
-            });
-        }
-        for _ in 0..4 {
-            finished
-                .recv_timeout(std::time::Duration::from_secs(20))
-                .expect("joins and leaves finish (a broker calling back must not deadlock)");
-        }
-        assert_eq!(shared.channels.channel_count(), 0);
-        let active = broker.active.load(Ordering::Relaxed);
-        assert!(active > 0);
-        assert_eq!(active, broker.inactive.load(Ordering::Relaxed));
     }
 
     #[test]

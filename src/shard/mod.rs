@@ -13,7 +13,9 @@
 //! on the same worker (tokio's LIFO slot) after the reader has queued every publish of its
 //! read, which makes batches large.
 
+mod catch_up;
 pub(crate) mod directory;
+pub(crate) mod inbox;
 pub(crate) mod retained;
 
 use std::collections::HashMap;
@@ -27,12 +29,16 @@ use smallvec::SmallVec;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::client::{ClientId, ClientSnapshot};
-use crate::conn::{CloseMode, Conn, Sent};
-use crate::hub::Shared;
-use crate::shard::directory::ChannelEntry;
+use crate::conn::{self, Clock, CloseMode, Conn, Sent};
+use crate::history::HistoryStore;
+use crate::shard::catch_up::LocalHistory;
+use crate::shard::directory::{ChannelDirectory, ChannelEntry};
+use crate::shard::inbox::Inboxes;
 use crate::shard::retained::Retained;
 use crate::wire::frame::{self, close_code};
-use crate::wire::protocol::{self, ErrorReason, TYPE_SUBSCRIBED, TYPE_UNSUBSCRIBED};
+use crate::wire::protocol::{
+    self, Ack, ErrorReason, Since, TYPE_ERROR, TYPE_SUBSCRIBED, TYPE_UNSUBSCRIBED,
+};
 
 /// The most commands taken from the inbox before flushing. Large enough that a reader's burst
 /// of publishes lands in one batch (so each subscriber gets one write for all of them), small
@@ -46,6 +52,57 @@ pub(crate) const BATCH: usize = 256;
 /// yielding (a trip through tokio's scheduler) costs nothing measurable per client.
 pub(crate) const FLUSH_CHUNK: usize = 256;
 
+/// The part of the hub's configuration that a shard reads (copied out of `HubConfig` by
+/// the hub; see the setters of the same names on `HubConfigBuilder`).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct ShardConfig {
+    pub(crate) heartbeat: Duration,
+    pub(crate) pong_timeout: Duration,
+    /// The most channels a client may subscribe to by its own requests.
+    pub(crate) max_subscriptions: usize,
+    /// go-ws's exact behaviour: no acknowledgements, no error messages.
+    pub(crate) strict_go_ws: bool,
+    pub(crate) queue_memory_budget: usize,
+    /// How many shards the hub runs (this one's share of the budget is `1 / shards`).
+    pub(crate) shards: usize,
+}
+
+/// What a shard gets from the layer above, each part a handle of its own: no shard sees the
+/// hub.
+pub(crate) struct Context {
+    pub(crate) config: ShardConfig,
+    /// For its clients' write paths: their limits, and the hub's counters (which the shard
+    /// bumps too).
+    pub(crate) env: conn::Env,
+    /// The keep-alive clock its clients' `last_seen` is measured in.
+    pub(crate) clock: Clock,
+    pub(crate) directory: Arc<ChannelDirectory>,
+    /// The channels' histories: a subscription to a channel with history takes effect under
+    /// its lock (`catch_up.rs`).
+    pub(crate) history: Arc<HistoryStore>,
+    /// Every shard's inbox: this one gives back what it takes out of its own.
+    pub(crate) inboxes: Inboxes,
+}
+
+/// The per-client error message for `reason`, or `None` in strict go-ws mode (go-ws sends
+/// none): for the shard's replies and the connection task's.
+pub(crate) fn error_frame(
+    strict_go_ws: bool,
+    reason: ErrorReason,
+    channel: Option<&str>,
+) -> Option<Bytes> {
+    if strict_go_ws {
+        return None;
+    }
+    let envelope = protocol::Envelope {
+        kind: TYPE_ERROR,
+        channel,
+        process_id: None,
+        data: Some(reason.as_str()),
+    };
+    protocol::encode_frame(&envelope, std::time::SystemTime::now()).ok()
+}
+
 /// What a shard can be asked to do.
 pub(crate) enum Command {
     Register(Arc<Conn>),
@@ -58,6 +115,9 @@ pub(crate) enum Command {
         channel: Box<str>,
         /// A client's own request: the subscription limit applies.
         from_client: bool,
+        /// Resume after this position (a client's `since`): on a channel with history, what
+        /// was published after it is replayed first.
+        since: Option<Box<Since<'static>>>,
     },
     Unsubscribe {
         client: ClientId,
@@ -66,6 +126,13 @@ pub(crate) enum Command {
     Publish {
         channel: Arc<ChannelEntry>,
         frame: Bytes,
+        /// Its offset on a channel with history; 0 on a channel without (and for a message
+        /// from another node, which has none here).
+        offset: u64,
+    },
+    /// A client's queue drained while a replay waited for it: write the replay's next chunk.
+    FeedReplay {
+        client: ClientId,
     },
     Broadcast(Bytes),
     SendToClient {
@@ -101,7 +168,7 @@ impl Command {
     /// holds (a frame, a channel name) and itself. Lifecycle commands cost nothing: they
     /// are never refused, and there are at most a few per connection.
     ///
-    /// The sender charges this ([`Shared::enqueue`] and the others) and the shard gives it
+    /// The sender charges this ([`Inboxes::enqueue`] and the others) and the shard gives it
     /// back where it takes the command out of its inbox ([`Shard::run`]), so no command kind
     /// can forget to.
     pub(crate) fn cost(&self) -> usize {
@@ -112,12 +179,18 @@ impl Command {
             | Command::SendToClient { frame, .. }
             | Command::SendToUser { frame, .. }
             | Command::Reply { frame, .. } => Self::frame_cost(frame),
-            Command::Subscribe { channel, .. } | Command::Unsubscribe { channel, .. } => {
-                ITSELF + channel.len()
+            Command::Subscribe { channel, since, .. } => {
+                let since = since.as_ref().map_or(0, |since| {
+                    std::mem::size_of::<Since<'static>>()
+                        + since.epoch.as_ref().map_or(0, |epoch| epoch.len())
+                });
+                ITSELF + channel.len() + since
             }
+            Command::Unsubscribe { channel, .. } => ITSELF + channel.len(),
             Command::Disconnect { reason, .. } => ITSELF + reason.len(),
             Command::Register(_)
             | Command::Remove { .. }
+            | Command::FeedReplay { .. }
             | Command::Snapshot(_)
             | Command::Shutdown { .. }
             | Command::Stop => 0,
@@ -132,12 +205,16 @@ impl Command {
 }
 
 /// One of the client's subscriptions: which local channel, and where the client sits in that
-/// channel's member array (so leaving is O(1), by swap-remove).
+/// channel's member array (so leaving is O(1), by swap-remove), or [`CATCHING_UP`].
 #[derive(Clone, Copy)]
 struct Subscription {
     channel: u32,
     position: u32,
 }
+
+/// The position of a subscriber that is not among the channel's members yet: it is catching
+/// up on a channel with history (`catch_up.rs`).
+const CATCHING_UP: u32 = u32::MAX;
 
 struct ShardClient {
     conn: Arc<Conn>,
@@ -152,11 +229,21 @@ struct ShardClient {
 struct LocalChannel {
     entry: Arc<ChannelEntry>,
     members: Vec<u32>,
+    /// On a channel with history: the last offset given to the members, and the subscribers
+    /// not among them yet. Boxed: most channels have none.
+    history: Option<Box<LocalHistory>>,
 }
 
 pub(crate) struct Shard {
     index: usize,
-    shared: Arc<Shared>,
+    config: ShardConfig,
+    /// Passed to every `Conn` call; its counters are the hub's.
+    env: conn::Env,
+    clock: Clock,
+    /// Which shards have subscribers of each channel: joined and left here.
+    directory: Arc<ChannelDirectory>,
+    history: Arc<HistoryStore>,
+    inboxes: Inboxes,
     clients: Vec<Option<ShardClient>>,
     free_clients: Vec<u32>,
     by_id: HashMap<ClientId, u32, ahash::RandomState>,
@@ -174,6 +261,8 @@ pub(crate) struct Shard {
     order: Order,
     /// The frames slow clients' queues hold: the memory the hub's budget bounds.
     retained: Retained,
+    /// Replays to write once the batch is flushed: (client slot, local channel).
+    feeding: Vec<(u32, u32)>,
     shutting_down: bool,
     last_ping: Instant,
     /// When the current turn on the worker thread began, and the longest turn so far.
@@ -358,14 +447,27 @@ impl Batch {
 }
 
 impl Shard {
-    pub(crate) fn new(index: usize, shared: Arc<Shared>) -> Self {
+    pub(crate) fn new(index: usize, context: Context) -> Self {
+        let Context {
+            config,
+            env,
+            clock,
+            directory,
+            history,
+            inboxes,
+        } = context;
         #[cfg(all(feature = "io-uring", target_os = "linux"))]
-        let uring = crate::conn::uring::Uring::for_shard(index, &shared.counters.io_uring_shards);
+        let uring = crate::conn::uring::Uring::for_shard(index, &env.counters.io_uring_shards);
         #[cfg(not(all(feature = "io-uring", target_os = "linux")))]
         tracing::info!(shard = index, "shard writes with send(2)");
         Shard {
             index,
-            shared,
+            config,
+            env,
+            clock,
+            directory,
+            history,
+            inboxes,
             clients: Vec::new(),
             free_clients: Vec::new(),
             by_id: HashMap::default(),
@@ -378,6 +480,7 @@ impl Shard {
             uring,
             order: Order::default(),
             retained: Retained::default(),
+            feeding: Vec::new(),
             shutting_down: false,
             last_ping: Instant::now(),
             turn_start: Instant::now(),
@@ -411,7 +514,7 @@ impl Shard {
             // handling does with them (see `Command::cost`).
             let cost: usize = commands.iter().map(Command::cost).sum();
             if cost > 0 {
-                self.shared.give_back(self.index, cost);
+                self.inboxes.give_back(self.index, cost);
             }
             for command in commands.drain(..) {
                 stop |= self.handle(command).is_break();
@@ -423,6 +526,11 @@ impl Shard {
                 tick.reset();
             }
             self.flush_yielding().await;
+            if !self.feeding.is_empty() {
+                self.turn_began();
+                self.feed_replays();
+                self.turn_ended();
+            }
             if stop {
                 break;
             }
@@ -440,7 +548,7 @@ impl Shard {
         let took = self.turn_start.elapsed().as_micros() as u64;
         if took > self.longest_turn_us {
             self.longest_turn_us = took;
-            self.shared
+            self.env
                 .counters
                 .longest_shard_turn_us
                 .fetch_max(took, Ordering::Relaxed);
@@ -450,7 +558,7 @@ impl Shard {
     /// The keep-alive tick: a quarter of the heartbeat, so a silent client is noticed within
     /// a quarter heartbeat of its pong timeout.
     fn tick_period(&self) -> Duration {
-        (self.shared.config.heartbeat / 4).max(Duration::from_millis(10))
+        (self.config.heartbeat / 4).max(Duration::from_millis(10))
     }
 
     pub(crate) fn handle(&mut self, command: Command) -> ControlFlow<()> {
@@ -468,9 +576,19 @@ impl Shard {
                 client,
                 channel,
                 from_client,
-            } => self.handle_subscribe(client, &channel, from_client),
+                since,
+            } => self.handle_subscribe(client, &channel, from_client, since.as_deref()),
             Command::Unsubscribe { client, channel } => self.handle_unsubscribe(client, &channel),
-            Command::Publish { channel, frame } => self.handle_publish(&channel, frame),
+            Command::Publish {
+                channel,
+                frame,
+                offset,
+            } => self.handle_publish(&channel, frame, offset),
+            Command::FeedReplay { client } => {
+                if let Some(&slot) = self.by_id.get(&client) {
+                    self.want_feed(slot);
+                }
+            }
             Command::Broadcast(frame) => self.handle_broadcast(frame),
             Command::SendToClient { client, frame } | Command::Reply { client, frame } => {
                 if let Some(&slot) = self.by_id.get(&client) {
@@ -551,7 +669,7 @@ impl Shard {
                 continue;
             }
             let order = self.order.of(&self.batch.sequences, sequence);
-            let sent = client.conn.send(&self.batch.frames, order, &self.shared);
+            let sent = client.conn.send(&self.batch.frames, order, &self.env);
             flushed.record(slot, order.len(), sent);
         }
         self.batch.all_sent()
@@ -569,7 +687,7 @@ impl Shard {
             self.remove_client(slot);
         }
         if flushed.delivered > 0 {
-            self.shared
+            self.env
                 .counters
                 .delivered
                 .fetch_add(flushed.delivered, Ordering::Relaxed);
@@ -585,8 +703,7 @@ impl Shard {
 
     /// Tells the hub how much memory this shard's frames hold in queues.
     fn publish_queued_memory(&self) {
-        self.shared.counters.queued_memory[self.index]
-            .store(self.retained.bytes(), Ordering::Relaxed);
+        self.env.counters.queued_memory[self.index].store(self.retained.bytes(), Ordering::Relaxed);
     }
 
     /// When all queues together hold more memory than the hub's budget, and this shard more
@@ -594,17 +711,18 @@ impl Shard {
     /// share keeps the hub within budget), closes this shard's clients with the largest
     /// queues first, with 4000, until its share holds.
     fn enforce_budget(&mut self) {
-        let budget = self.shared.config.queue_memory_budget as u64;
-        let counters = &self.shared.counters;
-        if counters.queued_memory_bytes() <= budget {
+        let budget = self.config.queue_memory_budget as u64;
+        // Trimmed history that replays still hold is queue memory too.
+        let held = |shard: &Shard| {
+            shard.env.counters.queued_memory_bytes() + shard.history.detached_memory() as u64
+        };
+        if held(self) <= budget {
             return;
         }
         self.retained.release(true);
         self.publish_queued_memory();
-        let share = budget / self.shared.config.shards as u64;
-        let over = |shard: &Shard| {
-            shard.retained.bytes() > share && shard.shared.counters.queued_memory_bytes() > budget
-        };
+        let share = budget / self.config.shards as u64;
+        let over = |shard: &Shard| shard.retained.bytes() > share && held(shard) > budget;
         if !over(self) {
             return;
         }
@@ -622,7 +740,7 @@ impl Shard {
         let mut cut = Vec::new();
         for (k, &(_, slot)) in queues.iter().enumerate() {
             if let Some(client) = self.clients[slot as usize].as_ref() {
-                if client.conn.close_over_budget(&self.shared) {
+                if client.conn.close_over_budget(&self.env) {
                     cut.push(slot);
                 }
             }
@@ -690,9 +808,9 @@ impl Shard {
                 let order = self.order.of(&self.batch.sequences, sequence);
                 let bytes: usize = order.iter().map(|&f| frames[f as usize].len()).sum();
                 let sent = if bytes > Uring::MAX_CLIENT_BYTES {
-                    client.conn.send(frames, order, &self.shared)
+                    client.conn.send(frames, order, &self.env)
                 } else {
-                    match client.conn.hold_open(frames, order, &self.shared) {
+                    match client.conn.hold_open(frames, order, &self.env) {
                         Ok(open) => {
                             uring.push(open.fd(), order.iter().map(|&f| &frames[f as usize]));
                             held.push((slot, sequence, open));
@@ -705,7 +823,7 @@ impl Shard {
             }
             for ((slot, sequence, open), written) in held.drain(..).zip(uring.submit()) {
                 let order = self.order.of(&self.batch.sequences, sequence);
-                let sent = open.settle(frames, order, written, &self.shared);
+                let sent = open.settle(frames, order, written, &self.env);
                 flushed.record(slot, order.len(), sent);
             }
         }
@@ -718,7 +836,7 @@ impl Shard {
                 close_code::GOING_AWAY,
                 "server shutting down",
                 CloseMode::AfterQueued(Instant::now()),
-                &self.shared,
+                &self.env,
             );
             return;
         }
@@ -743,8 +861,8 @@ impl Shard {
         if let Some(user) = user {
             self.by_user.entry(user).or_default().push(slot);
         }
-        self.shared.counters.clients.fetch_add(1, Ordering::Relaxed);
-        self.shared.counters.shard_clients[self.index].fetch_add(1, Ordering::Relaxed);
+        self.env.counters.clients.fetch_add(1, Ordering::Relaxed);
+        self.env.counters.shard_clients[self.index].fetch_add(1, Ordering::Relaxed);
     }
 
     /// Takes the client out of every table; its connection is left as it is (the caller
@@ -770,30 +888,56 @@ impl Shard {
                 }
             }
         }
-        self.shared.counters.clients.fetch_sub(1, Ordering::Relaxed);
-        self.shared.counters.shard_clients[self.index].fetch_sub(1, Ordering::Relaxed);
+        self.env.counters.clients.fetch_sub(1, Ordering::Relaxed);
+        self.env.counters.shard_clients[self.index].fetch_sub(1, Ordering::Relaxed);
     }
 
-    fn handle_subscribe(&mut self, client: ClientId, channel: &str, from_client: bool) {
+    fn handle_subscribe(
+        &mut self,
+        client: ClientId,
+        channel: &str,
+        from_client: bool,
+        since: Option<&Since<'static>>,
+    ) {
         let Some(&slot) = self.by_id.get(&client) else {
             return;
         };
         let Some(state) = self.clients[slot as usize].as_ref() else {
             return;
         };
-        let already = state.subscriptions.iter().any(|s| {
+        let already = self.subscription_to(state, channel);
+        if already.is_none()
+            && from_client
+            && state.subscriptions.len() >= self.config.max_subscriptions
+        {
+            self.reply_error(slot, ErrorReason::TooManySubscriptions, channel);
+            return;
+        }
+        // go-ws clients have never seen `since`: strict mode makes it a plain subscribe.
+        let since = since.filter(|_| !self.config.strict_go_ws);
+        if !self.history.is_disabled() {
+            if let Some(lock) = self.history.channel(channel, self.clock.now_ms()) {
+                return self.subscribe_with_history(slot, channel, &lock, already, since);
+            }
+        }
+        if already.is_none() {
+            self.join_channel(slot, channel);
+        }
+        // A `since` on a channel without history: nothing to recover from.
+        let ack = Ack {
+            recovered: since.map(|_| false),
+            position: None,
+        };
+        self.acknowledge(slot, TYPE_SUBSCRIBED, channel, ack);
+    }
+
+    /// The client's subscription to `channel`, if it has one.
+    fn subscription_to(&self, client: &ShardClient, channel: &str) -> Option<Subscription> {
+        client.subscriptions.iter().copied().find(|s| {
             self.channels[s.channel as usize]
                 .as_ref()
                 .is_some_and(|c| &*c.entry.name == channel)
-        });
-        if !already {
-            if from_client && state.subscriptions.len() >= self.shared.config.max_subscriptions {
-                self.reply_error(slot, ErrorReason::TooManySubscriptions, channel);
-                return;
-            }
-            self.join_channel(slot, channel);
-        }
-        self.acknowledge(slot, TYPE_SUBSCRIBED, channel);
+        })
     }
 
     fn handle_unsubscribe(&mut self, client: ClientId, channel: &str) {
@@ -813,11 +957,28 @@ impl Shard {
             let subscription = state.subscriptions.swap_remove(i);
             self.leave_channel(slot, subscription);
         }
-        self.acknowledge(slot, TYPE_UNSUBSCRIBED, channel);
+        self.acknowledge(slot, TYPE_UNSUBSCRIBED, channel, Ack::default());
     }
 
     fn join_channel(&mut self, slot: u32, name: &str) {
-        let directory = &self.shared.channels;
+        let local = self.local_channel_for(name);
+        let Some(channel) = self.channels[local as usize].as_mut() else {
+            return;
+        };
+        let position = channel.members.len() as u32;
+        channel.members.push(slot);
+        if let Some(client) = self.clients[slot as usize].as_mut() {
+            client.subscriptions.push(Subscription {
+                channel: local,
+                position,
+            });
+        }
+    }
+
+    /// The local channel `name`, created (and this shard's bit set in the directory) if this
+    /// shard has no subscriber to it yet; one more subscriber is counted either way.
+    fn local_channel_for(&mut self, name: &str) -> u32 {
+        let directory = &self.directory;
         let existing = directory.get(name).and_then(|entry| {
             let local = *self.channel_by_entry.get(&entry_key(&entry))?;
             entry.add_subscriber();
@@ -831,6 +992,7 @@ impl Shard {
                 let channel = LocalChannel {
                     entry,
                     members: Vec::new(),
+                    history: None,
                 };
                 let local = match self.free_channels.pop() {
                     Some(local) => {
@@ -846,17 +1008,7 @@ impl Shard {
                 local
             }
         };
-        let Some(channel) = self.channels[local as usize].as_mut() else {
-            return;
-        };
-        let position = channel.members.len() as u32;
-        channel.members.push(slot);
-        if let Some(client) = self.clients[slot as usize].as_mut() {
-            client.subscriptions.push(Subscription {
-                channel: local,
-                position,
-            });
-        }
+        local
     }
 
     /// Removes `slot` from a channel's members (the subscription is already out of the
@@ -865,40 +1017,47 @@ impl Shard {
         let Some(channel) = self.channels[subscription.channel as usize].as_mut() else {
             return;
         };
-        let position = subscription.position as usize;
-        debug_assert_eq!(channel.members.get(position), Some(&slot));
-        channel.members.swap_remove(position);
-        if let Some(&moved) = channel.members.get(position) {
-            if let Some(client) = self.clients[moved as usize].as_mut() {
-                for s in client.subscriptions.iter_mut() {
-                    if s.channel == subscription.channel {
-                        s.position = position as u32;
-                    }
-                }
+        if subscription.position == CATCHING_UP {
+            if let Some(history) = channel.history.as_mut() {
+                history.forget(slot);
             }
+        } else {
+            remove_member(&mut self.clients, channel, subscription);
         }
-        if channel.members.is_empty() {
+        if channel.members.is_empty() && channel.history.as_ref().is_none_or(|h| h.is_idle()) {
             let Some(channel) = self.channels[subscription.channel as usize].take() else {
                 return;
             };
             self.free_channels.push(subscription.channel);
             self.channel_by_entry.remove(&entry_key(&channel.entry));
-            self.shared.channels.leave(&channel.entry, self.index);
+            self.directory.leave(&channel.entry, self.index);
         } else {
             channel.entry.remove_subscriber();
         }
     }
 
-    fn handle_publish(&mut self, entry: &Arc<ChannelEntry>, frame: Bytes) {
+    fn handle_publish(&mut self, entry: &Arc<ChannelEntry>, frame: Bytes, offset: u64) {
         let Some(&local) = self.channel_by_entry.get(&entry_key(entry)) else {
             return;
         };
-        let Some(channel) = self.channels[local as usize].as_ref() else {
+        let Some(channel) = self.channels[local as usize].as_mut() else {
             return;
         };
+        if let Some(history) = channel.history.as_mut() {
+            if !history.take_offset(offset) {
+                return;
+            }
+        }
         let index = self.batch.add_frame(frame);
         for &slot in &channel.members {
             self.batch.stage(&mut self.clients, slot, index);
+        }
+        if channel
+            .history
+            .as_ref()
+            .is_some_and(|history| history.has_catching_up())
+        {
+            self.publish_to_catching_up(local, index, offset);
         }
     }
 
@@ -926,10 +1085,10 @@ impl Shard {
         // What was sent to the client before the disconnect goes out before its close frame.
         self.flush();
         if let Some(state) = self.clients[slot as usize].as_ref() {
-            let deadline = Instant::now() + self.shared.config.write_timeout;
+            let deadline = Instant::now() + self.env.limits.write_timeout;
             state
                 .conn
-                .close(code, reason, CloseMode::AfterQueued(deadline), &self.shared);
+                .close(code, reason, CloseMode::AfterQueued(deadline), &self.env);
         }
         self.remove_client(slot);
     }
@@ -943,7 +1102,7 @@ impl Shard {
                     close_code::GOING_AWAY,
                     "server shutting down",
                     CloseMode::AfterQueued(deadline),
-                    &self.shared,
+                    &self.env,
                 );
                 self.remove_client(slot);
             }
@@ -954,9 +1113,9 @@ impl Shard {
     /// than the pong timeout (they cannot answer a close handshake, so none is attempted).
     fn handle_tick(&mut self) {
         let now = Instant::now();
-        let now_ms = self.shared.now_ms();
-        let timeout_ms = self.shared.config.pong_timeout.as_millis() as u64;
-        let ping = now.duration_since(self.last_ping) >= self.shared.config.heartbeat;
+        let now_ms = self.clock.now_ms();
+        let timeout_ms = self.config.pong_timeout.as_millis() as u64;
+        let ping = now.duration_since(self.last_ping) >= self.config.heartbeat;
         if ping {
             self.last_ping = now;
         }
@@ -966,7 +1125,7 @@ impl Shard {
                 continue;
             };
             if now_ms.saturating_sub(client.conn.last_seen_ms()) > timeout_ms {
-                client.conn.abort(&self.shared);
+                client.conn.abort(&self.env);
                 silent.push(slot);
             } else if ping {
                 self.stage(slot, frame::ping_frame());
@@ -981,18 +1140,16 @@ impl Shard {
         }
     }
 
-    fn acknowledge(&mut self, slot: u32, kind: &str, channel: &str) {
-        if self.shared.config.strict_go_ws {
+    fn acknowledge(&mut self, slot: u32, kind: &str, channel: &str, ack: Ack<'_>) {
+        if self.config.strict_go_ws {
             return;
         }
-        let envelope = protocol::Envelope::bare(kind, Some(channel));
-        if let Ok(frame) = protocol::encode_frame(&envelope, std::time::SystemTime::now()) {
-            self.stage(slot, frame);
-        }
+        let frame = protocol::encode_ack(kind, channel, ack, std::time::SystemTime::now());
+        self.stage(slot, frame);
     }
 
     fn reply_error(&mut self, slot: u32, reason: ErrorReason, channel: &str) {
-        if let Some(frame) = self.shared.error_frame(reason, Some(channel)) {
+        if let Some(frame) = error_frame(self.config.strict_go_ws, reason, Some(channel)) {
             self.stage(slot, frame);
         }
     }
@@ -1016,8 +1173,29 @@ impl Shard {
     fn drop_all_clients(&mut self) {
         for slot in 0..self.clients.len() as u32 {
             if let Some(client) = self.clients[slot as usize].as_ref() {
-                client.conn.abort(&self.shared);
+                client.conn.abort(&self.env);
                 self.remove_client(slot);
+            }
+        }
+    }
+}
+
+/// Takes a member out of its channel's `members` by swap-remove; the member moved into its
+/// place gets its position updated.
+fn remove_member(
+    clients: &mut [Option<ShardClient>],
+    channel: &mut LocalChannel,
+    subscription: Subscription,
+) {
+    let position = subscription.position as usize;
+    debug_assert!(channel.members.get(position).is_some());
+    channel.members.swap_remove(position);
+    if let Some(&moved) = channel.members.get(position) {
+        if let Some(client) = clients[moved as usize].as_mut() {
+            for s in client.subscriptions.iter_mut() {
+                if s.channel == subscription.channel {
+                    s.position = position as u32;
+                }
             }
         }
     }

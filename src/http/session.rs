@@ -5,6 +5,10 @@
 //! runs the close handshake. While a client is idle the task holds no buffer: it waits for
 //! readiness, then reads into a per-thread scratch buffer, and only the tail of a frame still
 //! arriving is copied into a buffer of the connection's own, freed once the frame is whole.
+//!
+//! It lives above the hub (not in `conn/`) because it is the hub's client: it enqueues the
+//! client's requests to its shard, publishes, waits for room and counts itself in the hub's
+//! connection tasks. `conn/` keeps what the shard and this task share: the [`Conn`].
 
 use std::cell::{Cell, RefCell};
 use std::io;
@@ -192,7 +196,7 @@ impl Responder<'_> {
                 violation.code,
                 violation.reason,
                 CloseMode::Now,
-                self.shared,
+                &self.shared.conn_env,
             );
             return Flow::Closing { peer_closed: false };
         }
@@ -207,7 +211,7 @@ impl Responder<'_> {
                         close_code::POLICY_VIOLATION,
                         "message rate limit exceeded",
                         CloseMode::Now,
-                        self.shared,
+                        &self.shared.conn_env,
                     );
                     *flow = Flow::Closing { peer_closed: false };
                     return ControlFlow::Break(());
@@ -223,13 +227,15 @@ impl Responder<'_> {
                     }
                 }
             }
-            Event::Ping(payload) => self
-                .conn
-                .send_control(frame::control_frame(OPCODE_PONG, payload), self.shared),
+            Event::Ping(payload) => self.conn.send_control(
+                frame::control_frame(OPCODE_PONG, payload),
+                &self.shared.conn_env,
+            ),
             Event::Pong => {}
             Event::Close(code) => {
                 let code = code.unwrap_or(close_code::NORMAL);
-                self.conn.close(code, "", CloseMode::Now, self.shared);
+                self.conn
+                    .close(code, "", CloseMode::Now, &self.shared.conn_env);
                 *flow = Flow::Closing { peer_closed: true };
                 return ControlFlow::Break(());
             }
@@ -255,15 +261,15 @@ impl Responder<'_> {
         let mut frame = Vec::with_capacity(header_len + payload.len());
         frame.extend_from_slice(&header[..header_len]);
         frame.extend_from_slice(payload);
-        self.conn.send_one(Bytes::from(frame), self.shared);
+        self.conn
+            .send_one(Bytes::from(frame), &self.shared.conn_env);
     }
 
     fn handle_request(&self, payload: &[u8]) {
         let config = &self.shared.config;
         let client = &self.conn.info;
         match protocol::decode_request(payload, config.strict_go_ws) {
-            // TODO(history): hand `since` to the shard's subscribe.
-            Ok(ClientRequest::Subscribe { channel, since: _ }) => {
+            Ok(ClientRequest::Subscribe { channel, since }) => {
                 if channel.len() > config.max_channel_len {
                     return self.reply_error(ErrorReason::InvalidChannel, Some(&channel));
                 }
@@ -276,6 +282,7 @@ impl Responder<'_> {
                     client: client.id,
                     channel: channel.into(),
                     from_client: true,
+                    since: since.map(|since| Box::new(since.into_owned())),
                 });
             }
             Ok(ClientRequest::Unsubscribe(channel)) => {
@@ -434,7 +441,7 @@ async fn serve_client(
         Flow::Closing { peer_closed } => {
             Box::pin(finish_close(shared, conn, tcp, &mut reader, peer_closed)).await
         }
-        Flow::Gone | Flow::Open | Flow::Throttled => conn.abort(shared),
+        Flow::Gone | Flow::Open | Flow::Throttled => conn.abort(&shared.conn_env),
     }
 }
 
@@ -463,13 +470,18 @@ async fn write_blocked(
         () = conn.wake.woken() => Flow::Open,
         ready = tcp.writable() => match ready {
             Ok(()) => {
-                conn.flush_queued(shared);
+                let state = conn.flush_queued(&shared.conn_env);
+                if matches!(state, WriteState::Open) && conn.take_feed_wanted() {
+                    // A replay waited for the queue to drain: its shard writes the next chunk.
+                    let id = conn.info.id;
+                    let _ = shared.enqueue(shared.shard_index(id), Command::FeedReplay { client: id });
+                }
                 Flow::Open
             }
             Err(_) => Flow::Gone,
         },
         () = tokio::time::sleep_until(deadline.into()) => {
-            if conn.check_progress(shared) {
+            if conn.check_progress(&shared.conn_env) {
                 tracing::debug!(client = %conn.info.id, "too little read in a write timeout: slow consumer");
             }
             Flow::Open
@@ -509,7 +521,7 @@ async fn finish_close(
     };
     let flushed = tokio::time::timeout_at(deadline.into(), async {
         loop {
-            match conn.flush_queued(shared) {
+            match conn.flush_queued(&shared.conn_env) {
                 WriteState::Closed => return true,
                 WriteState::Closing { .. } => {}
                 WriteState::Open | WriteState::Blocked { .. } => return false,
@@ -521,7 +533,7 @@ async fn finish_close(
     })
     .await;
     if flushed != Ok(true) {
-        conn.abort(shared);
+        conn.abort(&shared.conn_env);
         return;
     }
     if peer_closed {
