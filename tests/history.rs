@@ -526,7 +526,9 @@ async fn a_client_cut_before_its_first_message_resumes_from_the_acked_position()
     assert_eq!((acked, acked_epoch.as_str()), (5, epoch.as_str()));
     reset(ws.into_inner());
     publish_ticks(&server.hub, NEWS, 6..=8, 0).await;
-    let mut ws = server.connect().await;
+    // Not `server.connect()`, which waits for the count of clients to rise: the reset one may
+    // leave meanwhile. The subscribe is handled once the client is registered anyway.
+    let mut ws = connect(server.addr).await;
     let ack = subscribe_since(&mut ws, NEWS, Some((acked, Some(&acked_epoch)))).await;
     assert_recovery(&ack, true, &epoch, 8);
     expect_ticks(&mut ws, NEWS, 6..=8, &epoch).await;
@@ -1262,11 +1264,11 @@ async fn cut_as_slow_then_recovered(config: HubConfig, replayed: u64) {
         publish_ticks(&hub, FEED, published + 1..=published + BATCH, PAD).await;
         published += BATCH;
     }
-    let stats = hub.stats();
-    println!("{published} published before the stalled client was cut: {stats:?}");
-    assert_eq!(
-        stats.dropped, 0,
-        "history publications were dropped from the stalled client's queue"
+    // (`stats.dropped` counts the queue discarded with a cut client too: what tells a silent
+    // drop is a gap in what the client reads, below.)
+    println!(
+        "{published} published before the stalled client was cut: {:?}",
+        hub.stats()
     );
 
     // What the stalled client got: a gapless prefix, then the close frame.
