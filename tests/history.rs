@@ -842,6 +842,18 @@ const MIN_RECONNECTS: u64 = 1_000;
 const CHURN_CAP: Duration = Duration::from_secs(60);
 const SEED: u64 = 0x5EED_0F41_570B_1E00;
 
+/// The churn's seed: [`SEED`], or `WSHUB_HISTORY_SEED` (decimal or `0x` hex) to replay or vary
+/// a run.
+fn seed() -> u64 {
+    std::env::var("WSHUB_HISTORY_SEED")
+        .ok()
+        .and_then(|s| match s.strip_prefix("0x") {
+            Some(hex) => u64::from_str_radix(hex, 16).ok(),
+            None => s.parse().ok(),
+        })
+        .unwrap_or(SEED)
+}
+
 /// A xorshift64 generator: seeded, so that a failure can be replayed.
 struct XorShift(u64);
 
@@ -974,6 +986,10 @@ struct ChurnReport {
     examples: Vec<String>,
     /// How the connections ended: reset, dropped (FIN), closed with a close frame.
     ends: [u64; 3],
+    /// Resumes whose ack was past the client's position (something to replay).
+    replays: u64,
+    /// Connections that got live publications after a replay.
+    crossings: u64,
 }
 
 impl ChurnReport {
@@ -1005,7 +1021,7 @@ async fn next_text_until(ws: &mut Ws, until: Instant) -> Result<Option<String>, 
 /// before the ack; again and again, until it has every offset and the reconnects are done, or
 /// the cap passes.
 async fn churn_client(addr: std::net::SocketAddr, churn: Arc<Churn>, c: u64) -> ChurnReport {
-    let mut rng = XorShift::new(SEED ^ (c + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+    let mut rng = XorShift::new(seed() ^ (c + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15));
     let mut report = ChurnReport {
         client: c,
         connections: 0,
@@ -1014,6 +1030,8 @@ async fn churn_client(addr: std::net::SocketAddr, churn: Arc<Churn>, c: u64) -> 
         bad_acks: 0,
         examples: Vec::new(),
         ends: [0; 3],
+        replays: 0,
+        crossings: 0,
     };
     let mut last = 0u64;
     let mut epoch: Option<String> = None;
@@ -1053,6 +1071,10 @@ async fn churn_client(addr: std::net::SocketAddr, churn: Arc<Churn>, c: u64) -> 
                     "connection {connection}, since {last}: expected a recovered ack, got {text}"
                 ));
             }
+            let acked = acked.unwrap_or(0);
+            let replay = acked > last;
+            report.replays += u64::from(replay);
+            let mut crossed = false;
             if let Some(acked_epoch) = ack["data"]["epoch"].as_str() {
                 churn.check_epoch(acked_epoch);
                 epoch.get_or_insert_with(|| acked_epoch.to_owned());
@@ -1097,6 +1119,10 @@ async fn churn_client(addr: std::net::SocketAddr, churn: Arc<Churn>, c: u64) -> 
                     ));
                 }
                 last = last.max(offset);
+                if replay && !crossed && offset > acked {
+                    crossed = true;
+                    report.crossings += 1;
+                }
             }
         }
         let end = rng.below(3) as usize;
@@ -1159,6 +1185,8 @@ async fn clients_that_reconnect_at_random_get_every_offset_exactly_once_in_order
     let elapsed = started.elapsed();
     let reconnects = churn.reconnects.load(Ordering::Acquire);
     let mut ends = [0; 3];
+    let replays: u64 = reports.iter().map(|r| r.replays).sum();
+    let crossings: u64 = reports.iter().map(|r| r.crossings).sum();
     for report in &reports {
         for (total, n) in ends.iter_mut().zip(report.ends) {
             *total += n;
@@ -1167,8 +1195,12 @@ async fn clients_that_reconnect_at_random_get_every_offset_exactly_once_in_order
     println!(
         "{TOTAL} publications by {PUBLISHERS} publishers in {published_in:?} ({retries} \
          overload retries); {CHURNING_CLIENTS} clients, {reconnects} reconnects (ended by \
-         reset {}, FIN {}, close frame {}), all done in {elapsed:?}; seed {SEED:#x}",
-        ends[0], ends[1], ends[2]
+         reset {}, FIN {}, close frame {}; {replays} resumes with something to replay, \
+         {crossings} of them on to live publications), all done in {elapsed:?}; seed {:#x}",
+        ends[0],
+        ends[1],
+        ends[2],
+        seed()
     );
 
     let mut failures = Vec::new();
@@ -1194,7 +1226,8 @@ async fn clients_that_reconnect_at_random_get_every_offset_exactly_once_in_order
     }
     assert!(
         failures.is_empty(),
-        "seed {SEED:#x}:\n{}",
+        "seed {:#x}:\n{}",
+        seed(),
         failures.join("\n")
     );
     assert_eq!(
