@@ -404,6 +404,11 @@ async fn a_resume_at_or_beyond_the_latest_offset_replays_nothing() {
     let ack = subscribe_since(&mut beyond, NEWS, Some((9, Some(&epoch)))).await;
     assert_recovery(&ack, false, &epoch, 5);
     sync(&mut beyond).await;
+    // The largest offset there is, too.
+    let mut far = server.connect().await;
+    let ack = subscribe_since(&mut far, NEWS, Some((u64::MAX, None))).await;
+    assert_recovery(&ack, false, &epoch, 5);
+    sync(&mut far).await;
     let mut at = server.connect().await;
     let ack = subscribe_since(&mut at, NEWS, Some((5, Some(&epoch)))).await;
     assert_recovery(&ack, true, &epoch, 5);
@@ -664,6 +669,170 @@ async fn a_resume_while_subscribed_replays_once_then_continues_live() {
     sync(&mut ws).await;
 }
 
+/// Asks for a replay again while the first is still being written (a 4 KiB receive buffer,
+/// 5,000 of 1 KiB held): before the second ack, the first replay goes on in order; from the
+/// ack on, exactly 101..=5,000 once and in order, then live.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_resume_during_a_replay_replays_from_its_own_offset() {
+    const HELD: u64 = 5_000;
+    let _turn = one_at_a_time().await;
+    let server = news_server(HELD).await;
+    let epoch = publish_ticks(&server.hub, NEWS, 1..=HELD, PAD).await;
+    let stream = connect_with_recv_buffer(server.addr, 4096).await;
+    let mut raw = Raw::handshake(stream, server.addr).await;
+    raw.send_text(&subscribe_request(NEWS, Some((0, None))))
+        .await;
+    let ack = parse(&raw.read_text().await);
+    assert_recovery(&ack, true, &epoch, HELD);
+    for seq in 1..=10 {
+        assert_eq!(position_of(&raw.read_text().await), (seq, epoch.clone()));
+    }
+    raw.send_text(&subscribe_request(NEWS, Some((100, Some(&epoch)))))
+        .await;
+    let mut last = 10;
+    loop {
+        let text = raw.read_text().await;
+        if text.starts_with(r#"{"type":"subscribed""#) {
+            assert_recovery(&parse(&text), true, &epoch, HELD);
+            break;
+        }
+        assert_eq!(
+            position_of(&text),
+            (last + 1, epoch.clone()),
+            "before the second ack, the first replay in order"
+        );
+        last += 1;
+    }
+    println!("the first replay had reached {last} of {HELD} at the second ack");
+    let mut progress = Progress::new("the second replay");
+    for seq in 101..=HELD {
+        let text = progress.wait(raw.read_text()).await;
+        assert_eq!(
+            position_of(&text),
+            (seq, epoch.clone()),
+            "after the second ack, exactly 101..={HELD} once and in order"
+        );
+        progress.advanced();
+    }
+    publish_ticks(&server.hub, NEWS, HELD + 1..=HELD + 1, 0).await;
+    assert_eq!(position_of(&raw.read_text().await), (HELD + 1, epoch));
+    raw.send_text(r#"{"type":"ping"}"#).await;
+    let next = raw.read_text().await;
+    assert!(
+        next.starts_with(r#"{"type":"pong""#),
+        "expected the pong, got {next}"
+    );
+}
+
+/// The replay is the range as it stood when the subscription took effect: a client replaying
+/// 1..=1,000 slowly (a 4 KiB receive buffer) while 2,000 more are published, which trim every
+/// one of those from a history of 1,000, still gets 1..=3,000 exactly once and in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trim_during_a_replay_does_not_cut_it() {
+    const HELD: u64 = 1_000;
+    const LAST: u64 = 3_000;
+    let _turn = one_at_a_time().await;
+    let server = news_server(HELD).await;
+    let epoch = publish_ticks(&server.hub, NEWS, 1..=HELD, PAD).await;
+    let stream = connect_with_recv_buffer(server.addr, 4096).await;
+    let mut raw = Raw::handshake(stream, server.addr).await;
+    raw.send_text(&subscribe_request(NEWS, Some((0, Some(&epoch)))))
+        .await;
+    let ack = parse(&raw.read_text().await);
+    assert_recovery(&ack, true, &epoch, HELD);
+    assert_eq!(position_of(&raw.read_text().await), (1, epoch.clone()));
+    publish_ticks(&server.hub, NEWS, HELD + 1..=LAST, 100).await;
+    let page = server.hub.history(NEWS, 0, 1).expect("a history");
+    assert_eq!(
+        page.publications.first().map(|p| p.offset),
+        Some(LAST - HELD + 1),
+        "the history was trimmed past the replay meanwhile"
+    );
+    let mut progress = Progress::new("the replay and the live publications behind it");
+    for seq in 2..=LAST {
+        let text = progress.wait(raw.read_text()).await;
+        assert_eq!(
+            position_of(&text),
+            (seq, epoch.clone()),
+            "1..={LAST} exactly once and in order, although 1..={} were trimmed",
+            LAST - HELD
+        );
+        progress.advanced();
+    }
+    raw.send_text(r#"{"type":"ping"}"#).await;
+    let next = raw.read_text().await;
+    assert!(
+        next.starts_with(r#"{"type":"pong""#),
+        "expected the pong, got {next}"
+    );
+}
+
+/// One client resumes two channels at once (two requests before it reads) while both keep
+/// publishing: each channel's ack comes before its frames, and each channel's offsets arrive
+/// 1..=2,500 exactly once and in order, its replay then its live publications.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_replays_at_once_each_stay_in_order_with_live_publications_behind() {
+    const HELD: u64 = 2_000;
+    const LAST: u64 = 2_500;
+    let config = HubConfig::builder()
+        .channel_history(NEWS, policy(10_000, LONG))
+        .channel_history("sport", policy(10_000, LONG))
+        .build()
+        .unwrap();
+    let server = Server::start(config).await;
+    let hub = server.hub.clone();
+    let mut epochs = Vec::new();
+    for channel in [NEWS, "sport"] {
+        epochs.push(publish_ticks(&hub, channel, 1..=HELD, 200).await);
+    }
+    let mut ws = server.connect().await;
+    send_text(&mut ws, &subscribe_request(NEWS, Some((0, None)))).await;
+    send_text(&mut ws, &subscribe_request("sport", Some((0, None)))).await;
+    let publisher = {
+        let hub = hub.clone();
+        tokio::spawn(async move {
+            for seq in HELD + 1..=LAST {
+                for channel in [NEWS, "sport"] {
+                    publish_ticks(&hub, channel, seq..=seq, 200).await;
+                }
+            }
+        })
+    };
+    // Per channel: the ack's offset once it came, and the last offset received.
+    let mut acked: [Option<u64>; 2] = [None, None];
+    let mut last = [0u64; 2];
+    let mut progress = Progress::new("two replays and their live publications");
+    while last != [LAST, LAST] {
+        let text = progress.wait(next_text(&mut ws)).await;
+        progress.advanced();
+        let message = parse(&text);
+        let k = match message["channel"].as_str() {
+            Some(NEWS) => 0,
+            Some("sport") => 1,
+            _ => panic!("a message of neither channel: {text}"),
+        };
+        if message["type"] == "subscribed" {
+            assert!(acked[k].is_none(), "a second ack: {text}");
+            let (offset, _) = ack_position(&message);
+            assert_recovery(&message, true, &epochs[k], offset);
+            acked[k] = Some(offset);
+            continue;
+        }
+        assert!(
+            acked[k].is_some(),
+            "a frame before its channel's ack: {text}"
+        );
+        assert_eq!(
+            position_of(&text),
+            (last[k] + 1, epochs[k].clone()),
+            "each channel in order, once"
+        );
+        last[k] += 1;
+    }
+    within("the publisher", publisher).await.unwrap();
+    sync(&mut ws).await;
+}
+
 /// A client replaying 5,000 publications of 1 KB through a small receive buffer unsubscribes
 /// after ten: the frames of the channel before the `unsubscribed` ack are a prefix of the
 /// replay, the replay stopped (not all 5,000 came), and nothing of the channel follows the ack.
@@ -765,6 +934,7 @@ async fn a_malformed_since_is_refused_and_subscribes_nothing() {
             r#"{"epoch":"e"}"#,
             r#"[1]"#,
             r#""3""#,
+            r#"{"offset":18446744073709551616}"#,
         ] {
             send_text(
                 &mut ws,
