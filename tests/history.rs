@@ -724,6 +724,68 @@ async fn a_second_resume_during_a_replay_replays_from_its_own_offset() {
     );
 }
 
+/// A page that leaves and comes back during a replay: unsubscribe, then subscribe since 100,
+/// both while the first replay (5,000 of 1 KiB through a 4 KiB receive buffer) is still being
+/// written. Before the `unsubscribed` ack, the first replay in order; nothing of the channel
+/// between the two acks; after the `subscribed` ack, exactly 101..=5,000 once and in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leaving_and_resuming_during_a_replay_replays_exactly_the_new_range() {
+    const HELD: u64 = 5_000;
+    let _turn = one_at_a_time().await;
+    let server = news_server(HELD).await;
+    let epoch = publish_ticks(&server.hub, NEWS, 1..=HELD, PAD).await;
+    let stream = connect_with_recv_buffer(server.addr, 4096).await;
+    let mut raw = Raw::handshake(stream, server.addr).await;
+    raw.send_text(&subscribe_request(NEWS, Some((0, None))))
+        .await;
+    let ack = parse(&raw.read_text().await);
+    assert_recovery(&ack, true, &epoch, HELD);
+    for seq in 1..=10 {
+        assert_eq!(position_of(&raw.read_text().await), (seq, epoch.clone()));
+    }
+    raw.send_text(&json!({"type": "unsubscribe", "data": NEWS}).to_string())
+        .await;
+    raw.send_text(&subscribe_request(NEWS, Some((100, Some(&epoch)))))
+        .await;
+    let mut last = 10;
+    loop {
+        let text = raw.read_text().await;
+        if text.starts_with(r#"{"type":"unsubscribed""#) {
+            break;
+        }
+        assert_eq!(
+            position_of(&text),
+            (last + 1, epoch.clone()),
+            "before the unsubscribed ack, the first replay in order"
+        );
+        last += 1;
+    }
+    let text = raw.read_text().await;
+    let ack = parse(&text);
+    assert_eq!(
+        ack["type"], "subscribed",
+        "right after the unsubscribed ack: {text}"
+    );
+    assert_recovery(&ack, true, &epoch, HELD);
+    let mut progress = Progress::new("the new replay");
+    for seq in 101..=HELD {
+        let text = progress.wait(raw.read_text()).await;
+        assert_eq!(
+            position_of(&text),
+            (seq, epoch.clone()),
+            "after the subscribed ack, exactly 101..={HELD} once and in order (the first \
+             replay had reached {last})"
+        );
+        progress.advanced();
+    }
+    raw.send_text(r#"{"type":"ping"}"#).await;
+    let next = raw.read_text().await;
+    assert!(
+        next.starts_with(r#"{"type":"pong""#),
+        "expected the pong, got {next}"
+    );
+}
+
 /// The replay is the range as it stood when the subscription took effect: a client replaying
 /// 1..=1,000 slowly (a 4 KiB receive buffer) while 2,000 more are published, which trim every
 /// one of those from a history of 1,000, still gets 1..=3,000 exactly once and in order.
