@@ -1703,6 +1703,60 @@ async fn a_repeated_subscribe_acks_the_last_offset_already_queued() {
     sync(&mut ws).await;
 }
 
+/// The same during a replay: a client replaying 5,000 of 1 KiB through a 4 KiB receive buffer
+/// sends a plain subscribe after ten. The replay's frames not yet written are neither sent nor
+/// queued, so the ack names the last offset received before it, and the replay goes on after
+/// it from the next offset, exactly once and in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_repeated_subscribe_during_a_replay_acks_the_last_offset_sent() {
+    const HELD: u64 = 5_000;
+    let _turn = one_at_a_time().await;
+    let server = news_server(HELD).await;
+    let epoch = publish_ticks(&server.hub, NEWS, 1..=HELD, PAD).await;
+    let stream = connect_with_recv_buffer(server.addr, 4096).await;
+    let mut raw = Raw::handshake(stream, server.addr).await;
+    raw.send_text(&subscribe_request(NEWS, Some((0, None))))
+        .await;
+    let ack = parse(&raw.read_text().await);
+    assert_recovery(&ack, true, &epoch, HELD);
+    for seq in 1..=10 {
+        assert_eq!(position_of(&raw.read_text().await), (seq, epoch.clone()));
+    }
+    raw.send_text(&subscribe_request(NEWS, None)).await;
+    let mut last = 10;
+    let acked = loop {
+        let text = raw.read_text().await;
+        if text.starts_with(r#"{"type":"subscribed""#) {
+            let ack = parse(&text);
+            assert_eq!(
+                ack["data"].get("recovered"),
+                None,
+                "a plain subscribe: {text}"
+            );
+            break ack_position(&ack).0;
+        }
+        assert_eq!(
+            position_of(&text),
+            (last + 1, epoch.clone()),
+            "before the ack, the replay in order"
+        );
+        last += 1;
+    };
+    let mut progress = Progress::new("the rest of the replay");
+    for seq in last + 1..=HELD {
+        let text = progress.wait(raw.read_text()).await;
+        assert_eq!(position_of(&text), (seq, epoch.clone()), "after the ack");
+        progress.advanced();
+    }
+    assert_eq!(
+        acked,
+        last,
+        "the repeated subscribe's ack names the last offset sent before it (the replay's rest, \
+         {}..={HELD}, followed it)",
+        last + 1
+    );
+}
+
 // ---------------------------------------------------------------------------------------------
 // 9. A long replay
 // ---------------------------------------------------------------------------------------------
