@@ -895,6 +895,53 @@ async fn two_replays_at_once_each_stay_in_order_with_live_publications_behind() 
     sync(&mut ws).await;
 }
 
+/// A live subscriber that fell behind (3,000 of 1 KiB queued for it behind a 4 KiB receive
+/// buffer) asks again since 100 without reading: before the ack, its live stream in order;
+/// from the ack on, exactly 101..=3,000 once and in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resume_while_live_frames_are_queued_replays_exactly_once() {
+    const LAST: u64 = 3_000;
+    let _turn = one_at_a_time().await;
+    let server = news_server(10_000).await;
+    let stream = connect_with_recv_buffer(server.addr, 4096).await;
+    let mut raw = Raw::handshake(stream, server.addr).await;
+    raw.send_text(&subscribe_request(NEWS, None)).await;
+    let (_, epoch) = ack_position(&parse(&raw.read_text().await));
+    assert_eq!(publish_ticks(&server.hub, NEWS, 1..=LAST, PAD).await, epoch);
+    raw.send_text(&subscribe_request(NEWS, Some((100, Some(&epoch)))))
+        .await;
+    let mut last = 0;
+    loop {
+        let text = raw.read_text().await;
+        if text.starts_with(r#"{"type":"subscribed""#) {
+            assert_recovery(&parse(&text), true, &epoch, LAST);
+            break;
+        }
+        assert_eq!(
+            position_of(&text),
+            (last + 1, epoch.clone()),
+            "before the ack, the live stream in order"
+        );
+        last += 1;
+    }
+    let mut progress = Progress::new("the replay");
+    for seq in 101..=LAST {
+        let text = progress.wait(raw.read_text()).await;
+        assert_eq!(
+            position_of(&text),
+            (seq, epoch.clone()),
+            "after the ack, exactly 101..={LAST} once and in order ({last} had come before it)"
+        );
+        progress.advanced();
+    }
+    raw.send_text(r#"{"type":"ping"}"#).await;
+    let next = raw.read_text().await;
+    assert!(
+        next.starts_with(r#"{"type":"pong""#),
+        "expected the pong, got {next}"
+    );
+}
+
 /// A client replaying 5,000 publications of 1 KB through a small receive buffer unsubscribes
 /// after ten: the frames of the channel before the `unsubscribed` ack are a prefix of the
 /// replay, the replay stopped (not all 5,000 came), and nothing of the channel follows the ack.
