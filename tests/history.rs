@@ -942,6 +942,64 @@ async fn a_resume_while_live_frames_are_queued_replays_exactly_once() {
     );
 }
 
+/// The same through a 4 KiB receive buffer, 3,000 of 1 KiB held on each channel: two replays
+/// for one slow socket at once, each channel's offsets exactly 1..=3,000 once and in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_replays_at_once_through_a_slow_socket_each_stay_whole() {
+    const HELD: u64 = 3_000;
+    let _turn = one_at_a_time().await;
+    let config = HubConfig::builder()
+        .channel_history(NEWS, policy(10_000, LONG))
+        .channel_history("sport", policy(10_000, LONG))
+        .history_memory_budget(64 << 20)
+        .build()
+        .unwrap();
+    let server = Server::start(config).await;
+    let mut epochs = Vec::new();
+    for channel in [NEWS, "sport"] {
+        epochs.push(publish_ticks(&server.hub, channel, 1..=HELD, PAD).await);
+    }
+    let stream = connect_with_recv_buffer(server.addr, 4096).await;
+    let mut raw = Raw::handshake(stream, server.addr).await;
+    raw.send_text(&subscribe_request(NEWS, Some((0, None))))
+        .await;
+    raw.send_text(&subscribe_request("sport", Some((0, None))))
+        .await;
+    let mut acked = [false; 2];
+    let mut last = [0u64; 2];
+    let mut progress = Progress::new("two replays through a slow socket");
+    while last != [HELD, HELD] {
+        let text = progress.wait(raw.read_text()).await;
+        progress.advanced();
+        let message = parse(&text);
+        let k = match message["channel"].as_str() {
+            Some(NEWS) => 0,
+            Some("sport") => 1,
+            _ => panic!("a message of neither channel: {text}"),
+        };
+        if message["type"] == "subscribed" {
+            assert!(!acked[k], "a second ack: {text}");
+            assert_recovery(&message, true, &epochs[k], HELD);
+            acked[k] = true;
+            continue;
+        }
+        assert!(acked[k], "a frame before its channel's ack: {text}");
+        assert_eq!(
+            position_of(&text),
+            (last[k] + 1, epochs[k].clone()),
+            "each channel's replay in order, once (the other's at {})",
+            last[1 - k]
+        );
+        last[k] += 1;
+    }
+    raw.send_text(r#"{"type":"ping"}"#).await;
+    let next = raw.read_text().await;
+    assert!(
+        next.starts_with(r#"{"type":"pong""#),
+        "expected the pong, got {next}"
+    );
+}
+
 /// A client replaying 5,000 publications of 1 KB through a small receive buffer unsubscribes
 /// after ten: the frames of the channel before the `unsubscribed` ack are a prefix of the
 /// replay, the replay stopped (not all 5,000 came), and nothing of the channel follows the ack.
