@@ -1978,6 +1978,93 @@ async fn a_long_replay_is_not_counted_against_a_small_outbound_bound() {
     long_replay_beside_a_live_channel(Some(64 * 1024)).await;
 }
 
+/// A publish to a history channel is all or nothing: with a 16 KiB shard backlog and two
+/// shards with subscribers, a tight loop of 1 KiB publications is partly refused as
+/// overloaded; the accepted ones have offsets 1, 2, 3… without gaps, every subscriber gets
+/// exactly them, and the history holds exactly them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_publish_takes_no_offset() {
+    const ATTEMPTS: u64 = 3_000;
+    let _turn = one_at_a_time().await;
+    let config = HubConfig::builder()
+        .shards(2)
+        .shard_backlog_bytes(16 * 1024)
+        .channel_history(NEWS, policy(10_000, LONG))
+        .history_memory_budget(64 << 20)
+        .build()
+        .unwrap();
+    let server = Server::start(config).await;
+    let hub = server.hub.clone();
+    // Four clients: both shards have subscribers.
+    let mut clients = Vec::new();
+    for _ in 0..4 {
+        let mut ws = server.connect().await;
+        let (offset, _) = ack_position(&subscribe_since(&mut ws, NEWS, None).await);
+        assert_eq!(offset, 0);
+        clients.push(ws);
+    }
+    let shard_clients = hub.stats().shard_clients;
+    assert!(
+        shard_clients.iter().all(|&n| n > 0),
+        "both shards have subscribers: {shard_clients:?}"
+    );
+    let mut accepted = Vec::new();
+    let mut refused = 0;
+    for attempt in 0..ATTEMPTS {
+        match hub.publish(NEWS, &tick(attempt, PAD)) {
+            Ok(Some(position)) => accepted.push((attempt, position.offset)),
+            Ok(None) => panic!("no position on a history channel"),
+            Err(err) if err.is_overloaded() => refused += 1,
+            Err(err) => panic!("publish {attempt}: {err}"),
+        }
+        if attempt % 100 == 99 {
+            tokio::task::yield_now().await;
+        }
+    }
+    println!(
+        "{} accepted, {refused} refused as overloaded",
+        accepted.len()
+    );
+    assert!(
+        refused > 0 && !accepted.is_empty(),
+        "the loop must meet the backlog bound to test anything: {} accepted, {refused} refused",
+        accepted.len()
+    );
+    let offsets: Vec<u64> = accepted.iter().map(|&(_, offset)| offset).collect();
+    let expected: Vec<u64> = (1..=accepted.len() as u64).collect();
+    assert!(
+        offsets == expected,
+        "the accepted publications' offsets have gaps or repeats"
+    );
+    for (k, ws) in clients.iter_mut().enumerate() {
+        let mut progress = Progress::new(format!("client {k}'s accepted publications"));
+        for &(attempt, offset) in &accepted {
+            let text = progress.wait(next_text(ws)).await;
+            assert_eq!(position_of(&text).0, offset, "client {k}: {text}");
+            assert_eq!(
+                parse(&text)["data"]["seq"],
+                attempt,
+                "client {k}: offset {offset} is publication {attempt}"
+            );
+            progress.advanced();
+        }
+        sync(ws).await;
+    }
+    let page = hub.history(NEWS, 0, ATTEMPTS as usize).expect("a history");
+    let held: Vec<(u64, u64)> = page
+        .publications
+        .iter()
+        .map(|p| {
+            let message: Value = serde_json::from_slice(&p.message).expect("JSON");
+            (message["data"]["seq"].as_u64().expect("seq"), p.offset)
+        })
+        .collect();
+    assert!(
+        held == accepted,
+        "the history holds exactly the accepted publications"
+    );
+}
+
 // ---------------------------------------------------------------------------------------------
 // 10. Hub::publish and Hub::history
 // ---------------------------------------------------------------------------------------------
