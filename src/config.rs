@@ -416,6 +416,22 @@ impl HubConfigBuilder {
     /// Keeps a history for every channel whose name starts with `prefix` (e.g. `process:`
     /// for build logs); the longest matching prefix wins. See
     /// [`channel_history`](Self::channel_history).
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use wshub::{HistoryPolicy, Hub, HubConfig};
+    ///
+    /// fn hub_with_history() -> wshub::Result<Hub> {
+    ///     let config = HubConfig::builder()
+    ///         // Build logs: the last 10,000 lines of each process, for an hour.
+    ///         .prefix_history("process:", HistoryPolicy::new(10_000, Duration::from_secs(3600))?)
+    ///         // Chat rooms: the last 100 messages, for five minutes.
+    ///         .prefix_history("room:", HistoryPolicy::new(100, Duration::from_secs(300))?)
+    ///         .build()?;
+    ///     Ok(Hub::with_config(config))
+    /// }
+    /// # hub_with_history().unwrap();
+    /// ```
     pub fn prefix_history(mut self, prefix: impl Into<Box<str>>, policy: HistoryPolicy) -> Self {
         self.config.history = self.config.history.prefix(prefix, policy);
         self

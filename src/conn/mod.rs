@@ -763,21 +763,25 @@ impl Conn {
         self.lock().holds_history = true;
     }
 
-    /// Writes `frames` of a replay, outside the client's outbound bound, if the socket is
-    /// taking data now: what it does not take waits in the queue, and then (or when the
-    /// queue was not empty to begin with) the connection task asks for more once the queue
-    /// has drained. So a replay holds at most one chunk in the queue, however long it is.
+    /// Writes `frames` of a replay, outside the client's outbound bound: what the socket does
+    /// not take now waits in the queue (behind what was queued already), and the connection
+    /// task asks for the next chunk once the queue has drained. So a replay holds at most one
+    /// chunk in the queue, however long it is.
     pub(crate) fn send_replay(&self, frames: &[Bytes], env: &Env) -> Replayed {
         let mut out = self.lock();
+        let before = out.bytes;
         match out.state {
             WriteState::Open => {}
             WriteState::Blocked { .. } => {
+                for frame in frames {
+                    out.push(frame.clone());
+                }
                 out.feed_wanted = true;
+                account_queued(env, before, out.bytes);
                 return Replayed::Later;
             }
             WriteState::Closing { .. } | WriteState::Closed => return Replayed::Closed,
         }
-        let before = out.bytes;
         let order: SmallVec<[u32; REPLAY_CHUNK]> = (0..frames.len() as u32).collect();
         let written = write_indexed(&self.socket, frames, &order);
         let sent = match written {

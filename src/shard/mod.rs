@@ -984,7 +984,7 @@ impl Shard {
             entry.add_subscriber();
             Some(local)
         });
-        let local = match existing {
+        match existing {
             Some(local) => local,
             None => {
                 let entry = directory.join(name, self.index);
@@ -1007,8 +1007,7 @@ impl Shard {
                 self.channel_by_entry.insert(key, local);
                 local
             }
-        };
-        local
+        }
     }
 
     /// Removes `slot` from a channel's members (the subscription is already out of the
