@@ -1178,6 +1178,11 @@ const MIN_RECONNECTS: u64 = 1_000;
 /// The whole scenario's time cap: past it, clients stop and the report says what they lack.
 const CHURN_CAP: Duration = Duration::from_secs(60);
 const SEED: u64 = 0x5EED_0F41_570B_1E00;
+const CHURN_PAD: &str = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef\
+0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef\
+0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef\
+0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef\
+0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
 
 /// The churn's seed: [`SEED`], or `WSHUB_HISTORY_SEED` (decimal or `0x` hex) to replay or vary
 /// a run.
@@ -1273,7 +1278,9 @@ async fn churn_publisher(hub: Hub, churn: Arc<Churn>, p: u64) -> u64 {
         {
             tokio::time::sleep(Duration::from_millis(1)).await;
         }
-        let message = Message::new("tick").with_data(json!({"p": p, "i": i}));
+        // Padded to about 400 bytes: a replay of a few hundred is more than a small socket
+        // buffer takes at once.
+        let message = Message::new("tick").with_data(json!({"p": p, "i": i, "pad": CHURN_PAD}));
         let position = loop {
             let result = match p {
                 0 | 1 => hub.publish_async(STREAM, &message).await,
@@ -1476,6 +1483,175 @@ async fn churn_client(addr: std::net::SocketAddr, churn: Arc<Churn>, c: u64) -> 
     report
 }
 
+/// A request of an in-place client, answered by an ack in request order.
+enum Pending {
+    /// A subscribe since this offset.
+    Since(u64),
+    /// A plain subscribe, sent while live.
+    Plain,
+    Unsubscribe,
+}
+
+/// In-place client `c`: one connection; subscribes since 0, then reads a random number of
+/// messages for a random time and, at random, asks again since the last offset it saw (a
+/// replay may still be running), or unsubscribes and asks again at once, or (when live: its
+/// last since-ack's offset reached, nothing pending) sends a plain subscribe; until it has
+/// every offset and the resumes are done, or the cap passes. Every frame must be the next
+/// offset due: after a since-ack, the ack's `since` + 1; nothing between an `unsubscribed`
+/// and the next `subscribed`; a plain subscribe's ack names the last offset received.
+async fn resuming_client(addr: std::net::SocketAddr, churn: Arc<Churn>, c: u64) -> ChurnReport {
+    let mut rng = XorShift::new(seed() ^ (c + 101).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+    let mut report = ChurnReport {
+        client: c,
+        connections: 1,
+        counts: vec![0; TOTAL as usize + 1],
+        out_of_order: 0,
+        bad_acks: 0,
+        examples: Vec::new(),
+        ends: [0; 3],
+        replays: 0,
+        crossings: 0,
+    };
+    // Odd clients read through a 4 KiB receive buffer: their replays wait on the socket, so
+    // that a resume can meet a replay still being written.
+    let mut ws = if c % 2 == 1 {
+        let stream = connect_with_recv_buffer(addr, 4096).await;
+        within(
+            "the handshake",
+            tokio_tungstenite::client_async(request(addr, "/ws"), stream),
+        )
+        .await
+        .expect("the handshake")
+        .0
+    } else {
+        connect(addr).await
+    };
+    send_text(&mut ws, &subscribe_request(STREAM, Some((0, None)))).await;
+    let mut pending = std::collections::VecDeque::from([Pending::Since(0)]);
+    // The next offset due, whether between an unsubscribed ack and the next subscribed ack,
+    // the last since-ack's offset (live past it), and whether this replay reached live.
+    let (mut expected, mut left, mut live_from, mut crossed) = (1u64, false, 0u64, false);
+    let mut epoch: Option<String> = None;
+    let mut missing = TOTAL;
+    let cap = Instant::now() + CHURN_CAP;
+    let mut requests = 0u64;
+    loop {
+        let done = missing == 0 && pending.is_empty();
+        if done && churn.reconnects.load(Ordering::Acquire) >= MIN_RECONNECTS {
+            break;
+        }
+        if Instant::now() > cap || churn.stop.load(Ordering::Acquire) {
+            churn.stop.store(true, Ordering::Release);
+            break;
+        }
+        let budget = match rng.below(4) {
+            0 => rng.below(5),
+            1 | 2 => rng.below(50),
+            _ => rng.below(1_000),
+        };
+        let until = Instant::now() + Duration::from_millis(1 + rng.below(40));
+        for _ in 0..budget {
+            let text = match next_text_until(&mut ws, until).await {
+                Ok(Some(text)) => text,
+                Ok(None) => break,
+                Err(err) => panic!("client {c}: {err} after offset {}", expected - 1),
+            };
+            if let Some((offset, frame_epoch)) = tail_position(&text) {
+                churn.check_epoch(&frame_epoch);
+                match (number_after(&text, "\"p\":"), number_after(&text, "\"i\":")) {
+                    (Some(p), Some(i)) => churn.record(offset, p, i),
+                    _ => report.note(format!("no p and i in {text}")),
+                }
+                if let Some(count) = report.counts.get_mut(offset as usize) {
+                    missing -= u64::from(*count == 0);
+                    *count += 1;
+                }
+                if left || offset != expected {
+                    report.out_of_order += 1;
+                    report.note(format!(
+                        "request {requests}: expected {}, got offset {offset}",
+                        if left {
+                            "nothing (unsubscribed)".to_owned()
+                        } else {
+                            expected.to_string()
+                        }
+                    ));
+                }
+                expected = expected.max(offset + 1);
+                if offset > live_from && !crossed {
+                    crossed = true;
+                    report.crossings += 1;
+                }
+                continue;
+            }
+            let ack = parse(&text);
+            match (ack["type"].as_str(), pending.pop_front()) {
+                (Some("subscribed"), Some(Pending::Since(since))) => {
+                    let acked = ack["data"]["offset"].as_u64().unwrap_or(0);
+                    if ack["data"]["recovered"] != true || acked < since {
+                        report.bad_acks += 1;
+                        report.note(format!(
+                            "since {since}: expected a recovered ack, got {text}"
+                        ));
+                    }
+                    if let Some(acked_epoch) = ack["data"]["epoch"].as_str() {
+                        churn.check_epoch(acked_epoch);
+                        epoch.get_or_insert_with(|| acked_epoch.to_owned());
+                    }
+                    report.replays += u64::from(acked > since);
+                    (expected, left, live_from, crossed) =
+                        (since + 1, false, acked, acked == since);
+                }
+                (Some("subscribed"), Some(Pending::Plain)) => {
+                    if ack["data"]["offset"].as_u64() != Some(expected - 1) {
+                        report.bad_acks += 1;
+                        report.note(format!(
+                            "a plain subscribe after offset {}: got {text}",
+                            expected - 1
+                        ));
+                    }
+                }
+                (Some("unsubscribed"), Some(Pending::Unsubscribe)) => left = true,
+                (_, request) => {
+                    report.bad_acks += 1;
+                    report.note(format!(
+                        "an ack for {:?}: got {text}",
+                        request.map(|r| match r {
+                            Pending::Since(since) => format!("since {since}"),
+                            Pending::Plain => "a plain subscribe".into(),
+                            Pending::Unsubscribe => "an unsubscribe".into(),
+                        })
+                    ));
+                }
+            }
+        }
+        let Some(epoch) = epoch.as_deref() else {
+            continue;
+        };
+        let since = Some((expected - 1, Some(epoch)));
+        match rng.below(4) {
+            0 => {
+                send_text(&mut ws, &subscribe_request(STREAM, since)).await;
+                pending.push_back(Pending::Since(expected - 1));
+            }
+            1 => {
+                send_json(&mut ws, &json!({"type": "unsubscribe", "data": STREAM})).await;
+                send_text(&mut ws, &subscribe_request(STREAM, since)).await;
+                pending.push_back(Pending::Unsubscribe);
+                pending.push_back(Pending::Since(expected - 1));
+            }
+            2 if pending.is_empty() && !left && expected > live_from => {
+                send_text(&mut ws, &subscribe_request(STREAM, None)).await;
+                pending.push_back(Pending::Plain);
+            }
+            _ => continue,
+        }
+        requests += 1;
+        churn.reconnects.fetch_add(1, Ordering::AcqRel);
+    }
+    report
+}
+
 /// Four publishers stream 8,000 publications to one channel while eight clients drop their
 /// connections at random moments (reset, FIN, close frame, before or after the ack) and
 /// resume since the last (offset, epoch) they saw, at least 1,000 times in all: every client
@@ -1483,6 +1659,22 @@ async fn churn_client(addr: std::net::SocketAddr, churn: Arc<Churn>, c: u64) -> 
 /// publication for every client and for the publisher that got it, in one epoch.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn clients_that_reconnect_at_random_get_every_offset_exactly_once_in_order() {
+    churn_scenario(false).await;
+}
+
+/// The same with clients that keep their connection and, at random moments, ask again since
+/// the last offset they saw (while a replay may still be running), or unsubscribe and ask
+/// again at once, or send a plain subscribe once live, at least 1,000 times in all: from each
+/// ack on, every client's offsets run on from the ack's `since` (a plain subscribe's ack names
+/// the last offset received before it), and each ends with every offset 1..=8,000.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_that_resume_in_place_at_random_get_every_offset_in_order_from_each_ack() {
+    churn_scenario(true).await;
+}
+
+/// Four publishers against eight clients that reconnect (or, `in_place`, resume on their
+/// connection) at random; see the two tests above.
+async fn churn_scenario(in_place: bool) {
     let _turn = one_at_a_time().await;
     let config = HubConfig::builder()
         .channel_history(STREAM, policy(TOTAL as usize, LONG))
@@ -1501,7 +1693,14 @@ async fn clients_that_reconnect_at_random_get_every_offset_exactly_once_in_order
         stop: AtomicBool::new(false),
     });
     let clients: Vec<_> = (0..CHURNING_CLIENTS)
-        .map(|c| tokio::spawn(churn_client(server.addr, Arc::clone(&churn), c)))
+        .map(|c| {
+            let churn = Arc::clone(&churn);
+            if in_place {
+                tokio::spawn(resuming_client(server.addr, churn, c))
+            } else {
+                tokio::spawn(churn_client(server.addr, churn, c))
+            }
+        })
         .collect();
     let publishers: Vec<_> = (0..PUBLISHERS)
         .map(|p| tokio::spawn(churn_publisher(server.hub.clone(), Arc::clone(&churn), p)))
@@ -1529,23 +1728,34 @@ async fn clients_that_reconnect_at_random_get_every_offset_exactly_once_in_order
             *total += n;
         }
     }
+    let how = if in_place {
+        "resumes in place".to_owned()
+    } else {
+        format!(
+            "reconnects (ended by reset {}, FIN {}, close frame {})",
+            ends[0], ends[1], ends[2]
+        )
+    };
     println!(
         "{TOTAL} publications by {PUBLISHERS} publishers in {published_in:?} ({retries} \
-         overload retries); {CHURNING_CLIENTS} clients, {reconnects} reconnects (ended by \
-         reset {}, FIN {}, close frame {}; {replays} resumes with something to replay, \
-         {crossings} of them on to live publications), all done in {elapsed:?}; seed {:#x}",
-        ends[0],
-        ends[1],
-        ends[2],
+         overload retries); {CHURNING_CLIENTS} clients, {reconnects} {how}; {replays} resumes \
+         with something to replay, {crossings} of them on to live publications; all done in \
+         {elapsed:?}; seed {:#x}",
         seed()
     );
 
     let mut failures = Vec::new();
     for r in &reports {
-        let duplicates: u64 = r.counts[1..]
-            .iter()
-            .map(|&n| u64::from(n.saturating_sub(1)))
-            .sum();
+        // In place, a resume replays offsets the client had: repeats are counted as out of
+        // order only when they are not what the last ack announced.
+        let duplicates: u64 = if in_place {
+            0
+        } else {
+            r.counts[1..]
+                .iter()
+                .map(|&n| u64::from(n.saturating_sub(1)))
+                .sum()
+        };
         let missing: Vec<u64> = (1..=TOTAL).filter(|&o| r.counts[o as usize] == 0).collect();
         if duplicates > 0 || !missing.is_empty() || r.out_of_order > 0 || r.bad_acks > 0 {
             failures.push(format!(
@@ -1579,8 +1789,8 @@ async fn clients_that_reconnect_at_random_get_every_offset_exactly_once_in_order
     );
     assert!(
         reconnects >= MIN_RECONNECTS,
-        "only {reconnects} reconnects (at least {MIN_RECONNECTS} wanted) before the cap of \
-         {CHURN_CAP:?}"
+        "only {reconnects} reconnects or resumes (at least {MIN_RECONNECTS} wanted) before the \
+         cap of {CHURN_CAP:?}"
     );
     let page = server
         .hub
