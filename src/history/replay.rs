@@ -87,7 +87,6 @@ impl Replay {
     }
 
     /// The offset of the next item (`latest + 1` when none is left).
-    #[cfg(any(test, feature = "test-support"))]
     pub(crate) fn first_offset(&self) -> u64 {
         self.next
     }

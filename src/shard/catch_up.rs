@@ -57,19 +57,25 @@ struct CatchingUp {
     skip_through: u64,
     /// What is left of the replay; `None` once it is written (or when there was none).
     replay: Option<Replay>,
+    /// While replaying: the offset of the last replayed publication handed to the client's
+    /// connection (sent or queued there).
+    sent_through: u64,
     /// Live publications that came during the replay, in order, and their bytes: they count
     /// against the client's outbound bound.
     held: VecDeque<Bytes>,
     held_bytes: usize,
-    /// The offset of the last held publication (0: none).
-    held_through: u64,
 }
 
 impl CatchingUp {
     /// The last offset sent or queued to the client: what a repeated plain subscribe's
-    /// acknowledgement says.
+    /// acknowledgement says (what follows it is the rest of the replay, then live). Without
+    /// a replay, publications up to `skip_through` are the ones the client was told it has.
     fn last_offset(&self) -> u64 {
-        self.skip_through.max(self.held_through)
+        if self.replay.is_some() {
+            self.sent_through
+        } else {
+            self.skip_through
+        }
     }
 }
 
@@ -185,10 +191,10 @@ impl Shard {
                 let catching_up = CatchingUp {
                     slot,
                     skip_through: latest,
+                    sent_through: replay.as_ref().map_or(latest, |r| r.first_offset() - 1),
                     replay,
                     held: VecDeque::new(),
                     held_bytes: 0,
-                    held_through: 0,
                 };
                 let live_now = catching_up.replay.is_none() && local_history.last_offset >= latest;
                 match already {
@@ -301,9 +307,6 @@ impl Shard {
             if c.replay.is_some() {
                 c.held.push_back(frame.clone());
                 c.held_bytes += frame.len();
-                if offset != 0 {
-                    c.held_through = offset;
-                }
                 let queued = self.clients[c.slot as usize]
                     .as_ref()
                     .map_or(0, |client| client.conn.queued_bytes());
@@ -375,21 +378,25 @@ impl Shard {
             };
             let mut written = 0;
             let mut replayed = 0u64;
+            let mut last = catching_up.sent_through;
             let done = loop {
                 chunk.clear();
                 let mut bytes = 0;
                 while chunk.len() < REPLAY_CHUNK && bytes < REPLAY_CHUNK_BYTES {
-                    let Some((_, frame)) = replay.next() else {
+                    let Some((offset, frame)) = replay.next() else {
                         break;
                     };
                     bytes += frame.len();
                     chunk.push(frame);
+                    last = offset;
                 }
                 if chunk.is_empty() {
                     break true;
                 }
                 replayed += chunk.len() as u64;
-                match conn.send_replay(&chunk, &self.env) {
+                let handed = conn.send_replay(&chunk, &self.env);
+                catching_up.sent_through = last;
+                match handed {
                     Replayed::Taken => {
                         written += bytes;
                         if written >= REPLAY_TURN_BYTES {
