@@ -139,6 +139,53 @@ async fn expect_plain(ws: &mut Ws, expected_without_timestamp: &str) {
     assert_envelope(&text, expected_without_timestamp);
 }
 
+/// A raw client with a 4 KiB receive buffer: what it does not read waits in the hub (a
+/// replay stays in progress, live frames stay queued).
+async fn slow_socket(server: &Server) -> Raw {
+    let stream = connect_with_recv_buffer(server.addr, 4096).await;
+    Raw::handshake(stream, server.addr).await
+}
+
+/// Reads frames, each the offset after `*last` in `epoch` (advancing `*last`), until a
+/// message of type `kind`, and returns that message's text. `what` names the stream.
+async fn offsets_until(
+    raw: &mut Raw,
+    kind: &str,
+    last: &mut u64,
+    epoch: &str,
+    what: &str,
+) -> String {
+    let start = format!(r#"{{"type":{}"#, quoted(kind));
+    let mut progress = Progress::new(format!("{what}, then {kind}"));
+    loop {
+        let text = progress.wait(raw.read_text()).await;
+        progress.advanced();
+        if text.starts_with(&start) {
+            return text;
+        }
+        assert_eq!(
+            position_of(&text),
+            (*last + 1, epoch.to_owned()),
+            "{what}: in order, before the {kind}"
+        );
+        *last += 1;
+    }
+}
+
+/// Reads the frames `seqs`, each the next one, with that offset in `epoch`.
+async fn expect_offsets(raw: &mut Raw, seqs: RangeInclusive<u64>, epoch: &str, what: &str) {
+    let mut progress = Progress::new(format!("{what}: {seqs:?}"));
+    for seq in seqs {
+        let text = progress.wait(raw.read_text()).await;
+        assert_eq!(
+            position_of(&text),
+            (seq, epoch.to_owned()),
+            "{what}: exactly once and in order"
+        );
+        progress.advanced();
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // 1. Offsets and epochs on the wire
 // ---------------------------------------------------------------------------------------------
@@ -678,50 +725,23 @@ async fn a_second_resume_during_a_replay_replays_from_its_own_offset() {
     let _turn = one_at_a_time().await;
     let server = news_server(HELD).await;
     let epoch = publish_ticks(&server.hub, NEWS, 1..=HELD, PAD).await;
-    let stream = connect_with_recv_buffer(server.addr, 4096).await;
-    let mut raw = Raw::handshake(stream, server.addr).await;
+    let mut raw = slow_socket(&server).await;
     raw.send_text(&subscribe_request(NEWS, Some((0, None))))
         .await;
     let ack = parse(&raw.read_text().await);
     assert_recovery(&ack, true, &epoch, HELD);
-    for seq in 1..=10 {
-        assert_eq!(position_of(&raw.read_text().await), (seq, epoch.clone()));
-    }
+    expect_offsets(&mut raw, 1..=10, &epoch, "the replay").await;
     raw.send_text(&subscribe_request(NEWS, Some((100, Some(&epoch)))))
         .await;
     let mut last = 10;
-    loop {
-        let text = raw.read_text().await;
-        if text.starts_with(r#"{"type":"subscribed""#) {
-            assert_recovery(&parse(&text), true, &epoch, HELD);
-            break;
-        }
-        assert_eq!(
-            position_of(&text),
-            (last + 1, epoch.clone()),
-            "before the second ack, the first replay in order"
-        );
-        last += 1;
-    }
+    let first = "the first replay";
+    let ack = offsets_until(&mut raw, "subscribed", &mut last, &epoch, first).await;
+    assert_recovery(&parse(&ack), true, &epoch, HELD);
     println!("the first replay had reached {last} of {HELD} at the second ack");
-    let mut progress = Progress::new("the second replay");
-    for seq in 101..=HELD {
-        let text = progress.wait(raw.read_text()).await;
-        assert_eq!(
-            position_of(&text),
-            (seq, epoch.clone()),
-            "after the second ack, exactly 101..={HELD} once and in order"
-        );
-        progress.advanced();
-    }
+    expect_offsets(&mut raw, 101..=HELD, &epoch, "after the second ack").await;
     publish_ticks(&server.hub, NEWS, HELD + 1..=HELD + 1, 0).await;
     assert_eq!(position_of(&raw.read_text().await), (HELD + 1, epoch));
-    raw.send_text(r#"{"type":"ping"}"#).await;
-    let next = raw.read_text().await;
-    assert!(
-        next.starts_with(r#"{"type":"pong""#),
-        "expected the pong, got {next}"
-    );
+    raw.sync().await;
 }
 
 /// A page that leaves and comes back during a replay: unsubscribe, then subscribe since 100,
@@ -734,32 +754,25 @@ async fn leaving_and_resuming_during_a_replay_replays_exactly_the_new_range() {
     let _turn = one_at_a_time().await;
     let server = news_server(HELD).await;
     let epoch = publish_ticks(&server.hub, NEWS, 1..=HELD, PAD).await;
-    let stream = connect_with_recv_buffer(server.addr, 4096).await;
-    let mut raw = Raw::handshake(stream, server.addr).await;
+    let mut raw = slow_socket(&server).await;
     raw.send_text(&subscribe_request(NEWS, Some((0, None))))
         .await;
     let ack = parse(&raw.read_text().await);
     assert_recovery(&ack, true, &epoch, HELD);
-    for seq in 1..=10 {
-        assert_eq!(position_of(&raw.read_text().await), (seq, epoch.clone()));
-    }
+    expect_offsets(&mut raw, 1..=10, &epoch, "the replay").await;
     raw.send_text(&json!({"type": "unsubscribe", "data": NEWS}).to_string())
         .await;
     raw.send_text(&subscribe_request(NEWS, Some((100, Some(&epoch)))))
         .await;
     let mut last = 10;
-    loop {
-        let text = raw.read_text().await;
-        if text.starts_with(r#"{"type":"unsubscribed""#) {
-            break;
-        }
-        assert_eq!(
-            position_of(&text),
-            (last + 1, epoch.clone()),
-            "before the unsubscribed ack, the first replay in order"
-        );
-        last += 1;
-    }
+    offsets_until(
+        &mut raw,
+        "unsubscribed",
+        &mut last,
+        &epoch,
+        "the first replay",
+    )
+    .await;
     let text = raw.read_text().await;
     let ack = parse(&text);
     assert_eq!(
@@ -767,23 +780,9 @@ async fn leaving_and_resuming_during_a_replay_replays_exactly_the_new_range() {
         "right after the unsubscribed ack: {text}"
     );
     assert_recovery(&ack, true, &epoch, HELD);
-    let mut progress = Progress::new("the new replay");
-    for seq in 101..=HELD {
-        let text = progress.wait(raw.read_text()).await;
-        assert_eq!(
-            position_of(&text),
-            (seq, epoch.clone()),
-            "after the subscribed ack, exactly 101..={HELD} once and in order (the first \
-             replay had reached {last})"
-        );
-        progress.advanced();
-    }
-    raw.send_text(r#"{"type":"ping"}"#).await;
-    let next = raw.read_text().await;
-    assert!(
-        next.starts_with(r#"{"type":"pong""#),
-        "expected the pong, got {next}"
-    );
+    println!("the first replay had reached {last} of {HELD} at the unsubscribe");
+    expect_offsets(&mut raw, 101..=HELD, &epoch, "after the subscribed ack").await;
+    raw.sync().await;
 }
 
 /// The replay is the range as it stood when the subscription took effect: a client replaying
@@ -796,8 +795,7 @@ async fn a_trim_during_a_replay_does_not_cut_it() {
     let _turn = one_at_a_time().await;
     let server = news_server(HELD).await;
     let epoch = publish_ticks(&server.hub, NEWS, 1..=HELD, PAD).await;
-    let stream = connect_with_recv_buffer(server.addr, 4096).await;
-    let mut raw = Raw::handshake(stream, server.addr).await;
+    let mut raw = slow_socket(&server).await;
     raw.send_text(&subscribe_request(NEWS, Some((0, Some(&epoch)))))
         .await;
     let ack = parse(&raw.read_text().await);
@@ -810,23 +808,9 @@ async fn a_trim_during_a_replay_does_not_cut_it() {
         Some(LAST - HELD + 1),
         "the history was trimmed past the replay meanwhile"
     );
-    let mut progress = Progress::new("the replay and the live publications behind it");
-    for seq in 2..=LAST {
-        let text = progress.wait(raw.read_text()).await;
-        assert_eq!(
-            position_of(&text),
-            (seq, epoch.clone()),
-            "1..={LAST} exactly once and in order, although 1..={} were trimmed",
-            LAST - HELD
-        );
-        progress.advanced();
-    }
-    raw.send_text(r#"{"type":"ping"}"#).await;
-    let next = raw.read_text().await;
-    assert!(
-        next.starts_with(r#"{"type":"pong""#),
-        "expected the pong, got {next}"
-    );
+    let what = "the replay of what was trimmed meanwhile, then the live publications";
+    expect_offsets(&mut raw, 2..=LAST, &epoch, what).await;
+    raw.sync().await;
 }
 
 /// One client resumes two channels at once (two requests before it reads) while both keep
@@ -903,43 +887,17 @@ async fn a_resume_while_live_frames_are_queued_replays_exactly_once() {
     const LAST: u64 = 3_000;
     let _turn = one_at_a_time().await;
     let server = news_server(10_000).await;
-    let stream = connect_with_recv_buffer(server.addr, 4096).await;
-    let mut raw = Raw::handshake(stream, server.addr).await;
+    let mut raw = slow_socket(&server).await;
     raw.send_text(&subscribe_request(NEWS, None)).await;
     let (_, epoch) = ack_position(&parse(&raw.read_text().await));
     assert_eq!(publish_ticks(&server.hub, NEWS, 1..=LAST, PAD).await, epoch);
     raw.send_text(&subscribe_request(NEWS, Some((100, Some(&epoch)))))
         .await;
     let mut last = 0;
-    loop {
-        let text = raw.read_text().await;
-        if text.starts_with(r#"{"type":"subscribed""#) {
-            assert_recovery(&parse(&text), true, &epoch, LAST);
-            break;
-        }
-        assert_eq!(
-            position_of(&text),
-            (last + 1, epoch.clone()),
-            "before the ack, the live stream in order"
-        );
-        last += 1;
-    }
-    let mut progress = Progress::new("the replay");
-    for seq in 101..=LAST {
-        let text = progress.wait(raw.read_text()).await;
-        assert_eq!(
-            position_of(&text),
-            (seq, epoch.clone()),
-            "after the ack, exactly 101..={LAST} once and in order ({last} had come before it)"
-        );
-        progress.advanced();
-    }
-    raw.send_text(r#"{"type":"ping"}"#).await;
-    let next = raw.read_text().await;
-    assert!(
-        next.starts_with(r#"{"type":"pong""#),
-        "expected the pong, got {next}"
-    );
+    let ack = offsets_until(&mut raw, "subscribed", &mut last, &epoch, "the live stream").await;
+    assert_recovery(&parse(&ack), true, &epoch, LAST);
+    expect_offsets(&mut raw, 101..=LAST, &epoch, "after the ack").await;
+    raw.sync().await;
 }
 
 /// The same through a 4 KiB receive buffer, 3,000 of 1 KiB held on each channel: two replays
@@ -959,8 +917,7 @@ async fn two_replays_at_once_through_a_slow_socket_each_stay_whole() {
     for channel in [NEWS, "sport"] {
         epochs.push(publish_ticks(&server.hub, channel, 1..=HELD, PAD).await);
     }
-    let stream = connect_with_recv_buffer(server.addr, 4096).await;
-    let mut raw = Raw::handshake(stream, server.addr).await;
+    let mut raw = slow_socket(&server).await;
     raw.send_text(&subscribe_request(NEWS, Some((0, None))))
         .await;
     raw.send_text(&subscribe_request("sport", Some((0, None))))
@@ -992,12 +949,7 @@ async fn two_replays_at_once_through_a_slow_socket_each_stay_whole() {
         );
         last[k] += 1;
     }
-    raw.send_text(r#"{"type":"ping"}"#).await;
-    let next = raw.read_text().await;
-    assert!(
-        next.starts_with(r#"{"type":"pong""#),
-        "expected the pong, got {next}"
-    );
+    raw.sync().await;
 }
 
 /// A client replaying 5,000 publications of 1 KB through a small receive buffer unsubscribes
@@ -1009,37 +961,18 @@ async fn unsubscribing_during_a_replay_stops_it() {
     const HELD: u64 = 5_000;
     let server = news_server(HELD).await;
     let epoch = publish_ticks(&server.hub, NEWS, 1..=HELD, 1000).await;
-    let stream = connect_with_recv_buffer(server.addr, 4096).await;
-    let mut raw = Raw::handshake(stream, server.addr).await;
+    let mut raw = slow_socket(&server).await;
     raw.send_text(&subscribe_request(NEWS, Some((0, None))))
         .await;
     let ack = parse(&raw.read_text().await);
     assert_eq!(ack["type"], "subscribed", "{ack}");
     assert_recovery(&ack, true, &epoch, HELD);
-    for seq in 1..=10 {
-        let text = raw.read_text().await;
-        assert_eq!(
-            position_of(&text),
-            (seq, epoch.clone()),
-            "the replay: {text}"
-        );
-    }
+    expect_offsets(&mut raw, 1..=10, &epoch, "the replay").await;
     raw.send_text(&json!({"type": "unsubscribe", "data": NEWS}).to_string())
         .await;
     let mut last = 10;
-    loop {
-        let text = raw.read_text().await;
-        if text.starts_with(r#"{"type":"unsubscribed""#) {
-            assert_envelope(&text, r#"{"type":"unsubscribed","channel":"news"}"#);
-            break;
-        }
-        assert_eq!(
-            position_of(&text),
-            (last + 1, epoch.clone()),
-            "before the unsubscribed ack, the replay in order"
-        );
-        last += 1;
-    }
+    let ack = offsets_until(&mut raw, "unsubscribed", &mut last, &epoch, "the replay").await;
+    assert_envelope(&ack, r#"{"type":"unsubscribed","channel":"news"}"#);
     println!("replayed {last} of {HELD} before the unsubscribe took effect");
     assert!(
         last < HELD,
@@ -1827,8 +1760,7 @@ async fn cut_as_slow_then_recovered(config: HubConfig, replayed: u64) {
     if replayed > 0 {
         publish_ticks(&hub, FEED, 1..=replayed, PAD).await;
     }
-    let stream = connect_with_recv_buffer(server.addr, 4096).await;
-    let mut stalled = Raw::handshake(stream, server.addr).await;
+    let mut stalled = slow_socket(&server).await;
     let since = (replayed > 0).then_some((0, None));
     stalled.send_text(&subscribe_request(FEED, since)).await;
     let ack = parse(&stalled.read_text().await);
@@ -2028,41 +1960,28 @@ async fn a_repeated_subscribe_during_a_replay_acks_the_last_offset_sent() {
     let _turn = one_at_a_time().await;
     let server = news_server(HELD).await;
     let epoch = publish_ticks(&server.hub, NEWS, 1..=HELD, PAD).await;
-    let stream = connect_with_recv_buffer(server.addr, 4096).await;
-    let mut raw = Raw::handshake(stream, server.addr).await;
+    let mut raw = slow_socket(&server).await;
     raw.send_text(&subscribe_request(NEWS, Some((0, None))))
         .await;
     let ack = parse(&raw.read_text().await);
     assert_recovery(&ack, true, &epoch, HELD);
-    for seq in 1..=10 {
-        assert_eq!(position_of(&raw.read_text().await), (seq, epoch.clone()));
-    }
+    expect_offsets(&mut raw, 1..=10, &epoch, "the replay").await;
     raw.send_text(&subscribe_request(NEWS, None)).await;
     let mut last = 10;
-    let acked = loop {
-        let text = raw.read_text().await;
-        if text.starts_with(r#"{"type":"subscribed""#) {
-            let ack = parse(&text);
-            assert_eq!(
-                ack["data"].get("recovered"),
-                None,
-                "a plain subscribe: {text}"
-            );
-            break ack_position(&ack).0;
-        }
-        assert_eq!(
-            position_of(&text),
-            (last + 1, epoch.clone()),
-            "before the ack, the replay in order"
-        );
-        last += 1;
-    };
-    let mut progress = Progress::new("the rest of the replay");
-    for seq in last + 1..=HELD {
-        let text = progress.wait(raw.read_text()).await;
-        assert_eq!(position_of(&text), (seq, epoch.clone()), "after the ack");
-        progress.advanced();
-    }
+    let ack = parse(&offsets_until(&mut raw, "subscribed", &mut last, &epoch, "the replay").await);
+    assert_eq!(
+        ack["data"].get("recovered"),
+        None,
+        "a plain subscribe: {ack}"
+    );
+    let acked = ack_position(&ack).0;
+    expect_offsets(
+        &mut raw,
+        last + 1..=HELD,
+        &epoch,
+        "the rest of the replay, after the ack",
+    )
+    .await;
     assert_eq!(
         acked,
         last,

@@ -935,3 +935,16 @@ pub fn position_of(text: &str) -> (u64, String) {
     tail_position(text)
         .unwrap_or_else(|| panic!("no \"offset\" and \"epoch\" as the last two keys: {text}"))
 }
+
+impl Raw {
+    /// Sends a `ping` and asserts that the `pong` is the next text message: nothing else was
+    /// sent or queued before it.
+    pub async fn sync(&mut self) {
+        self.send_text(r#"{"type":"ping"}"#).await;
+        let next = self.read_text().await;
+        assert!(
+            next.starts_with(r#"{"type":"pong""#),
+            "expected the pong, got {next}"
+        );
+    }
+}
