@@ -957,6 +957,16 @@ async fn two_replays_at_once_through_a_slow_socket_each_stay_whole() {
 /// replay, the replay stopped (not all 5,000 came), and nothing of the channel follows the ack.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unsubscribing_during_a_replay_stops_it() {
+    unsubscribed_during_a_replay(false).await;
+}
+
+/// The same with a server-side `Hub::unsubscribe` of that client.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_side_unsubscribe_during_a_replay_stops_it() {
+    unsubscribed_during_a_replay(true).await;
+}
+
+async fn unsubscribed_during_a_replay(server_side: bool) {
     let _turn = one_at_a_time().await;
     const HELD: u64 = 5_000;
     let server = news_server(HELD).await;
@@ -968,8 +978,13 @@ async fn unsubscribing_during_a_replay_stops_it() {
     assert_eq!(ack["type"], "subscribed", "{ack}");
     assert_recovery(&ack, true, &epoch, HELD);
     expect_offsets(&mut raw, 1..=10, &epoch, "the replay").await;
-    raw.send_text(&json!({"type": "unsubscribe", "data": NEWS}).to_string())
-        .await;
+    if server_side {
+        let id = server.newest_client().await;
+        server.hub.unsubscribe(id, NEWS).unwrap();
+    } else {
+        raw.send_text(&json!({"type": "unsubscribe", "data": NEWS}).to_string())
+            .await;
+    }
     let mut last = 10;
     let ack = offsets_until(&mut raw, "unsubscribed", &mut last, &epoch, "the replay").await;
     assert_envelope(&ack, r#"{"type":"unsubscribed","channel":"news"}"#);
@@ -986,6 +1001,32 @@ async fn unsubscribing_during_a_replay_stops_it() {
         next.starts_with(r#"{"type":"pong""#),
         "after the unsubscribed ack, expected the pong, got {next}"
     );
+}
+
+/// A `since` on a channel the subscribe policy refuses: `subscription refused`, and nothing
+/// replayed or delivered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_subscribe_with_since_replays_nothing() {
+    let config = HubConfig::builder()
+        .channel_history("secret", policy(100, LONG))
+        .subscribe_policy(|_client, channel| channel != "secret")
+        .build()
+        .unwrap();
+    let server = Server::start(config).await;
+    let epoch = publish_ticks(&server.hub, "secret", 1..=3, 0).await;
+    let mut ws = server.connect().await;
+    send_text(
+        &mut ws,
+        &subscribe_request("secret", Some((0, Some(&epoch)))),
+    )
+    .await;
+    expect_plain(
+        &mut ws,
+        r#"{"type":"error","channel":"secret","data":"subscription refused"}"#,
+    )
+    .await;
+    publish_ticks(&server.hub, "secret", 4..=4, 0).await;
+    sync(&mut ws).await;
 }
 
 /// `since` on a channel without history: `{"recovered":false}`, then live delivery.
