@@ -164,6 +164,20 @@ pub(crate) struct Args {
     #[arg(long, value_enum, value_name = "POLICY")]
     pub(crate) hub_slow_consumer: Option<SlowConsumer>,
 
+    /// Embedded hub: give the scenario's channels a history (PROTOCOL.md, "History and
+    /// recovery"): every channel whose name starts with --channel keeps its last
+    /// --history-size publications for up to an hour, so its messages carry an offset and an
+    /// epoch. Compare a run with and without it to see what the history costs. The recover
+    /// scenario always has it.
+    #[arg(long)]
+    pub(crate) history: bool,
+
+    /// Embedded hub, with --history (and recover): publications each history keeps (its age
+    /// limit is one hour). The default holds every publication of a short run; a longer
+    /// one keeps the last 10,000, which is what a client can recover from.
+    #[arg(long, default_value_t = 10_000, value_name = "N")]
+    pub(crate) history_size: usize,
+
     /// Milliseconds per reporting interval.
     #[arg(long, default_value_t = 1000, value_name = "MS")]
     pub(crate) interval_ms: u64,
@@ -383,6 +397,10 @@ impl Args {
             "--hub-shards must be from 1 to 1024",
         )?;
         pos(
+            self.history_size >= 1 && self.history_size <= 10_000_000,
+            "--history-size must be from 1 to 10000000",
+        )?;
+        pos(
             self.hub_queue_bytes.is_none_or(|n| n >= 1024),
             "--hub-queue-bytes must be at least 1024",
         )?;
@@ -418,9 +436,10 @@ impl Args {
                 || self.hub_shards.is_some()
                 || self.hub_cpus.is_some()
                 || self.hub_queue_bytes.is_some()
-                || self.hub_slow_consumer.is_some())
+                || self.hub_slow_consumer.is_some()
+                || self.history)
         {
-            return Err("--hub-threads, --hub-shards, --hub-cpus, --hub-queue-bytes and --hub-slow-consumer apply to the embedded hub, not to --target".into());
+            return Err("--hub-threads, --hub-shards, --hub-cpus, --hub-queue-bytes, --hub-slow-consumer and --history apply to the embedded hub, not to --target".into());
         }
         if self.pid.is_some() && self.target.is_empty() {
             return Err("--pid goes with --target (the embedded hub is this process)".into());

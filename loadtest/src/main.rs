@@ -180,6 +180,9 @@ fn start_server(args: &Args, targets: Vec<Target>) -> Result<Server, String> {
             .unwrap_or_default(),
         queue_bytes: args.hub_queue_bytes,
         slow_consumer: args.hub_slow_consumer,
+        history: args
+            .wants_history()
+            .then(|| (args.channel.clone(), args.history_size)),
     };
     let nodes = args.node_count();
     let (redis, redis_url) = if nodes > 1 {

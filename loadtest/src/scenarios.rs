@@ -466,6 +466,11 @@ impl Args {
         }
     }
 
+    /// The embedded hub gives the scenario's channels a history (--history).
+    pub(crate) fn wants_history(&self) -> bool {
+        self.history
+    }
+
     /// Connections the scenario opens at most (for the file descriptor check).
     pub(crate) fn connections_needed(&self) -> usize {
         let n = self

@@ -391,6 +391,9 @@ mod tests {
         assert_eq!(scan_message_at(other, &mut hint), Some((8, 100)));
         hint = 5000;
         assert_eq!(scan_message_at(m, &mut hint), Some((7, 99)));
+        // A history channel's frame: the position after the timestamp changes nothing.
+        let h = br#"{"type":"message","channel":"c-1","data":"9:101:xx","timestamp":"2026-01-01T00:00:00Z","offset":9,"epoch":"a9f3c2"}"#;
+        assert_eq!(scan_message_at(h, &mut hint), Some((9, 101)));
         assert_eq!(
             scan_message(br#"{"type":"message","channel":"c","data":{"a":1}}"#),
             None
