@@ -218,7 +218,7 @@ impl Default for FrameParser {
 /// Parses a frame header at the start of `b`: (header length, payload length, opcode, masked),
 /// or `None` when `b` holds less than the whole header.
 #[inline]
-fn header(b: &[u8]) -> Option<(usize, u64, u8, bool)> {
+pub(crate) fn header(b: &[u8]) -> Option<(usize, u64, u8, bool)> {
     if b.len() < 2 {
         return None;
     }
