@@ -502,6 +502,7 @@ impl Args {
     }
 
     /// The embedded hub gives the scenario's channels a history (--history, and recover).
+    #[cfg(feature = "embedded")]
     pub(crate) fn wants_history(&self) -> bool {
         self.history || self.scenario == Scenario::Recover
     }
@@ -516,6 +517,7 @@ impl Args {
     }
 
     /// Publications each embedded history keeps (see --history-size).
+    #[cfg(feature = "embedded")]
     pub(crate) fn history_size(&self) -> usize {
         self.history_size
             .unwrap_or(if self.scenario == Scenario::Recover {
