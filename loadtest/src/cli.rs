@@ -182,8 +182,9 @@ pub(crate) struct Args {
     pub(crate) history: bool,
 
     /// Embedded hub, with --history (and recover): publications each history keeps (its age
-    /// limit is one hour). [default: 10000, which holds every publication of a short closed-loop
-    /// run; recover: every publication of the run, rate x (duration + drain) + 1000]
+    /// limit is one hour). [default: 10000, the last 10,000 (a run that publishes more also
+    /// trims, which is part of what --history measures); recover: every publication of the run,
+    /// rate x (duration + drain) + 1000]
     #[arg(long, value_name = "N")]
     pub(crate) history_size: Option<usize>,
 
