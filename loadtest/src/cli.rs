@@ -33,6 +33,14 @@ pub(crate) enum Scenario {
     /// Open-loop fanout over --sweep-subs x --sweep-rates, to find the knee: the highest load
     /// with p99 under --p99-ms and nothing lost.
     Sweep,
+    /// Subscribers of one history channel drop their connections at random (--drop-every;
+    /// alternately a TCP reset and a clean close) while a publisher streams at --rate
+    /// (default 1000/s), reconnect and resume with `since` their last seen offset and epoch;
+    /// each must end with every offset exactly once, in order. Reports reconnects, lost,
+    /// duplicated, out-of-order and the recovery time (from the old connection's end to the
+    /// end of the replay). One node only (not --nodes 2); embedded (its channel gets a
+    /// history holding the whole run) or a --target whose channel has a history.
+    Recover,
 }
 
 /// What the embedded hub does with a client whose outbound queue goes over its bound
@@ -101,8 +109,8 @@ pub(crate) struct Args {
     #[arg(short, long, default_value_t = 20.0, value_name = "SECONDS")]
     pub(crate) duration: f64,
 
-    /// Connections subscribed (fanout, broadcast, churn, slow: all clients; idle).
-    /// [default: 1000; idle: 10000]
+    /// Connections subscribed (fanout, broadcast, churn, slow: all clients; idle; recover).
+    /// [default: 1000; idle: 10000; recover: 200]
     #[arg(short = 'n', long, value_name = "N")]
     pub(crate) subscribers: Option<usize>,
 
@@ -112,7 +120,8 @@ pub(crate) struct Args {
     pub(crate) window: u32,
 
     /// Open loop instead: publishes per second over all channels (0 = closed loop). Latency then
-    /// counts from each message's scheduled send time, so falling behind shows.
+    /// counts from each message's scheduled send time, so falling behind shows. Recover always
+    /// publishes at a rate: this one, or 1000 when 0.
     #[arg(short, long, default_value_t = 0.0, value_name = "PER_SECOND")]
     pub(crate) rate: f64,
 
@@ -163,6 +172,30 @@ pub(crate) struct Args {
     /// fall behind lose messages, which the report counts and the exit status shows.
     #[arg(long, value_enum, value_name = "POLICY")]
     pub(crate) hub_slow_consumer: Option<SlowConsumer>,
+
+    /// Embedded hub: give the scenario's channels a history (PROTOCOL.md, "History and
+    /// recovery"): every channel whose name starts with --channel keeps its last
+    /// --history-size publications for up to an hour, so its messages carry an offset and an
+    /// epoch. Compare a run with and without it to see what the history costs. The recover
+    /// scenario always has it.
+    #[arg(long)]
+    pub(crate) history: bool,
+
+    /// Embedded hub, with --history (and recover): publications each history keeps (its age
+    /// limit is one hour). [default: 10000, the last 10,000 (a run that publishes more also
+    /// trims, which is part of what --history measures); recover: every publication of the run,
+    /// rate x (duration + drain) + 1000]
+    #[arg(long, value_name = "N")]
+    pub(crate) history_size: Option<usize>,
+
+    /// Recover: the mean time between one subscriber's drops (exponential intervals), e.g.
+    /// 500ms, 2s, or a number of milliseconds.
+    #[arg(long, default_value = "500ms", value_name = "DURATION", value_parser = parse_millis)]
+    pub(crate) drop_every: f64,
+
+    /// Recover: the seed of the drop times (a run repeats its drops with its seed).
+    #[arg(long, default_value_t = 1)]
+    pub(crate) seed: u64,
 
     /// Milliseconds per reporting interval.
     #[arg(long, default_value_t = 1000, value_name = "MS")]
@@ -268,6 +301,24 @@ fn redacted<S: serde::Serializer>(url: &Option<String>, s: S) -> Result<S::Ok, S
     match url {
         Some(u) => s.serialize_some(&redact(u)),
         None => s.serialize_none(),
+    }
+}
+
+/// Parses `500ms`, `2s`, `1.5s` or `250` (milliseconds) into milliseconds.
+pub(crate) fn parse_millis(s: &str) -> Result<f64, String> {
+    let t = s.trim();
+    let (num, scale) = if let Some(n) = t.strip_suffix("ms") {
+        (n, 1.0)
+    } else if let Some(n) = t.strip_suffix('s') {
+        (n, 1000.0)
+    } else {
+        (t, 1.0)
+    };
+    match num.trim().parse::<f64>() {
+        Ok(v) if v.is_finite() && v > 0.0 && v * scale <= 3_600_000.0 => Ok(v * scale),
+        _ => Err(format!(
+            "bad duration {s:?}: expected e.g. 500ms, 2s or 250 (milliseconds), above 0 and at most an hour"
+        )),
     }
 }
 
@@ -383,6 +434,11 @@ impl Args {
             "--hub-shards must be from 1 to 1024",
         )?;
         pos(
+            self.history_size
+                .is_none_or(|n| (1..=10_000_000).contains(&n)),
+            "--history-size must be from 1 to 10000000",
+        )?;
+        pos(
             self.hub_queue_bytes.is_none_or(|n| n >= 1024),
             "--hub-queue-bytes must be at least 1024",
         )?;
@@ -408,6 +464,9 @@ impl Args {
                 "the ramp scenario runs on one node: drop --nodes 2 / the second --target".into(),
             );
         }
+        if self.node_count() > 1 && self.scenario == Scenario::Recover {
+            return Err("the recover scenario runs on one node: --nodes 2 across Redis is not part of it (drop --nodes 2 / the second --target)".into());
+        }
         if self.redis_url.is_some() && (self.node_count() < 2 || !self.target.is_empty()) {
             return Err(
                 "--redis-url joins two embedded hubs: use it with --nodes 2 and no --target".into(),
@@ -418,9 +477,10 @@ impl Args {
                 || self.hub_shards.is_some()
                 || self.hub_cpus.is_some()
                 || self.hub_queue_bytes.is_some()
-                || self.hub_slow_consumer.is_some())
+                || self.hub_slow_consumer.is_some()
+                || self.history)
         {
-            return Err("--hub-threads, --hub-shards, --hub-cpus, --hub-queue-bytes and --hub-slow-consumer apply to the embedded hub, not to --target".into());
+            return Err("--hub-threads, --hub-shards, --hub-cpus, --hub-queue-bytes, --hub-slow-consumer and --history apply to the embedded hub, not to --target".into());
         }
         if self.pid.is_some() && self.target.is_empty() {
             return Err("--pid goes with --target (the embedded hub is this process)".into());
@@ -490,6 +550,11 @@ mod tests {
             .is_err());
         assert!(a(&["--nodes", "3"]).validate().is_err());
         assert!(a(&["ramp", "--nodes", "2"]).validate().is_err());
+        assert!(a(&["recover", "--nodes", "2"]).validate().is_err());
+        assert_eq!(a(&["recover", "--drop-every", "2s"]).drop_every, 2000.0);
+        assert_eq!(a(&["recover"]).drop_every, 500.0);
+        assert!(parse_millis("0ms").is_err() && parse_millis("x").is_err());
+        assert_eq!(parse_millis("250").unwrap(), 250.0);
         assert!(a(&["--redis-url", "redis://127.0.0.1:1/"])
             .validate()
             .is_err());

@@ -20,7 +20,13 @@ pub(crate) struct HubOptions {
     pub(crate) queue_bytes: Option<usize>,
     /// What to do with a client over its queue bound (None: the hub's default).
     pub(crate) slow_consumer: Option<crate::cli::SlowConsumer>,
+    /// A history for every channel whose name starts with `.0`, keeping `.1` publications
+    /// for an hour (None: no history, the hub's default).
+    pub(crate) history: Option<(String, usize)>,
 }
+
+/// How old a kept publication may be, with --history: longer than any run.
+pub(crate) const HISTORY_AGE: Duration = Duration::from_secs(3600);
 
 /// Joins an embedded hub to others through Redis.
 #[derive(Debug, Clone)]
@@ -39,6 +45,8 @@ pub(crate) struct Embedded {
     served: Option<tokio::task::JoinHandle<()>>,
     /// Where it listens.
     pub(crate) addr: SocketAddr,
+    /// The history it keeps, as the report's first line says it.
+    history: Option<String>,
 }
 
 impl Embedded {
@@ -76,6 +84,11 @@ impl Embedded {
                 crate::cli::SlowConsumer::DropOldest => wshub::SlowConsumerPolicy::DropOldest,
             });
         }
+        if let Some((prefix, size)) = &opts.history {
+            let policy = wshub::HistoryPolicy::new(*size, HISTORY_AGE)
+                .map_err(|e| format!("bad history policy: {e}"))?;
+            builder = builder.prefix_history(prefix.as_str(), policy);
+        }
         if let Some(j) = join {
             let broker =
                 wshub::RedisBroker::new(wshub::RedisConfig::new(&j.url).node_id(&j.node_id))
@@ -110,6 +123,12 @@ impl Embedded {
             shutdown: Some(tx),
             served: Some(served),
             addr,
+            history: opts.history.as_ref().map(|(prefix, size)| {
+                format!(
+                    "; history on {prefix}*: {size} publications, {} s",
+                    HISTORY_AGE.as_secs()
+                )
+            }),
         };
         if let Some(j) = join {
             // Bounded: 50 polls of 100 ms.
@@ -136,8 +155,9 @@ impl Embedded {
     pub(crate) fn describe(&self) -> String {
         let threads = self.rt.as_ref().map_or(0, |rt| rt.metrics().num_workers());
         format!(
-            "{} shards, {threads} runtime threads",
-            self.hub.config().shards()
+            "{} shards, {threads} runtime threads{}",
+            self.hub.config().shards(),
+            self.history.as_deref().unwrap_or("")
         )
     }
 

@@ -28,6 +28,7 @@ mod engine;
 mod mailbox;
 mod plot;
 mod ramp;
+mod recover;
 #[cfg(feature = "embedded")]
 mod redis_server;
 mod report;
@@ -126,7 +127,8 @@ fn run(args: &Args) -> Result<Verdict, String> {
         drop(server.redis.take());
     }
     let out = result?;
-    let tallies: Vec<StepTally> = out.steps.iter().map(StepTally::from).collect();
+    let mut tallies: Vec<StepTally> = out.steps.iter().map(StepTally::from).collect();
+    tallies.extend(out.tallies.iter().cloned());
     let verdict = verdict::judge(args.scenario, &tallies, &out.sweep);
     if let Some(path) = &args.json {
         let doc = json!({
@@ -180,6 +182,9 @@ fn start_server(args: &Args, targets: Vec<Target>) -> Result<Server, String> {
             .unwrap_or_default(),
         queue_bytes: args.hub_queue_bytes,
         slow_consumer: args.hub_slow_consumer,
+        history: args
+            .wants_history()
+            .then(|| (args.channel.clone(), args.history_size())),
     };
     let nodes = args.node_count();
     let (redis, redis_url) = if nodes > 1 {

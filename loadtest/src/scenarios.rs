@@ -119,6 +119,9 @@ pub(crate) struct Output {
     /// Sweep: one point per step, in the same order (for the verdict; in `summary` too).
     #[serde(skip)]
     pub(crate) sweep: Vec<SweepPoint>,
+    /// What scenarios without steps (recover) contribute to the verdict.
+    #[serde(skip)]
+    pub(crate) tallies: Vec<crate::verdict::StepTally>,
 }
 
 /// Runs the scenario `args` names against `server`.
@@ -225,6 +228,37 @@ pub(crate) fn run(args: &Args, server: &Server, sources: u8) -> Result<Output, S
             r.out.steps = steps;
         }
         Scenario::Sweep => sweep(&mut r)?,
+        Scenario::Recover => {
+            let target = server
+                .targets
+                .first()
+                .cloned()
+                .ok_or("recover needs a hub to connect to")?;
+            let opts = crate::recover::RecoverOptions {
+                target,
+                channel: args.channel.clone(),
+                subscribers: args.subscribers.unwrap_or(200),
+                rate: args.recover_rate(),
+                duration: secs(args.duration),
+                drain: Duration::from_millis(args.drain_ms),
+                drop_every: Duration::from_secs_f64(args.drop_every / 1000.0),
+                seed: args.seed,
+                payload: args.payload,
+                threads: args.threads,
+                live_timeout: secs(args.live_timeout),
+                sources,
+            };
+            r.progress.finish_and_clear();
+            say!(
+                "recover: {} subscribers, publishing for {:.1} s...",
+                opts.subscribers,
+                opts.duration.as_secs_f64()
+            );
+            let res = crate::recover::run(opts, server)?;
+            say!("{}", res.text());
+            r.out.tallies.push(res.tally());
+            r.out.summary = serde_json::to_value(&res).unwrap_or(Value::Null);
+        }
         Scenario::Ramp => {
             r.progress.set_length(args.ramp_to as u64);
             r.progress.set_style(
@@ -463,18 +497,44 @@ impl Args {
             Scenario::Idle => "idle",
             Scenario::Slow => "slow",
             Scenario::Sweep => "sweep",
+            Scenario::Recover => "recover",
         }
+    }
+
+    /// The embedded hub gives the scenario's channels a history (--history, and recover).
+    #[cfg(feature = "embedded")]
+    pub(crate) fn wants_history(&self) -> bool {
+        self.history || self.scenario == Scenario::Recover
+    }
+
+    /// Recover's publications per second: --rate, or 1000.
+    pub(crate) fn recover_rate(&self) -> f64 {
+        if self.rate > 0.0 {
+            self.rate
+        } else {
+            1000.0
+        }
+    }
+
+    /// Publications each embedded history keeps (see --history-size).
+    #[cfg(feature = "embedded")]
+    pub(crate) fn history_size(&self) -> usize {
+        self.history_size
+            .unwrap_or(if self.scenario == Scenario::Recover {
+                let secs = self.duration + self.drain_ms as f64 / 1000.0;
+                ((self.recover_rate() * secs) as usize).saturating_add(1000)
+            } else {
+                10_000
+            })
     }
 
     /// Connections the scenario opens at most (for the file descriptor check).
     pub(crate) fn connections_needed(&self) -> usize {
-        let n = self
-            .subscribers
-            .unwrap_or(if self.scenario == Scenario::Idle {
-                10_000
-            } else {
-                1000
-            });
+        let n = self.subscribers.unwrap_or(match self.scenario {
+            Scenario::Idle => 10_000,
+            Scenario::Recover => 200,
+            _ => 1000,
+        });
         match self.scenario {
             Scenario::Fanout | Scenario::Broadcast | Scenario::Slow | Scenario::Idle => n,
             Scenario::Channels => self.channels.saturating_mul(self.per_channel),
@@ -484,6 +544,8 @@ impl Args {
                         as usize
             }
             Scenario::Ramp => self.ramp_to,
+            // Its subscribers and the publisher; a dropped connection is closed before the next.
+            Scenario::Recover => n + 1,
             Scenario::Sweep => parse_list::<usize>("--sweep-subs", &self.sweep_subs)
                 .ok()
                 .and_then(|v| v.into_iter().max())

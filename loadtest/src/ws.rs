@@ -218,7 +218,7 @@ impl Default for FrameParser {
 /// Parses a frame header at the start of `b`: (header length, payload length, opcode, masked),
 /// or `None` when `b` holds less than the whole header.
 #[inline]
-fn header(b: &[u8]) -> Option<(usize, u64, u8, bool)> {
+pub(crate) fn header(b: &[u8]) -> Option<(usize, u64, u8, bool)> {
     if b.len() < 2 {
         return None;
     }
@@ -391,6 +391,9 @@ mod tests {
         assert_eq!(scan_message_at(other, &mut hint), Some((8, 100)));
         hint = 5000;
         assert_eq!(scan_message_at(m, &mut hint), Some((7, 99)));
+        // A history channel's frame: the position after the timestamp changes nothing.
+        let h = br#"{"type":"message","channel":"c-1","data":"9:101:xx","timestamp":"2026-01-01T00:00:00Z","offset":9,"epoch":"a9f3c2"}"#;
+        assert_eq!(scan_message_at(h, &mut hint), Some((9, 101)));
         assert_eq!(
             scan_message(br#"{"type":"message","channel":"c","data":{"a":1}}"#),
             None

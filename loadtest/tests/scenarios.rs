@@ -231,6 +231,79 @@ fn measured_losses_exit_3() {
     );
 }
 
+/// Fanout with --history: the same run on a history channel (frames with offset and epoch at
+/// their end) adds up the same way.
+#[test]
+fn fanout_with_history_adds_up() {
+    let v = run_json(&["fanout", "-n", "20", "-w", "4", "-d", "1", "--history"]);
+    assert_eq!(v["config"]["history"], true);
+    check_step(&v["steps"][0], 20);
+}
+
+/// Recover, briefly: subscribers drop (reset and clean close) and resume with `since` while a
+/// publisher streams; nothing lost or duplicated, and they did reconnect.
+#[test]
+fn recover_loses_nothing() {
+    let v = run_json(&[
+        "recover",
+        "-n",
+        "6",
+        "-d",
+        "1.5",
+        "--drop-every",
+        "150ms",
+        "--rate",
+        "500",
+    ]);
+    let s = &v["summary"];
+    assert_eq!(u(&s["subscribers"]), 6);
+    assert!(u(&s["published"]) > 0, "nothing published: {s}");
+    assert_eq!(u(&s["lost"]), 0, "{s}");
+    assert_eq!(u(&s["duplicated"]), 0, "{s}");
+    assert_eq!(u(&s["out_of_order"]), 0, "{s}");
+    assert_eq!(u(&s["not_recovered"]), 0, "{s}");
+    assert_eq!(u(&s["complete_subscribers"]), 6, "{s}");
+    let reconnects = u(&s["reconnects"]);
+    assert!(reconnects > 0, "no reconnects: {s}");
+    assert!(u(&s["abrupt_drops"]) > 0 && u(&s["clean_drops"]) > 0, "{s}");
+    assert_eq!(
+        u(&s["abrupt_drops"]) + u(&s["clean_drops"]) + u(&s["server_closes"]),
+        reconnects
+    );
+    assert!(u(&s["recovery"]["count"]) > 0, "no recovery timed: {s}");
+    // Every subscriber got every publication at least once.
+    assert!(u(&s["received"]) >= 6 * (u(&s["last_offset"]) - u(&s["first_offset"])));
+}
+
+/// Recover with a history too short for the drops: the resumes are answered
+/// `recovered: false`, the offsets they miss are counted lost, and the exit status says so.
+#[test]
+fn recover_counts_what_a_short_history_loses() {
+    let args = [
+        "recover",
+        "-n",
+        "6",
+        "-d",
+        "1.5",
+        "--drop-every",
+        "100ms",
+        "--rate",
+        "3000",
+        "--history-size",
+        "5",
+    ];
+    let (out, v) = run_json_status(&args);
+    assert_eq!(
+        out.status.code(),
+        Some(EXIT_LOST),
+        "{}",
+        describe(&args, &out)
+    );
+    let s = &v["summary"];
+    assert!(u(&s["lost"]) > 0 && u(&s["not_recovered"]) > 0, "{s}");
+    assert_eq!(u(&v["verdict"]["lost"]), u(&s["lost"]));
+}
+
 #[test]
 fn fanout_open_loop_adds_up() {
     let v = run_json(&["fanout", "-n", "10", "-r", "200", "-d", "1.5"]);
@@ -518,6 +591,9 @@ fn bad_arguments_exit_without_panic() {
             "100000",
         ],
         &["--hub-slow-consumer", "sometimes"],
+        &["--nodes", "2", "recover"],
+        &["--drop-every", "0ms", "recover"],
+        &["--target", "ws://127.0.0.1:1/ws", "--history"],
         &[
             "--target",
             "ws://127.0.0.1:1/ws",
