@@ -238,8 +238,12 @@ impl Client {
     ///
     /// As [`send`](Client::send).
     pub async fn publish(&self, channel: &str, data: impl Into<Value>) -> Result<(), Error> {
-        self.send(&Envelope::new("publish").with_channel(channel).with_data(data))
-            .await
+        self.send(
+            &Envelope::new("publish")
+                .with_channel(channel)
+                .with_data(data),
+        )
+        .await
     }
 
     /// Sends a `ping`; the hub's answer arrives as [`Event::Pong`].
@@ -274,8 +278,9 @@ impl Client {
 
     /// Subscribes to `channel` resuming after `since` (a position the application stored,
     /// e.g. with what it rendered): the hub replays what followed it, then the live stream.
-    /// Sent even if the channel is already subscribed on this connection (the hub replays
-    /// again; offsets the client already delivered are dropped). Otherwise as
+    /// Sent even if the channel is already subscribed on this connection. Offsets already
+    /// delivered are never delivered again: where the client is already past `since` in the
+    /// same epoch, it resumes from its own position. Otherwise as
     /// [`subscribe`](Client::subscribe).
     ///
     /// # Errors
@@ -287,7 +292,15 @@ impl Client {
             let state = channels.entry(channel.to_owned()).or_default();
             state.wanted = true;
             state.history = Some(true);
-            state.position = Some(since);
+            // Never back over what was delivered: those offsets would be dropped anyway.
+            let behind = matches!(
+                &state.position,
+                Some(last) if last.epoch.is_some() && last.epoch == since.epoch
+                    && last.offset >= since.offset
+            );
+            if !behind {
+                state.position = Some(since);
+            }
         }
         self.send_subscribe(channel, true).await
     }
@@ -403,13 +416,21 @@ async fn sleep_or_shutdown(delay: Duration, shutdown: &mut watch::Receiver<bool>
 async fn run(shared: Arc<Shared>, events: mpsc::Sender<Event>) {
     let mut shutdown = shared.shutdown.subscribe();
     let config = shared.config.clone();
+    // Consecutive failed attempts (for max_retries) and consecutive waits (the backoff's
+    // exponent): both start again after every successful connection.
     let mut failures: u32 = 0;
+    let mut waits: u32 = 0;
     let mut connected_before = false;
     let mut delay: Option<Duration> = None;
     let outcome: Option<Error> = loop {
         if let Some(delay) = delay {
             let attempt = failures + 1;
-            emit(&events, &mut shutdown, Event::Reconnecting { attempt, delay }).await;
+            emit(
+                &events,
+                &mut shutdown,
+                Event::Reconnecting { attempt, delay },
+            )
+            .await;
             if sleep_or_shutdown(delay, &mut shutdown).await {
                 break None;
             }
@@ -430,20 +451,27 @@ async fn run(shared: Arc<Shared>, events: mpsc::Sender<Event>) {
                 bump(&shared.counters.failed_attempts);
                 shared.set_state(State::Disconnected);
                 let last = error.to_string();
-                emit(&events, &mut shutdown, Event::ConnectFailed { attempt, error }).await;
+                emit(
+                    &events,
+                    &mut shutdown,
+                    Event::ConnectFailed { attempt, error },
+                )
+                .await;
                 if config.max_retries > 0 && failures >= config.max_retries {
                     break Some(Error::GaveUp {
                         attempts: failures,
                         last,
                     });
                 }
-                delay = Some(config.delay(failures));
+                delay = Some(config.delay(waits));
+                waits += 1;
                 continue;
             }
         };
         shared.set_state(State::Connected);
         bump(&shared.counters.connections);
         failures = 0;
+        waits = 0;
         emit(&events, &mut shutdown, Event::Connected).await;
         if connected_before {
             bump(&shared.counters.reconnects);
@@ -458,12 +486,19 @@ async fn run(shared: Arc<Shared>, events: mpsc::Sender<Event>) {
             break None;
         };
         emit(&events, &mut shutdown, Event::Disconnected { reason }).await;
-        delay = Some(config.delay(0));
+        delay = Some(config.delay(waits));
+        waits += 1;
     };
     shared.stopped.store(true, Ordering::Release);
     shared.writer.lock().await.sink = None;
     shared.set_state(State::Closed);
-    emit(&events, &mut shutdown, Event::Closed { error: outcome }).await;
+    let closed = Event::Closed { error: outcome };
+    if *shutdown.borrow() {
+        // Closed by the application, which may not be reading: never wait for it.
+        let _ = events.try_send(closed);
+    } else {
+        emit(&events, &mut shutdown, closed).await;
+    }
     shared.done.send_replace(true);
 }
 
@@ -514,7 +549,9 @@ async fn connect(shared: &Shared) -> Result<WsSource, Error> {
             .await
             .map_err(|e| Error::Write(e.to_string()))?;
     }
-    sink.flush().await.map_err(|e| Error::Write(e.to_string()))?;
+    sink.flush()
+        .await
+        .map_err(|e| Error::Write(e.to_string()))?;
     writer.sink = Some(sink);
     writer.generation = generation;
     Ok(source)

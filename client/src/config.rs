@@ -70,10 +70,11 @@ impl ClientConfig {
         &self.url
     }
 
-    /// The nominal delay (before jitter) before the attempt that follows `failures`
-    /// consecutive failures since the connection was lost (0: the first reconnection attempt).
-    pub fn nominal_delay(&self, failures: u32) -> Duration {
-        let exponent = i32::try_from(failures).unwrap_or(i32::MAX).min(1024);
+    /// The nominal delay (before jitter) of the `n`th wait in a row, counted from 0: the
+    /// first wait after a lost connection (or after a failed first attempt) is
+    /// `initial_backoff`, each next one `multiplier` times longer, up to `max_backoff`.
+    pub fn nominal_delay(&self, n: u32) -> Duration {
+        let exponent = i32::try_from(n).unwrap_or(i32::MAX).min(1024);
         let secs = self.initial_backoff.as_secs_f64() * self.multiplier.powi(exponent);
         let cap = self.max_backoff.as_secs_f64();
         Duration::from_secs_f64(if secs.is_finite() { secs.min(cap) } else { cap })
@@ -91,9 +92,9 @@ impl ClientConfig {
         Duration::from_secs_f64(secs.clamp(0.0, self.max_backoff.as_secs_f64().max(nominal_secs)))
     }
 
-    /// The actual wait before the attempt that follows `failures` consecutive failures.
-    pub(crate) fn delay(&self, failures: u32) -> Duration {
-        self.jittered(self.nominal_delay(failures), random_unit())
+    /// The `n`th wait in a row, jitter applied.
+    pub(crate) fn delay(&self, n: u32) -> Duration {
+        self.jittered(self.nominal_delay(n), random_unit())
     }
 
     /// The handshake request: the URL and the extra headers.
@@ -280,7 +281,10 @@ mod tests {
         let samples: Vec<_> = (0..200).map(|_| full.delay(2)).collect();
         assert!(samples.iter().all(|d| *d <= nominal), "{samples:?}");
         let distinct: std::collections::HashSet<_> = samples.iter().collect();
-        assert!(distinct.len() > 150, "full jitter should spread: {distinct:?}");
+        assert!(
+            distinct.len() > 150,
+            "full jitter should spread: {distinct:?}"
+        );
 
         let twenty = config(Jitter::Proportional(0.2));
         assert_eq!(twenty.jittered(nominal, 0.0), Duration::from_millis(320));
@@ -293,7 +297,9 @@ mod tests {
 
     #[test]
     fn defaults_are_go_ws_s_with_full_jitter() {
-        let c = ClientConfig::builder("ws://127.0.0.1:8080/ws").build().unwrap();
+        let c = ClientConfig::builder("ws://127.0.0.1:8080/ws")
+            .build()
+            .unwrap();
         assert_eq!(c.initial_backoff, Duration::from_secs(1));
         assert_eq!(c.max_backoff, Duration::from_secs(30));
         assert_eq!(c.multiplier, 2.0);
@@ -304,12 +310,17 @@ mod tests {
     #[test]
     fn bad_settings_are_refused() {
         let base = || ClientConfig::builder("ws://127.0.0.1:8080/ws");
-        assert!(ClientConfig::builder("wss://example.invalid/ws").build().is_err());
+        assert!(ClientConfig::builder("wss://example.invalid/ws")
+            .build()
+            .is_err());
         assert!(ClientConfig::builder("not a url").build().is_err());
         assert!(base().multiplier(0.5).build().is_err());
         assert!(base().multiplier(f64::NAN).build().is_err());
         assert!(base().jitter(Jitter::Proportional(1.5)).build().is_err());
-        assert!(base().initial_backoff(Duration::from_secs(60)).build().is_err());
+        assert!(base()
+            .initial_backoff(Duration::from_secs(60))
+            .build()
+            .is_err());
         assert!(base().header("bad name", "x").build().is_err());
         assert!(base().header("Authorization", "Bearer k").build().is_ok());
     }

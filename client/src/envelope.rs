@@ -15,11 +15,7 @@ pub struct Envelope {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub channel: Option<String>,
     /// The process id of `process_output` and `process_status` messages.
-    #[serde(
-        default,
-        rename = "processId",
-        skip_serializing_if = "Option::is_none"
-    )]
+    #[serde(default, rename = "processId", skip_serializing_if = "Option::is_none")]
     pub process_id: Option<String>,
     /// The payload (absent and `null` are the same).
     #[serde(default, skip_serializing_if = "Option::is_none")]

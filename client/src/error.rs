@@ -43,7 +43,10 @@ impl fmt::Display for Error {
             Error::Encode(e) => write!(f, "cannot encode the message: {e}"),
             Error::Malformed(e) => write!(f, "malformed server message: {e}"),
             Error::GaveUp { attempts, last } => {
-                write!(f, "gave up after {attempts} failed attempts; the last: {last}")
+                write!(
+                    f,
+                    "gave up after {attempts} failed attempts; the last: {last}"
+                )
             }
         }
     }

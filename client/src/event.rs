@@ -88,7 +88,9 @@ pub enum Event {
     /// Something went wrong that did not stop the client (a malformed server frame).
     Error(Error),
     /// The client has stopped; the last event. `error` is `None` after
-    /// [`Client::close`](crate::Client::close), [`Error::GaveUp`] when it gave up.
+    /// [`Client::close`](crate::Client::close) (which does not wait for room in a full
+    /// buffer: then this event is skipped, and the stream just ends), [`Error::GaveUp`] when
+    /// it gave up.
     Closed {
         /// Why it stopped, if not by `close`.
         error: Option<Error>,
