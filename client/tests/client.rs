@@ -172,6 +172,29 @@ async fn close_sends_a_close_frame_with_1000() {
     assert_eq!(event, Event::Closed { error: None });
 }
 
+/// Dropping every handle stops the client: the hub sees it go, and the events end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropping_the_last_handle_stops_the_client() {
+    let hub = TestHub::start(HubConfig::default()).await;
+    let (client, mut events) = Client::start(quick(hub.url()).build().expect("config"));
+    assert_eq!(next_event(&mut events, "Connected").await, Event::Connected);
+    let other = client.clone();
+    drop(client);
+    assert_eq!(other.state(), State::Connected, "a clone keeps it running");
+    drop(other);
+    let (event, _) =
+        wait_for_event(&mut events, "Closed", |e| matches!(e, Event::Closed { .. })).await;
+    assert_eq!(event, Event::Closed { error: None });
+    assert!(within("the end of the events", events.recv())
+        .await
+        .is_none());
+    let hub = hub.hub.clone();
+    wait_until("the hub to see the client go", move || {
+        hub.client_count() == 0
+    })
+    .await;
+}
+
 /// A server that misbehaves (offsets again, an older offset, then a new epoch): the
 /// application sees each offset of an epoch once, in order, and is told of the new epoch.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
