@@ -372,7 +372,7 @@ async fn history_is_recovered_exactly_once_across_cuts() {
                     if cuts.is_multiple_of(2) {
                         hub.hub.disconnect(id, 4000, "test").expect("disconnect");
                     } else {
-                        assert_eq!(proxy.cut(), 1, "one connection through the proxy");
+                        assert!(proxy.cut() >= 1, "a live connection through the proxy");
                     }
                     cuts += 1;
                 }
