@@ -32,6 +32,8 @@ enum Kind {
         /// The shard that refused, for a caller that waits for its room.
         shard: usize,
     },
+    /// [`Hub::stream_process`](crate::Hub::stream_process) could not start the child.
+    Spawn(std::io::Error),
 }
 
 impl Error {
@@ -60,6 +62,12 @@ impl Error {
     pub(crate) fn overloaded(shard: usize) -> Self {
         Error {
             kind: Kind::Overloaded { shard },
+        }
+    }
+
+    pub(crate) fn spawn(err: std::io::Error) -> Self {
+        Error {
+            kind: Kind::Spawn(err),
         }
     }
 
@@ -105,6 +113,13 @@ impl Error {
     pub fn is_overloaded(&self) -> bool {
         matches!(self.kind, Kind::Overloaded { .. })
     }
+
+    /// [`Hub::stream_process`](crate::Hub::stream_process) could not start the child (the
+    /// program was not found, say); its `source` is the `std::io::Error`. The channel gets
+    /// the status `failed` all the same.
+    pub fn is_spawn(&self) -> bool {
+        matches!(self.kind, Kind::Spawn(_))
+    }
 }
 
 impl fmt::Display for Error {
@@ -117,6 +132,7 @@ impl fmt::Display for Error {
             Kind::Overloaded { .. } => {
                 f.write_str("hub overloaded: a shard's inbox is full, nothing was sent")
             }
+            Kind::Spawn(err) => write!(f, "process could not be started: {err}"),
         }
     }
 }
@@ -131,6 +147,7 @@ impl std::error::Error for Error {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         match &self.kind {
             Kind::Encode(err) => Some(err),
+            Kind::Spawn(err) => Some(err),
             _ => None,
         }
     }
@@ -156,6 +173,7 @@ mod tests {
             Error::config("x"),
             Error::invalid_argument("y"),
             Error::overloaded(0),
+            Error::spawn(std::io::Error::other("x")),
         ] {
             let text = err.to_string();
             assert!(text.chars().next().unwrap().is_lowercase(), "{text}");

@@ -1,5 +1,6 @@
 //! The [`Hub`] handle: the public API, and routing of every call to the shards.
 
+use std::collections::HashSet;
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
@@ -55,6 +56,9 @@ pub(crate) struct Shared {
     pub(crate) shutting_down: watch::Sender<bool>,
     /// Notified when the last connection task ends.
     tasks_idle: Notify,
+    /// The process ids that [`Hub::stream_process`] is running (`process.rs`): a second run of
+    /// one of them is refused.
+    pub(crate) running_processes: Mutex<HashSet<Box<str>>>,
 }
 
 impl Shared {
@@ -172,7 +176,7 @@ impl Shared {
         u64::MAX >> (64 - self.inboxes.len())
     }
 
-    fn check_running(&self) -> Result<()> {
+    pub(crate) fn check_running(&self) -> Result<()> {
         if self.is_running() {
             Ok(())
         } else {
@@ -596,6 +600,7 @@ impl Hub {
             state: AtomicU8::new(RUNNING),
             shutting_down: watch::channel(false).0,
             tasks_idle: Notify::new(),
+            running_processes: Mutex::new(HashSet::new()),
         });
         Hub {
             inner: Arc::new(Inner {

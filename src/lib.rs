@@ -54,6 +54,7 @@
 //! | `shard` | the shard actor (the hot path: batches of commands, staging, one write per client), subscribers catching up on a channel with history (`shard/catch_up.rs`: replays, then the live stream), its inbox and backlog bound (`shard/inbox.rs`), the channel directory, the memory held by slow clients' queues | `shard::Context`: its part of the configuration, a `conn::Env`, the clock, the directory, the histories, the inboxes; the directory tells a `ChannelActivity` object the hub installs |
 //! | `broker` | several nodes: the [`Broker`] trait, [`Inbound`] and, with feature `redis`, `RedisBroker` | `Inbound` reaches the hub through the `LocalNode` trait that `broker` defines and the hub implements |
 //! | `hub`, `config` | the [`Hub`] handle: the public API, routing to the shards; beside it [`HubConfig`] (which holds a broker and an authenticator as inputs) | - |
+//! | `process` | [`Hub::stream_process`] (an `impl Hub` of its own, like `http`'s): a child process's output to its `process:ID` channel, line by line, then its status | - |
 //! | `http` | [`serve`], [`Hub::handler`] and [`Hub::handle_websocket`] (an `impl Hub` of its own: in `hub.rs` they would make `hub` name `http`), the upgrade, the connection task (`http/session.rs`) that reads a client and calls the hub | - |
 //!
 //! The test-only `bench_support` module sits above all of them.
@@ -73,6 +74,7 @@ mod error;
 mod history;
 mod http;
 mod hub;
+mod process;
 mod shard;
 mod stats;
 mod wire;
@@ -96,6 +98,7 @@ pub use history::{
 };
 pub use http::{serve, Body, HubService};
 pub use hub::Hub;
+pub use process::{ProcessExit, ProcessHandle, PROCESS_LINE_LIMIT};
 pub use stats::{HistoryFigures, HubStats};
 pub use wire::frame::close_code;
 pub use wire::protocol::{
