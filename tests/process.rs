@@ -259,3 +259,37 @@ async fn a_go_ws_subscriber_gets_plain_lines() {
     assert_eq!(lines, ["one", "two"]);
     assert_eq!(status["data"], json!({"status": "exited", "exitCode": 0}));
 }
+
+/// The code of README's "Build logs" is `stream_process`'s doc test (which is compiled)
+/// without its hidden lines.
+#[test]
+fn the_readme_example_is_the_doc_test() {
+    let dir = env!("CARGO_MANIFEST_DIR");
+    let readme = std::fs::read_to_string(format!("{dir}/README.md")).unwrap();
+    let section = &readme[readme.find("### Build logs").expect("a Build logs section")..];
+    let start = section.find("```rust").unwrap();
+    let block = &section[start..];
+    let block = &block[block.find('\n').unwrap() + 1..];
+    let readme_lines: Vec<&str> = block[..block.find("```").unwrap()].lines().collect();
+
+    let source = std::fs::read_to_string(format!("{dir}/src/process.rs")).unwrap();
+    let doc = &source[source
+        .find("pub fn stream_process")
+        .map(|end| {
+            source[..end]
+                .rfind("/// ```no_run")
+                .expect("the doc test of stream_process")
+        })
+        .unwrap()..];
+    let doc_lines: Vec<&str> = doc
+        .lines()
+        .skip(1)
+        .map(|line| {
+            let line = line.trim_start().trim_start_matches("///");
+            line.strip_prefix(' ').unwrap_or(line)
+        })
+        .take_while(|line| *line != "```")
+        .filter(|line| !line.starts_with("# ") && *line != "#")
+        .collect();
+    assert_eq!(readme_lines, doc_lines);
+}
