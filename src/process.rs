@@ -145,8 +145,8 @@ impl Hub {
     ///   `process_output`; a type of our own for stderr would hide those lines from them).
     ///   The lines of one stream keep their order; between the two streams, the order is the
     ///   order in which the hub read them, which is only approximately the order in which the
-    ///   child wrote them. To tell them apart, run two processes or prefix the lines yourself
-    ///   (`sh -c 'cmd 2> >(sed "s/^/E /")'`, say).
+    ///   child wrote them. To tell them apart, have the command mark its stderr lines itself
+    ///   (through `sed` in a shell pipeline, say).
     /// - **Status**: `{"status":"exited","exitCode":CODE}` when the child exits;
     ///   `{"status":"signaled","exitCode":128+SIGNAL}` when a signal ended it (see
     ///   [`ProcessExit`]); `{"status":"failed","exitCode":-1}` when it could not be started
