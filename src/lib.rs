@@ -73,6 +73,8 @@ mod error;
 mod history;
 mod http;
 mod hub;
+#[cfg(feature = "metrics")]
+mod metrics;
 mod shard;
 mod stats;
 mod wire;
@@ -96,6 +98,12 @@ pub use history::{
 };
 pub use http::{serve, Body, HubService};
 pub use hub::Hub;
+#[cfg(feature = "metrics")]
+pub use metrics::METRICS_CONTENT_TYPE;
+/// The Prometheus client that [`Hub::register_metrics`] takes a registry of (cargo feature
+/// `metrics`), re-exported so that an application uses the same version.
+#[cfg(feature = "metrics")]
+pub use prometheus_client;
 pub use stats::{HistoryFigures, HubStats};
 pub use wire::frame::close_code;
 pub use wire::protocol::{
