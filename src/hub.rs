@@ -92,6 +92,7 @@ impl Shared {
             self.counters
                 .backlog_refused
                 .fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(shard = index, "shard backlog over its bound: call refused");
             return Err(Error::overloaded(index));
         }
         Ok(())
@@ -152,6 +153,10 @@ impl Shared {
                 self.counters
                     .backlog_refused
                     .fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(
+                    shard = index,
+                    "shard backlog over its bound: publish refused"
+                );
                 return Err(Error::overloaded(index));
             }
             reserved |= 1 << index;
