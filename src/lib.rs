@@ -55,6 +55,7 @@
 //! | `broker` | several nodes: the [`Broker`] trait, [`Inbound`] and, with feature `redis`, `RedisBroker` | `Inbound` reaches the hub through the `LocalNode` trait that `broker` defines and the hub implements |
 //! | `hub`, `config` | the [`Hub`] handle: the public API, routing to the shards; beside it [`HubConfig`] (which holds a broker and an authenticator as inputs) | - |
 //! | `http` | [`serve`], [`Hub::handler`] and [`Hub::handle_websocket`] (an `impl Hub` of its own: in `hub.rs` they would make `hub` name `http`), the upgrade, the connection task (`http/session.rs`) that reads a client and calls the hub | - |
+//! | `metrics` | with feature `metrics`: `Hub::metrics` and `Hub::register_metrics` (an `impl Hub` of its own, like `http`'s), a Prometheus collector computed from the hub's stats at scrape time | - |
 //!
 //! The test-only `bench_support` module sits above all of them.
 

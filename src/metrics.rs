@@ -33,11 +33,23 @@ impl Hub {
     /// Names are prefixed `wshub_`; counters end in `_total`. The README's "Metrics" section
     /// lists them all.
     ///
+    /// The README's "Metrics" example (a test checks the two match):
+    ///
     /// ```
-    /// let hub = wshub::Hub::new();
+    /// use wshub::prometheus_client::registry::Registry;
+    /// use wshub::Hub;
+    ///
+    /// let hub = Hub::new();
+    /// // This hub alone, in the Prometheus text format (serve it as wshub::METRICS_CONTENT_TYPE):
     /// let text = hub.metrics();
     /// assert!(text.contains("# TYPE wshub_published_total counter"));
-    /// assert!(text.contains("wshub_clients 0"));
+    ///
+    /// // Or beside an application's own metrics, with a label per hub:
+    /// let mut registry = Registry::default();
+    /// hub.register_metrics(registry.sub_registry_with_label(("node".into(), "a".into())));
+    /// let mut text = String::new();
+    /// wshub::prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+    /// assert!(text.contains("wshub_clients{node=\"a\"} 0"));
     /// ```
     pub fn metrics(&self) -> String {
         let mut registry = Registry::default();
