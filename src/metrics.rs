@@ -15,7 +15,7 @@
 use std::sync::{Arc, Weak};
 
 use prometheus_client::collector::Collector;
-use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, NoLabelSet};
+use prometheus_client::encoding::{DescriptorEncoder, NoLabelSet};
 use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
 
@@ -73,14 +73,15 @@ impl Hub {
 }
 
 /// Encodes a hub's figures at each scrape.
-#[derive(Debug)]
 struct HubCollector {
     shared: Weak<Shared>,
 }
 
-impl std::fmt::Debug for Shared {
+impl std::fmt::Debug for HubCollector {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Shared").finish_non_exhaustive()
+        f.debug_struct("HubCollector")
+            .field("alive", &(self.shared.strong_count() > 0))
+            .finish()
     }
 }
 
@@ -152,19 +153,12 @@ impl Out<'_, '_> {
             .0
             .encode_descriptor(name, help, None, MetricType::Gauge)?;
         for (shard, value) in values.into_iter().enumerate() {
-            let labels = [("shard", shard)];
-            encode_gauge_family(&mut metric, &labels, value.into())?;
+            metric
+                .encode_family(&[("shard", shard)])?
+                .encode_gauge(&value.into())?;
         }
         Ok(())
     }
-}
-
-fn encode_gauge_family(
-    metric: &mut prometheus_client::encoding::MetricEncoder<'_>,
-    labels: &impl EncodeLabelSet,
-    value: u64,
-) -> Result<(), std::fmt::Error> {
-    metric.encode_family(labels)?.encode_gauge(&value)
 }
 
 fn encode_stats(out: &mut Out<'_, '_>, s: &HubStats) -> Result<(), std::fmt::Error> {

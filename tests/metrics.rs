@@ -326,3 +326,41 @@ fn the_readme_example_is_the_doc_test() {
         "README.md's Metrics example must be Hub::metrics's doc test:\n{example}"
     );
 }
+
+/// A broker that sends nothing and reports fixed counters.
+struct FixedBroker;
+
+impl wshub::Broker for FixedBroker {
+    fn start(&self, _inbound: wshub::Inbound) {}
+    fn publish(&self, _target: wshub::Target<'_>, _message: bytes::Bytes) {}
+    fn channel_active(&self, _channel: &str) {}
+    fn channel_inactive(&self, _channel: &str) {}
+    fn stats(&self) -> wshub::BrokerStats {
+        let mut stats = wshub::BrokerStats::new(true);
+        stats.reconnects = 1;
+        stats.sent = 5;
+        stats.received = 4;
+        stats.send_dropped = 3;
+        stats.receive_dropped = 2;
+        stats.channels = 6;
+        stats
+    }
+    fn shutdown(&self) {}
+}
+
+#[tokio::test]
+async fn a_hub_with_a_broker_exposes_the_broker_figures() {
+    let hub = Hub::with_config(HubConfig::builder().broker(FixedBroker).build().unwrap());
+    let samples = parse(&hub.metrics());
+    for (series, value) in [
+        ("wshub_broker_connected", 1.0),
+        ("wshub_broker_reconnects_total", 1.0),
+        ("wshub_broker_sent_total", 5.0),
+        ("wshub_broker_received_total", 4.0),
+        ("wshub_broker_dropped_total{direction=\"send\"}", 3.0),
+        ("wshub_broker_dropped_total{direction=\"receive\"}", 2.0),
+        ("wshub_broker_channels", 6.0),
+    ] {
+        assert_eq!(sample(&samples, series), value, "{series}");
+    }
+}
