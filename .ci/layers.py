@@ -7,7 +7,7 @@ from collections import defaultdict
 
 ROOT = sys.argv[1] if len(sys.argv) > 1 else "src"
 TOPS = ["wire", "history", "conn", "shard", "broker", "hub", "config", "error", "stats", "client",
-        "auth", "process", "http", "bench_support", "lib"]
+        "auth", "process", "http", "metrics", "bench_support", "lib"]
 
 def top_of(path):
     rel = os.path.relpath(path, ROOT)

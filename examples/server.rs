@@ -3,6 +3,7 @@
 //! ```text
 //! cargo run --release --example server -- [--addr 127.0.0.1:8080] [--allow-publish]
 //!     [--history N [--history-ttl SECS]]
+//! cargo run --release --features metrics --example server -- --metrics 127.0.0.1:9090
 //! ```
 //!
 //! `--allow-publish` lets clients `publish` to any channel (what `shared/bench/compare.sh` and
@@ -10,6 +11,11 @@
 //! (for an hour, or `--history-ttl` seconds), so that a client that reconnects subscribes with
 //! `since` and misses nothing. Ctrl-C or SIGTERM shuts down gracefully: every client gets what
 //! was already sent, then a 1001 close.
+//!
+//! Built with the cargo feature `metrics`, `--metrics HOST:PORT` serves the hub's Prometheus
+//! metrics at `http://HOST:PORT/metrics`, on a listener of its own; without the feature the
+//! flag is refused. Logs go to stderr through `tracing-subscriber`, filtered by `RUST_LOG`
+//! (default `warn`; `RUST_LOG=wshub=debug` shows each connection's life, refusals and cuts).
 
 use std::net::SocketAddr;
 use std::process::ExitCode;
@@ -25,11 +31,20 @@ const USAGE: &str =
   --history N          keep the last N publications of every channel (default: no history)
   --history-ttl SECS   and each for at most SECS seconds (default 3600)";
 
+/// The flags of the cargo feature `metrics`, in the usage only when it is built in.
+#[cfg(feature = "metrics")]
+const METRICS_USAGE: &str = "
+  --metrics HOST:PORT  serve Prometheus metrics at http://HOST:PORT/metrics (default: off)";
+#[cfg(not(feature = "metrics"))]
+const METRICS_USAGE: &str = "";
+
 struct Args {
     addr: SocketAddr,
     allow_publish: bool,
     history: Option<usize>,
     history_ttl: Duration,
+    #[cfg(feature = "metrics")]
+    metrics: Option<SocketAddr>,
 }
 
 /// The value after flag `name`, parsed.
@@ -52,6 +67,8 @@ fn parse_args() -> Result<Args, String> {
         allow_publish: false,
         history: None,
         history_ttl: Duration::from_secs(3600),
+        #[cfg(feature = "metrics")]
+        metrics: None,
     };
     let mut argv = std::env::args().skip(1);
     while let Some(arg) = argv.next() {
@@ -62,11 +79,63 @@ fn parse_args() -> Result<Args, String> {
             "--history-ttl" => {
                 args.history_ttl = Duration::from_secs(value_of(&mut argv, "--history-ttl")?)
             }
+            #[cfg(feature = "metrics")]
+            "--metrics" => args.metrics = Some(value_of(&mut argv, "--metrics")?),
+            #[cfg(not(feature = "metrics"))]
+            "--metrics" => {
+                return Err(
+                    "unknown argument \"--metrics\": this build has no metrics; \
+                     build with `--features metrics`"
+                        .to_owned(),
+                )
+            }
             "-h" | "--help" => return Err(String::new()),
             other => return Err(format!("unknown argument {other:?}")),
         }
     }
     Ok(args)
+}
+
+/// Serves `GET /metrics` (the hub's Prometheus text) on `listener`, anything else 404, until
+/// the process ends: a tiny hyper HTTP/1 service, apart from the WebSocket listener.
+#[cfg(feature = "metrics")]
+async fn serve_metrics(listener: tokio::net::TcpListener, hub: Hub) {
+    use http_body_util::Full;
+    use hyper::body::Bytes;
+    use hyper::{Response, StatusCode};
+
+    loop {
+        let (stream, _) = match listener.accept().await {
+            Ok(accepted) => accepted,
+            Err(err) => {
+                tracing::warn!(%err, "metrics listener: accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let hub = hub.clone();
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |request: hyper::Request<_>| {
+                let response = if request.uri().path() == "/metrics" {
+                    Response::builder()
+                        .header(hyper::header::CONTENT_TYPE, wshub::METRICS_CONTENT_TYPE)
+                        .body(Full::new(Bytes::from(hub.metrics())))
+                } else {
+                    Response::builder()
+                        .status(StatusCode::NOT_FOUND)
+                        .body(Full::new(Bytes::from_static(b"not found: try /metrics\n")))
+                };
+                std::future::ready(response)
+            });
+            let io = hyper_util::rt::TokioIo::new(stream);
+            if let Err(err) = hyper::server::conn::http1::Builder::new()
+                .serve_connection(io, service)
+                .await
+            {
+                tracing::debug!(%err, "metrics connection ended with an error");
+            }
+        });
+    }
 }
 
 async fn shutdown_signal() {
@@ -92,13 +161,20 @@ async fn shutdown_signal() {
 
 #[tokio::main]
 async fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
     let args = match parse_args() {
         Ok(args) => args,
         Err(why) => {
             if !why.is_empty() {
                 eprintln!("error: {why}");
             }
-            eprintln!("{USAGE}");
+            eprintln!("{USAGE}{METRICS_USAGE}");
             return ExitCode::from(2);
         }
     };
@@ -141,6 +217,19 @@ async fn main() -> ExitCode {
         args.addr,
         hub.config().shards()
     );
+    #[cfg(feature = "metrics")]
+    if let Some(addr) = args.metrics {
+        match tokio::net::TcpListener::bind(addr).await {
+            Ok(listener) => {
+                eprintln!("metrics at http://{addr}/metrics");
+                tokio::spawn(serve_metrics(listener, hub.clone()));
+            }
+            Err(err) => {
+                eprintln!("error: cannot listen on {addr} for --metrics: {err}");
+                return ExitCode::FAILURE;
+            }
+        }
+    }
     wshub::serve(listener, hub.clone(), shutdown_signal()).await;
     let stats = hub.stats();
     // What an operator checks after a run: whether anything was refused or cut, and how long

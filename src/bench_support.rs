@@ -260,6 +260,7 @@ impl ShardHarness {
             channel: entry,
             frame,
             offset: 0,
+            stamp: crate::shard::Stamp::now(),
         });
         true
     }

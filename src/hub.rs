@@ -19,7 +19,7 @@ use crate::error::{Error, Result};
 use crate::history::{HistoryPage, HistoryStore, Publication, StreamPosition};
 use crate::shard::directory::{ChannelActivity, ChannelDirectory, ChannelEntry};
 use crate::shard::inbox::Inboxes;
-use crate::shard::{self, Command, Shard, ShardConfig};
+use crate::shard::{self, Command, Shard, ShardConfig, Stamp};
 use crate::stats::{Counters, HistoryFigures, HubStats};
 use crate::wire::frame::is_valid_close_code;
 use crate::wire::protocol::{
@@ -96,6 +96,7 @@ impl Shared {
             self.counters
                 .backlog_refused
                 .fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(shard = index, "shard backlog over its bound: call refused");
             return Err(Error::overloaded(index));
         }
         Ok(())
@@ -156,6 +157,10 @@ impl Shared {
                 self.counters
                     .backlog_refused
                     .fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(
+                    shard = index,
+                    "shard backlog over its bound: publish refused"
+                );
                 return Err(Error::overloaded(index));
             }
             reserved |= 1 << index;
@@ -246,11 +251,13 @@ impl Shared {
             };
             let frame = encode((!self.config.strict_go_ws).then_some(position))?;
             if let Some(entry) = self.channels.get(channel) {
+                let stamp = Stamp::now();
                 self.fan_out(entry.shard_mask(), Command::frame_cost(&frame), |_, _| {
                     Command::Publish {
                         channel: Arc::clone(&entry),
                         frame: Bytes::copy_from_slice(&frame),
                         offset,
+                        stamp,
                     }
                 })?;
             }
@@ -285,6 +292,7 @@ impl Shared {
 
     /// Hands `frame` to the shards whose bits are set in `entry`'s mask, all or nothing.
     fn fan_out_to_entry(&self, entry: &Arc<ChannelEntry>, frame: Bytes) -> Result<()> {
+        let stamp = Stamp::now();
         self.fan_out(
             entry.shard_mask(),
             Command::frame_cost(&frame),
@@ -292,6 +300,7 @@ impl Shared {
                 channel: Arc::clone(entry),
                 frame: frame_for_shard(&frame, last),
                 offset: 0,
+                stamp,
             },
         )
     }
@@ -308,8 +317,9 @@ impl Shared {
 
     /// Hands `frame` to every local shard, for all its clients, all or nothing.
     pub(crate) fn fan_out_to_all(&self, frame: Bytes) -> Result<()> {
+        let stamp = Stamp::now();
         self.fan_out(self.all_shards(), Command::frame_cost(&frame), |_, last| {
-            Command::Broadcast(frame_for_shard(&frame, last))
+            Command::Broadcast(frame_for_shard(&frame, last), stamp)
         })
     }
 
@@ -331,6 +341,28 @@ impl Shared {
     /// The per-client error message for `reason`, or `None` in strict go-ws mode.
     pub(crate) fn error_frame(&self, reason: ErrorReason, channel: Option<&str>) -> Option<Bytes> {
         shard::error_frame(self.config.strict_go_ws, reason, channel)
+    }
+
+    /// The hub's counters ([`Hub::stats`]).
+    pub(crate) fn stats(&self) -> HubStats {
+        let shared = self;
+        let mut stats = shared.counters.snapshot(shared.channels.channel_count());
+        stats.shard_backlog_bytes = (0..shared.inboxes.len())
+            .map(|index| shared.inboxes.backlog(index))
+            .collect();
+        stats.broker = shared.broker().map(|b| b.stats());
+        let history = shared.history.stats();
+        stats.history = HistoryFigures {
+            channels: history.channels,
+            publications: history.retained,
+            memory_bytes: history.memory,
+            detached_bytes: history.detached_memory,
+            trimmed_by_count: history.trimmed_by_count,
+            trimmed_by_age: history.trimmed_by_age,
+            trimmed_by_cap: history.trimmed_by_cap,
+        };
+        stats.queued_memory_bytes += history.detached_memory as u64;
+        stats
     }
 
     pub(crate) fn task_started(&self) {
@@ -1134,24 +1166,7 @@ impl Hub {
 
     /// The hub's counters.
     pub fn stats(&self) -> HubStats {
-        let shared = &self.inner.shared;
-        let mut stats = shared.counters.snapshot(shared.channels.channel_count());
-        stats.shard_backlog_bytes = (0..shared.inboxes.len())
-            .map(|index| shared.inboxes.backlog(index))
-            .collect();
-        stats.broker = shared.broker().map(|b| b.stats());
-        let history = shared.history.stats();
-        stats.history = HistoryFigures {
-            channels: history.channels,
-            publications: history.retained,
-            memory_bytes: history.memory,
-            detached_bytes: history.detached_memory,
-            trimmed_by_count: history.trimmed_by_count,
-            trimmed_by_age: history.trimmed_by_age,
-            trimmed_by_cap: history.trimmed_by_cap,
-        };
-        stats.queued_memory_bytes += history.detached_memory as u64;
-        stats
+        self.inner.shared.stats()
     }
 
     /// Every channel with subscribers and their count, sorted by name.

@@ -56,6 +56,7 @@
 //! | `hub`, `config` | the [`Hub`] handle: the public API, routing to the shards; beside it [`HubConfig`] (which holds a broker and an authenticator as inputs) | - |
 //! | `process` | [`Hub::stream_process`] (an `impl Hub` of its own, like `http`'s): a child process's output to its `process:ID` channel, line by line, then its status | - |
 //! | `http` | [`serve`], [`Hub::handler`] and [`Hub::handle_websocket`] (an `impl Hub` of its own: in `hub.rs` they would make `hub` name `http`), the upgrade, the connection task (`http/session.rs`) that reads a client and calls the hub | - |
+//! | `metrics` | with feature `metrics`: `Hub::metrics` and `Hub::register_metrics` (an `impl Hub` of its own, like `http`'s), a Prometheus collector computed from the hub's stats at scrape time | - |
 //!
 //! The test-only `bench_support` module sits above all of them.
 
@@ -74,6 +75,8 @@ mod error;
 mod history;
 mod http;
 mod hub;
+#[cfg(feature = "metrics")]
+mod metrics;
 mod process;
 mod shard;
 mod stats;
@@ -98,7 +101,13 @@ pub use history::{
 };
 pub use http::{serve, Body, HubService};
 pub use hub::Hub;
+#[cfg(feature = "metrics")]
+pub use metrics::METRICS_CONTENT_TYPE;
 pub use process::{ProcessExit, ProcessHandle, PROCESS_LINE_LIMIT};
+/// The Prometheus client that [`Hub::register_metrics`] takes a registry of (cargo feature
+/// `metrics`), re-exported so that an application uses the same version.
+#[cfg(feature = "metrics")]
+pub use prometheus_client;
 pub use stats::{HistoryFigures, HubStats};
 pub use wire::frame::close_code;
 pub use wire::protocol::{

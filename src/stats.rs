@@ -137,6 +137,10 @@ pub(crate) struct Counters {
     pub(crate) shard_clients: Box<[AtomicUsize]>,
     /// Shared with each shard's ring, which counts itself while it works (`conn/uring.rs`).
     pub(crate) io_uring_shards: Arc<AtomicUsize>,
+    /// Cargo feature `metrics`: publish-to-write latency, one observation per shard batch
+    /// that delivered a publish (see `Shard::end_flush`).
+    #[cfg(feature = "metrics")]
+    pub(crate) publish_to_write: LatencyHistogram,
 }
 
 impl Counters {
@@ -157,6 +161,8 @@ impl Counters {
             backlog_refused: AtomicU64::new(0),
             shard_clients: (0..shards).map(|_| AtomicUsize::new(0)).collect(),
             io_uring_shards: Arc::new(AtomicUsize::new(0)),
+            #[cfg(feature = "metrics")]
+            publish_to_write: LatencyHistogram::default(),
         }
     }
 
@@ -218,4 +224,89 @@ pub struct HistoryFigures {
     pub trimmed_by_age: u64,
     /// Publications trimmed because the histories together reached the memory budget.
     pub trimmed_by_cap: u64,
+}
+
+/// A latency histogram with fixed buckets that several threads observe into without a lock:
+/// an observation is a short scan of [`LATENCY_BOUNDS_US`] and three relaxed atomic adds.
+/// Read at scrape time, bucket by bucket, so a scrape under load may be off by what was
+/// observed while it was read.
+#[cfg(feature = "metrics")]
+pub(crate) struct LatencyHistogram {
+    /// Observations per bucket (not cumulative): `buckets[k]` counts those at most
+    /// `LATENCY_BOUNDS_US[k]` and above the bound before; the last one, those above every
+    /// bound (`+Inf`).
+    buckets: [AtomicU64; LATENCY_BOUNDS_US.len() + 1],
+    sum_ns: AtomicU64,
+}
+
+/// The upper bounds of [`LatencyHistogram`]'s buckets, in microseconds: 50 µs to 10 s.
+#[cfg(feature = "metrics")]
+pub(crate) const LATENCY_BOUNDS_US: [u64; 17] = [
+    50, 100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 500_000,
+    1_000_000, 2_500_000, 5_000_000, 10_000_000,
+];
+
+#[cfg(feature = "metrics")]
+impl Default for LatencyHistogram {
+    fn default() -> Self {
+        LatencyHistogram {
+            buckets: std::array::from_fn(|_| AtomicU64::new(0)),
+            sum_ns: AtomicU64::new(0),
+        }
+    }
+}
+
+#[cfg(feature = "metrics")]
+impl LatencyHistogram {
+    pub(crate) fn observe(&self, took: std::time::Duration) {
+        let ns = u64::try_from(took.as_nanos()).unwrap_or(u64::MAX);
+        let us = ns / 1_000;
+        let bucket = LATENCY_BOUNDS_US
+            .iter()
+            .position(|&bound| us < bound || (us == bound && ns % 1_000 == 0))
+            .unwrap_or(LATENCY_BOUNDS_US.len());
+        self.buckets[bucket].fetch_add(1, Relaxed);
+        self.sum_ns.fetch_add(ns, Relaxed);
+    }
+
+    /// (sum in seconds, count, buckets as (upper bound in seconds, count)), the count of each
+    /// bucket its own (not cumulative), as prometheus-client's encoder takes them; the last
+    /// bucket is `+Inf`.
+    pub(crate) fn read(&self) -> (f64, u64, Vec<(f64, u64)>) {
+        let mut count = 0;
+        let mut buckets = Vec::with_capacity(self.buckets.len());
+        for (k, in_bucket) in self.buckets.iter().enumerate() {
+            let in_bucket = in_bucket.load(Relaxed);
+            count += in_bucket;
+            let bound = LATENCY_BOUNDS_US
+                .get(k)
+                .map_or(f64::INFINITY, |&us| us as f64 / 1e6);
+            buckets.push((bound, in_bucket));
+        }
+        let sum = self.sum_ns.load(Relaxed) as f64 / 1e9;
+        (sum, count, buckets)
+    }
+}
+
+#[cfg(all(test, feature = "metrics"))]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn latency_buckets_have_inclusive_upper_bounds() {
+        let histogram = LatencyHistogram::default();
+        histogram.observe(Duration::from_micros(50));
+        histogram.observe(Duration::from_nanos(50_001));
+        histogram.observe(Duration::from_millis(3));
+        histogram.observe(Duration::from_secs(60));
+        let (sum, count, buckets) = histogram.read();
+        assert_eq!(count, 4);
+        assert!((sum - (60.003 + 0.000_100_001)).abs() < 1e-6, "{sum}");
+        assert_eq!(buckets[0], (50e-6, 1));
+        assert_eq!(buckets[1], (100e-6, 1));
+        assert_eq!(buckets[6], (5e-3, 1));
+        assert_eq!(buckets[17], (f64::INFINITY, 1));
+        assert_eq!(buckets.iter().map(|b| b.1).sum::<u64>(), 4);
+    }
 }

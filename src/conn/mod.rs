@@ -562,6 +562,11 @@ impl Conn {
                 env.counters
                     .dropped
                     .fetch_add(order.len() as u64, Ordering::Relaxed);
+                tracing::trace!(
+                    client = %self.info.id,
+                    dropped = order.len(),
+                    "frames dropped: the client is closing"
+                );
                 Sent::Closed
             }
         };
@@ -670,6 +675,11 @@ impl Conn {
                 env.counters
                     .dropped
                     .fetch_add(dropped as u64, Ordering::Relaxed);
+                tracing::debug!(
+                    client = %self.info.id,
+                    dropped,
+                    "queue over its bound: dropped the oldest frames"
+                );
                 Sent::Queued
             }
         })
@@ -681,12 +691,18 @@ impl Conn {
         counters
             .dropped
             .fetch_add(dropped as u64, Ordering::Relaxed);
-        match why {
-            Slow::QueueBound => &counters.queue_bound_disconnects,
-            Slow::Stalled => &counters.stalled_disconnects,
-            Slow::Budget => &counters.budget_disconnects,
-        }
-        .fetch_add(1, Ordering::Relaxed);
+        let (counter, rule) = match why {
+            Slow::QueueBound => (&counters.queue_bound_disconnects, "queue_bound"),
+            Slow::Stalled => (&counters.stalled_disconnects, "stalled"),
+            Slow::Budget => (&counters.budget_disconnects, "budget"),
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+        tracing::debug!(
+            client = %self.info.id,
+            rule,
+            dropped,
+            "slow consumer: closing with 4000"
+        );
         out.push(frame::close_frame(
             close_code::SLOW_CONSUMER,
             "slow consumer",
@@ -855,6 +871,13 @@ impl Conn {
             env.counters
                 .dropped
                 .fetch_add(dropped as u64, Ordering::Relaxed);
+            if dropped > 0 {
+                tracing::debug!(
+                    client = %self.info.id,
+                    dropped,
+                    "connection ended with frames queued: dropped"
+                );
+            }
         }
         self.abort_locked(&mut out);
         account_queued(env, before, out.bytes);

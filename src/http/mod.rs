@@ -197,11 +197,16 @@ impl Hub {
     pub fn handle_websocket<B>(&self, mut request: Request<B>) -> Response<Body> {
         let shared = self.shared();
         self.ensure_started();
-        let refuse = |status, text| {
+        let refuse = |status: StatusCode, text: &'static str| {
             shared
                 .counters
                 .upgrades_refused
                 .fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(
+                status = status.as_u16(),
+                reason = text.trim_end(),
+                "upgrade refused"
+            );
             answer(status, text)
         };
         if !shared.is_running() || *shared.shutting_down.borrow() {

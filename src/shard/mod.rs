@@ -103,6 +103,26 @@ pub(crate) fn error_frame(
     protocol::encode_frame(&envelope, std::time::SystemTime::now()).ok()
 }
 
+/// When a publish was handed to the shards, for the publish-to-write latency histogram
+/// (cargo feature `metrics`, see [`Shard::end_flush`]). Without the feature it is empty and
+/// `Stamp::now` reads no clock: the publish path is the same as before.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Stamp {
+    #[cfg(feature = "metrics")]
+    at: Instant,
+}
+
+impl Stamp {
+    /// Now, with the feature; nothing without it.
+    #[inline(always)]
+    pub(crate) fn now() -> Self {
+        Stamp {
+            #[cfg(feature = "metrics")]
+            at: Instant::now(),
+        }
+    }
+}
+
 /// What a shard can be asked to do.
 pub(crate) enum Command {
     Register(Arc<Conn>),
@@ -129,12 +149,14 @@ pub(crate) enum Command {
         /// Its offset on a channel with history; 0 on a channel without (and for a message
         /// from another node, which has none here).
         offset: u64,
+        /// When it was handed to the shards.
+        stamp: Stamp,
     },
     /// A client's queue drained while a replay waited for it: write the replay's next chunk.
     FeedReplay {
         client: ClientId,
     },
-    Broadcast(Bytes),
+    Broadcast(Bytes, Stamp),
     SendToClient {
         client: ClientId,
         frame: Bytes,
@@ -175,7 +197,7 @@ impl Command {
         const ITSELF: usize = std::mem::size_of::<Command>();
         match self {
             Command::Publish { frame, .. }
-            | Command::Broadcast(frame)
+            | Command::Broadcast(frame, _)
             | Command::SendToClient { frame, .. }
             | Command::SendToUser { frame, .. }
             | Command::Reply { frame, .. } => Self::frame_cost(frame),
@@ -268,6 +290,9 @@ pub(crate) struct Shard {
     /// When the current turn on the worker thread began, and the longest turn so far.
     turn_start: Instant,
     longest_turn_us: u64,
+    /// Cargo feature `metrics`: the oldest [`Stamp`] of the publishes staged in this batch.
+    #[cfg(feature = "metrics")]
+    oldest_publish: Option<Instant>,
 }
 
 /// What one batch of commands delivers: each frame once, and for each client the sequence of
@@ -485,6 +510,8 @@ impl Shard {
             last_ping: Instant::now(),
             turn_start: Instant::now(),
             longest_turn_us: 0,
+            #[cfg(feature = "metrics")]
+            oldest_publish: None,
         }
     }
 
@@ -583,13 +610,14 @@ impl Shard {
                 channel,
                 frame,
                 offset,
-            } => self.handle_publish(&channel, frame, offset),
+                stamp,
+            } => self.handle_publish(&channel, frame, offset, stamp),
             Command::FeedReplay { client } => {
                 if let Some(&slot) = self.by_id.get(&client) {
                     self.want_feed(slot);
                 }
             }
-            Command::Broadcast(frame) => self.handle_broadcast(frame),
+            Command::Broadcast(frame, stamp) => self.handle_broadcast(frame, stamp),
             Command::SendToClient { client, frame } | Command::Reply { client, frame } => {
                 if let Some(&slot) = self.by_id.get(&client) {
                     self.stage(slot, frame);
@@ -677,7 +705,22 @@ impl Shard {
 
     /// After the sends: forgets the batch, removes the clients closed as slow consumers, and
     /// adds what was delivered to the hub's counter (once per batch, not per client).
+    ///
+    /// With the cargo feature `metrics`, it also observes the publish-to-write latency, once
+    /// per batch that delivered something and held a publish or broadcast: the time from the
+    /// [`Stamp`] of the batch's oldest publish (taken once per publish, just before the hub
+    /// handed it to the shards' inboxes) to now, the end of the flush, when every client of
+    /// the batch has had its frames written to its socket, or queued behind what it has not
+    /// read yet. So it is the worst case of the batch's publishes, and includes the wait in
+    /// the inbox, the batch's other commands and the writes to every client of the batch; it
+    /// does not include the time a frame then waits in a slow client's queue.
     fn end_flush(&mut self, flushed: Flushed) {
+        #[cfg(feature = "metrics")]
+        if let Some(oldest) = self.oldest_publish.take() {
+            if flushed.delivered > 0 {
+                self.env.counters.publish_to_write.observe(oldest.elapsed());
+            }
+        }
         if flushed.queued {
             self.retained.keep_queued(&self.batch.frames);
         }
@@ -1035,7 +1078,24 @@ impl Shard {
         }
     }
 
-    fn handle_publish(&mut self, entry: &Arc<ChannelEntry>, frame: Bytes, offset: u64) {
+    /// Keeps the oldest publish stamp of the batch (cargo feature `metrics`).
+    #[inline(always)]
+    fn note_publish(&mut self, stamp: Stamp) {
+        #[cfg(feature = "metrics")]
+        {
+            self.oldest_publish = Some(self.oldest_publish.map_or(stamp.at, |at| at.min(stamp.at)));
+        }
+        #[cfg(not(feature = "metrics"))]
+        let _ = stamp;
+    }
+
+    fn handle_publish(
+        &mut self,
+        entry: &Arc<ChannelEntry>,
+        frame: Bytes,
+        offset: u64,
+        stamp: Stamp,
+    ) {
         let Some(&local) = self.channel_by_entry.get(&entry_key(entry)) else {
             return;
         };
@@ -1058,9 +1118,11 @@ impl Shard {
         {
             self.publish_to_catching_up(local, index, offset);
         }
+        self.note_publish(stamp);
     }
 
-    fn handle_broadcast(&mut self, frame: Bytes) {
+    fn handle_broadcast(&mut self, frame: Bytes, stamp: Stamp) {
+        self.note_publish(stamp);
         let index = self.batch.add_frame(frame);
         for slot in 0..self.clients.len() as u32 {
             self.batch.stage(&mut self.clients, slot, index);
