@@ -23,7 +23,7 @@ use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tokio_tungstenite::tungstenite::Message as WsMessage;
-use wshub::{Hub, HubConfig, Message};
+use wshub::{HistoryPolicy, Hub, HubConfig, Message};
 
 /// A TCP stream that no downcast sees through; counts the bytes the server writes through it.
 struct Wrapped {
@@ -324,4 +324,52 @@ async fn the_close_handshake_either_way_and_1001_on_shutdown() {
     }
     assert_eq!(read_until_close(&mut ws).await.0, 1001);
     assert_eq!(server.hub.stats().connection_tasks, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replay_is_written_through_the_stream_chunk_by_chunk() {
+    const PUBLISHED: u64 = 1_000;
+    let config = HubConfig::builder()
+        .channel_history(
+            "log",
+            HistoryPolicy::new(10_000, Duration::from_secs(600)).unwrap(),
+        )
+        .build()
+        .unwrap();
+    let server = WrappedServer::start(config).await;
+    let mut epoch = None;
+    for n in 1..=PUBLISHED {
+        let position = server
+            .hub
+            .publish("log", &Message::new("m").with_data(json!({"n": n})))
+            .unwrap()
+            .expect("a position on a channel with history");
+        assert_eq!(position.offset, n);
+        epoch = Some(position.epoch);
+    }
+    let epoch = epoch.unwrap();
+
+    let mut ws = server.connect().await;
+    send_json(
+        &mut ws,
+        &json!({"type": "subscribe", "data": "log", "since": {"offset": 0, "epoch": &*epoch}}),
+    )
+    .await;
+    let ack = next_json(&mut ws).await;
+    assert_eq!(ack["type"], "subscribed", "{ack}");
+    // Many chunks of a replay (64 frames each), each asked for once the last was written.
+    for n in 1..=PUBLISHED {
+        let got = next_json(&mut ws).await;
+        assert_eq!(got["data"]["n"], n, "{got}");
+    }
+    // Then the live stream.
+    server
+        .hub
+        .publish(
+            "log",
+            &Message::new("m").with_data(json!({"n": PUBLISHED + 1})),
+        )
+        .unwrap();
+    let got = next_json(&mut ws).await;
+    assert_eq!(got["data"]["n"], PUBLISHED + 1, "{got}");
 }

@@ -808,15 +808,22 @@ impl Conn {
     /// has drained. So a replay holds at most one chunk in the queue, however long it is.
     pub(crate) fn send_replay(&self, frames: &[Bytes], env: &Env) -> Replayed {
         let mut out = self.lock();
+        let before = out.bytes;
         match out.state {
             WriteState::Open => {}
             WriteState::Blocked { .. } => {
+                // The shard has taken these frames from the replay: they wait behind what is
+                // queued (dropping them here lost them, a gap in the client's offsets; found
+                // by tests/stream.rs, where every send queues).
+                for frame in frames {
+                    out.push(frame.clone());
+                }
                 out.feed_wanted = true;
+                account_queued(env, before, out.bytes);
                 return Replayed::Later;
             }
             WriteState::Closing { .. } | WriteState::Closed => return Replayed::Closed,
         }
-        let before = out.bytes;
         let order: SmallVec<[u32; REPLAY_CHUNK]> = (0..frames.len() as u32).collect();
         let written = write_indexed(&self.socket, frames, &order);
         let sent = match written {
@@ -1037,6 +1044,30 @@ mod tests {
             out.push(f.clone());
         }
         out
+    }
+
+    /// A chunk of a replay that finds the queue not empty waits behind it, whole, and the
+    /// connection task is asked for more once the queue has drained: nothing of it is lost.
+    /// With a `Socket::Stream`, whose every send queues (the generic path's case).
+    #[test]
+    fn a_replay_chunk_sent_to_a_blocked_client_waits_in_the_queue() {
+        let hub = crate::Hub::new();
+        let env = &hub.shared().conn_env;
+        let conn = Conn::new(ClientInfo::anonymous(1), Socket::Stream, 0);
+        let ack = frame(10, b'a');
+        assert_eq!(conn.send_one(ack.clone(), env), Sent::Queued);
+        let chunk = [frame(20, b'1'), frame(30, b'2')];
+        assert_eq!(conn.send_replay(&chunk, env), Replayed::Later);
+        assert_eq!(conn.queued_bytes(), 60);
+        let mut written = Vec::new();
+        let state = conn.flush_queued_with(env, |frames| {
+            written.extend_from_slice(&frames[0]);
+            Ok(frames[0].len())
+        });
+        assert_eq!(state, WriteState::Open);
+        assert_eq!(written, [&ack[..], &chunk[0][..], &chunk[1][..]].concat());
+        assert!(conn.take_feed_wanted(), "the task asks for the next chunk");
+        assert_eq!(hub.stats().queued_bytes, 0);
     }
 
     /// PROTOCOL.md: pong frames go ahead of queued data, behind only a frame already partly
