@@ -53,7 +53,7 @@
 //! | `shard` | the shard actor (the hot path: batches of commands, staging, one write per client), its inbox and backlog bound (`shard/inbox.rs`), the channel directory, the memory held by slow clients' queues | `shard::Context`: its part of the configuration, a `conn::Env`, the clock, the directory, the inboxes; the directory tells a `ChannelActivity` object the hub installs |
 //! | `broker` | several nodes: the [`Broker`] trait, [`Inbound`] and, with feature `redis`, `RedisBroker` | `Inbound` reaches the hub through the `LocalNode` trait that `broker` defines and the hub implements |
 //! | `hub`, `config` | the [`Hub`] handle: the public API, routing to the shards; beside it [`HubConfig`] (which holds a broker and an authenticator as inputs) | - |
-//! | `http` | [`serve`], [`Hub::handler`] and [`Hub::handle_websocket`] (an `impl Hub` of its own: in `hub.rs` they would make `hub` name `http`), the upgrade, the connection task (`http/session.rs`) that reads a client and calls the hub | - |
+//! | `http` | [`serve`], [`Hub::handler`] and [`Hub::handle_websocket`] (an `impl Hub` of its own: in `hub.rs` they would make `hub` name `http`), the upgrade, the connection tasks that read a client and call the hub (`http/session.rs` over the raw socket; `http/stream.rs` over any other stream), and with feature `axum` the `axum` module (`http/axum.rs`) | - |
 //!
 //! The test-only `bench_support` module sits above all of them.
 
@@ -93,6 +93,8 @@ pub use error::{Error, Result};
 pub use history::{
     HistoryPage, HistoryPolicy, HistoryRules, Publication, StreamPosition, HISTORY_MEMORY_BUDGET,
 };
+#[cfg(feature = "axum")]
+pub use http::axum;
 pub use http::{serve, Body, HubService};
 pub use hub::Hub;
 pub use stats::{HistoryFigures, HubStats};

@@ -6,62 +6,20 @@
 mod support;
 
 use std::convert::Infallible;
-use std::io;
 use std::net::SocketAddr;
-use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use futures_util::SinkExt;
 use hyper_util::rt::TokioIo;
 use serde_json::json;
 use support::*;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::net::{TcpListener, TcpSocket};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tokio_tungstenite::tungstenite::Message as WsMessage;
 use wshub::{HistoryPolicy, Hub, HubConfig, Message};
-
-/// A TCP stream that no downcast sees through; counts the bytes the server writes through it.
-struct Wrapped {
-    inner: TcpStream,
-    written: Arc<AtomicU64>,
-}
-
-impl AsyncRead for Wrapped {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_read(cx, buf)
-    }
-}
-
-impl AsyncWrite for Wrapped {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        let polled = Pin::new(&mut self.inner).poll_write(cx, buf);
-        if let Poll::Ready(Ok(n)) = polled {
-            self.written.fetch_add(n as u64, Ordering::Relaxed);
-        }
-        polled
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
-    }
-}
 
 /// A hub served over [`Wrapped`] streams, with `Hub::run` beside it.
 struct WrappedServer {
@@ -94,10 +52,7 @@ impl WrappedServer {
             let written = Arc::clone(&written);
             async move {
                 while let Ok((stream, _)) = listener.accept().await {
-                    let io = TokioIo::new(Wrapped {
-                        inner: stream,
-                        written: Arc::clone(&written),
-                    });
+                    let io = TokioIo::new(Wrapped::new(stream, Arc::clone(&written)));
                     let hub = hub.clone();
                     let service = hyper::service::service_fn(move |request| {
                         let response = hub.handle_websocket(request);

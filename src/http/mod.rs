@@ -10,6 +10,8 @@
 //! (`session.rs`). A connection that cannot be taken back (a wrapped or TLS stream) is
 //! served through hyper's `Upgraded` instead (`stream.rs`): slower, never dropped.
 
+#[cfg(feature = "axum")]
+pub mod axum;
 pub(crate) mod session;
 pub(crate) mod stream;
 
@@ -45,7 +47,7 @@ const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
 /// The peer address, put in the request's extensions by [`serve`] for authenticators and
 /// logs.
 #[derive(Clone, Copy, Debug)]
-struct RemoteAddr(SocketAddr);
+pub(crate) struct RemoteAddr(pub(crate) SocketAddr);
 
 /// Accepts connections on `listener` and serves `hub` on its configured path (`/ws` by
 /// default; other paths answer 404) until `shutdown` completes; then shuts the hub down
