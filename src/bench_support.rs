@@ -187,7 +187,7 @@ fn null_conn(shared: &Shared) -> Arc<Conn> {
 fn frames_of(conn: &Conn) -> u64 {
     match &conn.socket {
         Socket::Null(frames) => frames.load(Ordering::Relaxed),
-        Socket::Tcp(_) => 0,
+        Socket::Tcp(_) | Socket::Stream => 0,
     }
 }
 

@@ -6,9 +6,14 @@
 //! 503: shutting down (503), not a WebSocket upgrade (400), origin not allowed (403),
 //! connection limit reached (503), authenticator refuses (401). fastwebsockets answers the
 //! handshake; then the raw `TcpStream` is taken back from hyper so the hub can write whole
-//! pre-encoded frames with vectored writes and read without a buffer per idle connection.
+//! pre-encoded frames with vectored writes and read without a buffer per idle connection
+//! (`session.rs`). A connection that cannot be taken back (a wrapped or TLS stream) is
+//! served through hyper's `Upgraded` instead (`stream.rs`): slower, never dropped.
 
+#[cfg(feature = "axum")]
+pub mod axum;
 pub(crate) mod session;
+pub(crate) mod stream;
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -22,6 +27,7 @@ use bytes::Bytes;
 use http::{header, HeaderMap, Request, Response, StatusCode};
 use http_body_util::Full;
 use hyper::body::Incoming;
+use hyper::upgrade::Upgraded;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -41,7 +47,7 @@ const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
 /// The peer address, put in the request's extensions by [`serve`] for authenticators and
 /// logs.
 #[derive(Clone, Copy, Debug)]
-struct RemoteAddr(SocketAddr);
+pub(crate) struct RemoteAddr(pub(crate) SocketAddr);
 
 /// Accepts connections on `listener` and serves `hub` on its configured path (`/ws` by
 /// default; other paths answer 404) until `shutdown` completes; then shuts the hub down
@@ -178,8 +184,11 @@ impl Hub {
     /// # }
     /// ```
     ///
-    /// The connection must be served over a `tokio::net::TcpStream` (hyper's `TokioIo`): the
-    /// hub takes the socket back after the upgrade. Terminate TLS in a proxy in front.
+    /// Served over a `tokio::net::TcpStream` (hyper's `TokioIo`, with hyper's `http1` builder
+    /// or hyper-util's auto builder), the hub takes the socket back after the upgrade and
+    /// writes to it straight from its shards: the fast path. Any other connection (a
+    /// wrapped stream, TLS) is served through hyper's `Upgraded`, with the same protocol and
+    /// limits, at the cost of a pass through the connection's task for every write.
     pub fn handler(&self) -> HubService {
         HubService { hub: self.clone() }
     }
@@ -194,6 +203,12 @@ impl Hub {
     /// Upgrades one request to a client of this hub, whatever its path, and returns the
     /// response to send: `101 Switching Protocols`, or the refusal (400, 401, 403 or 503; see
     /// `PROTOCOL.md`). The connection runs on a task of its own once hyper hands it over.
+    ///
+    /// For routers: the request may come from any hyper 1 server, with any body type (axum's
+    /// `Request` is one; with feature `axum`, `wshub::axum` mounts the hub in one line). A
+    /// plain TCP connection, served by hyper's `http1` builder or hyper-util's auto builder
+    /// (which `axum::serve` uses), gets the fast raw-socket path; any other stream is served
+    /// through hyper's `Upgraded` (see [`handler`](Hub::handler)).
     pub fn handle_websocket<B>(&self, mut request: Request<B>) -> Response<Body> {
         let shared = self.shared();
         self.ensure_started();
@@ -266,53 +281,99 @@ impl Hub {
                     return;
                 }
             };
-            let parts = match upgraded.downcast::<TokioIo<TcpStream>>() {
-                Ok(parts) => parts,
-                Err(_) => {
-                    tracing::error!(
-                        "wshub needs the connection to be a tokio TcpStream; terminate TLS in a proxy"
-                    );
-                    return;
-                }
+            let client = Client {
+                shared,
+                identity,
+                headers,
+                remote_addr,
+                guard,
             };
-            let stream = parts.io.into_inner();
-            start_client(shared, stream, parts.read_buf, identity, headers, guard);
+            match into_tcp(upgraded) {
+                Ok((stream, early)) => client.start_tcp(stream, early),
+                Err(upgraded) => client.start_stream(upgraded),
+            }
         });
         let (head, _) = response.into_parts();
         Response::from_parts(head, Full::new(Bytes::new()))
     }
 }
 
-/// Makes the client and spawns its connection task.
-///
-/// The connection gets a task of its own, rather than continuing in the upgrade's: a task's
-/// memory is the size of its largest state, and the upgrade's states (hyper's upgrade future,
-/// the identity, the headers) would otherwise be carried by every idle connection for life.
-/// Measured with massif on 2,000 idle connections: 1,536 bytes per task before, the session's
-/// own size after.
-fn start_client(
+/// Takes the raw `TcpStream` and the bytes hyper read past the upgrade request back from
+/// hyper, when the connection is one: served by hyper's own builders (`Upgraded::downcast`)
+/// or by hyper-util's auto builder, which wraps the stream in a private type for its version
+/// detection that only its own `auto::upgrade::downcast` sees through (`axum::serve` serves
+/// with it). Otherwise the connection comes back as it was.
+fn into_tcp(upgraded: Upgraded) -> Result<(TcpStream, Bytes), Upgraded> {
+    let upgraded = match upgraded.downcast::<TokioIo<TcpStream>>() {
+        Ok(parts) => return Ok((parts.io.into_inner(), parts.read_buf)),
+        Err(upgraded) => upgraded,
+    };
+    hyper_util::server::conn::auto::upgrade::downcast::<TokioIo<TcpStream>>(upgraded)
+        .map(|parts| (parts.io.into_inner(), parts.read_buf))
+}
+
+/// An accepted upgrade, from the request's side, until its connection task starts.
+struct Client {
     shared: Arc<Shared>,
-    stream: TcpStream,
-    early: Bytes,
     identity: Option<Identity>,
     headers: Option<HeaderMap>,
+    /// From the request, for a connection that is not a `TcpStream` (which knows its own).
+    remote_addr: Option<SocketAddr>,
     guard: TaskGuard,
-) {
-    let _ = stream.set_nodelay(true);
-    let (user_id, claims) = match identity {
-        Some(identity) => (Some(identity.user_id), identity.claims),
-        None => (None, serde_json::Value::Null),
-    };
-    let info = ClientInfo {
-        id: shared.next_client_id(),
-        remote_addr: stream.peer_addr().ok(),
-        user_id,
-        claims,
-        connected_at: SystemTime::now(),
-    };
-    if let (Some(on_connect), Some(headers)) = (&shared.config.on_connect, headers) {
-        on_connect(&info, &headers);
+}
+
+impl Client {
+    /// The fast path: the shards write to the socket straight (`session.rs`).
+    fn start_tcp(self, stream: TcpStream, early: Bytes) {
+        let _ = stream.set_nodelay(true);
+        let remote_addr = stream.peer_addr().ok();
+        let (shared, conn, guard) = self.into_conn(Socket::Tcp(stream), remote_addr);
+        tokio::spawn(session::run(shared, conn, early, guard));
     }
-    let conn = Arc::new(Conn::new(info, Socket::Tcp(stream), shared.now_ms()));
-    tokio::spawn(session::run(shared, conn, early, guard));
+
+    /// Any other connection: its bytes go through its task (`stream.rs`). Hyper's `Upgraded`
+    /// replays the bytes it read past the upgrade request itself.
+    fn start_stream(self, upgraded: Upgraded) {
+        tracing::debug!("the upgraded connection is not a raw TcpStream: served through its task");
+        let remote_addr = self.remote_addr;
+        let (shared, conn, guard) = self.into_conn(Socket::Stream, remote_addr);
+        tokio::spawn(stream::run(shared, conn, TokioIo::new(upgraded), guard));
+    }
+
+    /// Makes the client, and tells the application (`on_connect`).
+    ///
+    /// The connection gets a task of its own, rather than continuing in the upgrade's: a
+    /// task's memory is the size of its largest state, and the upgrade's states (hyper's
+    /// upgrade future, the identity, the headers) would otherwise be carried by every idle
+    /// connection for life. Measured with massif on 2,000 idle connections: 1,536 bytes per
+    /// task before, the session's own size after.
+    fn into_conn(
+        self,
+        socket: Socket,
+        remote_addr: Option<SocketAddr>,
+    ) -> (Arc<Shared>, Arc<Conn>, TaskGuard) {
+        let Client {
+            shared,
+            identity,
+            headers,
+            guard,
+            ..
+        } = self;
+        let (user_id, claims) = match identity {
+            Some(identity) => (Some(identity.user_id), identity.claims),
+            None => (None, serde_json::Value::Null),
+        };
+        let info = ClientInfo {
+            id: shared.next_client_id(),
+            remote_addr,
+            user_id,
+            claims,
+            connected_at: SystemTime::now(),
+        };
+        if let (Some(on_connect), Some(headers)) = (&shared.config.on_connect, headers) {
+            on_connect(&info, &headers);
+        }
+        let conn = Arc::new(Conn::new(info, socket, shared.now_ms()));
+        (shared, conn, guard)
+    }
 }

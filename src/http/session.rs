@@ -38,7 +38,7 @@ const SCRATCH_LEN: usize = 64 * 1024;
 const READS_PER_WAKE: usize = 16;
 
 /// After sending a close frame, how long to wait for the client's before dropping the socket.
-const CLOSE_LINGER: Duration = Duration::from_secs(2);
+pub(crate) const CLOSE_LINGER: Duration = Duration::from_secs(2);
 
 thread_local! {
     static SCRATCH: RefCell<Vec<u8>> = RefCell::new(vec![0; SCRATCH_LEN]);
@@ -61,8 +61,10 @@ impl Drop for TaskGuard {
     }
 }
 
+/// Where a connection task is: the same states for the TCP task here and the generic one
+/// (`stream.rs`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Flow {
+pub(crate) enum Flow {
     Open,
     /// The client's shard has no room for more of its requests: read and decode nothing
     /// more until it has (see [`serve_client`]). Kept here rather than in a field of its own
@@ -117,17 +119,20 @@ impl Reader {
         Ok(())
     }
 
-    /// Reads what the socket has, up to `READS_PER_WAKE` times, and feeds it. Returns `None`
-    /// when the socket has nothing more for now; `Some(Err)` on end of stream or error.
-    fn read_available(
+    /// Reads what `read` has (a socket's `try_read`; a stream's `poll_read` in
+    /// `stream.rs`), up to `READS_PER_WAKE` times, into the per-thread buffer, and hands it
+    /// to `on_bytes`. Returns `Ok(Continue)` when `read` has nothing more for now
+    /// (`WouldBlock`), `Ok(Break)` when `on_bytes` stopped, and `Err` on end of stream or
+    /// error.
+    pub(crate) fn read_available(
         &mut self,
-        tcp: &TcpStream,
+        mut read: impl FnMut(&mut [u8]) -> io::Result<usize>,
         mut on_bytes: impl FnMut(&mut Reader, &mut [u8]) -> ControlFlow<()>,
     ) -> io::Result<ControlFlow<()>> {
         SCRATCH.with(|scratch| {
             let mut scratch = scratch.borrow_mut();
             for _ in 0..READS_PER_WAKE {
-                let n = match tcp.try_read(&mut scratch) {
+                let n = match read(&mut scratch) {
                     Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
                     Ok(n) => n,
                     Err(err) if err.kind() == io::ErrorKind::WouldBlock => {
@@ -147,8 +152,8 @@ impl Reader {
     }
 }
 
-/// Answers the client's frames.
-struct Responder<'a> {
+/// Answers the client's frames (for both connection tasks).
+pub(crate) struct Responder<'a> {
     shared: &'a Arc<Shared>,
     conn: &'a Arc<Conn>,
     /// The client's message budget, when a rate limit is configured.
@@ -185,9 +190,17 @@ impl TokenBucket {
     }
 }
 
-impl Responder<'_> {
+impl<'a> Responder<'a> {
+    pub(crate) fn new(shared: &'a Arc<Shared>, conn: &'a Arc<Conn>) -> Self {
+        Responder {
+            shared,
+            conn,
+            budget: Cell::new(shared.config.rate_limit.map(|l| TokenBucket::full(l.burst))),
+        }
+    }
+
     /// Feeds freshly read bytes; the flow after them.
-    fn on_bytes(&self, reader: &mut Reader, input: &mut [u8]) -> Flow {
+    pub(crate) fn on_bytes(&self, reader: &mut Reader, input: &mut [u8]) -> Flow {
         self.conn.touch(self.shared.now_ms());
         let mut flow = Flow::Open;
         let result = reader.feed(input, |event| self.on_event(event, &mut flow));
@@ -335,7 +348,7 @@ impl Responder<'_> {
     }
 
     /// The client's shard, where its requests go.
-    fn shard(&self) -> usize {
+    pub(crate) fn shard(&self) -> usize {
         self.shared.shard_index(self.conn.info.id)
     }
 
@@ -355,36 +368,53 @@ pub(crate) async fn run(shared: Arc<Shared>, conn: Arc<Conn>, early: Bytes, guar
     // holds, not the buffer, or every idle connection would keep one alive.
     let early_bytes = (!early.is_empty()).then(|| early.to_vec());
     drop(early);
-    let id = conn.info.id;
-    // The connection's life is told by events rather than a span held across the awaits
-    // below: a `Span` is 32 bytes of every idle connection's task, whatever the filter.
-    // What happens while its requests are read is in the `client` span (`read_requests`).
+    if register(&shared, &conn) {
+        if let Some(tcp) = conn.socket.tcp() {
+            serve_client(&shared, &conn, tcp, early_bytes).await;
+        }
+        deregister(&shared, &conn).await;
+    }
+    ended(&shared, &conn, guard);
+}
+
+/// Hands the client to its shard; false if the hub has stopped (then the connection ends at
+/// once). The first step of both connection tasks.
+pub(crate) fn register(shared: &Shared, conn: &Arc<Conn>) -> bool {
+    // The connection's life is told by events rather than a span held across its awaits: a
+    // `Span` is 32 bytes of every idle connection's task, whatever the filter. What happens
+    // while its requests are read is in the `client` span (`read_requests`).
     tracing::debug!(
-        client = %id,
+        client = %conn.info.id,
         peer = ?conn.info.remote_addr,
         user = conn.info.user_id.as_deref(),
         "client connected"
     );
-    // The shard is worked out again rather than kept: a local kept across the awaits below
-    // would be 8 bytes more in every idle connection's task.
-    if shared
-        .enqueue(shared.shard_index(id), Command::Register(Arc::clone(&conn)))
+    // The shard is worked out again each time rather than kept: a local kept across the
+    // connection's awaits would be 8 bytes more in every idle connection's task.
+    let shard = shared.shard_index(conn.info.id);
+    shared
+        .enqueue(shard, Command::Register(Arc::clone(conn)))
         .is_ok()
-    {
-        if let Some(tcp) = conn.socket.tcp() {
-            serve_client(&shared, &conn, tcp, early_bytes).await;
-        }
-        let (done, removed) = oneshot::channel();
-        let remove = Command::Remove {
-            client: id,
-            done: Some(done),
-        };
-        if shared.enqueue(shared.shard_index(id), remove).is_ok() {
-            let _ = removed.await;
-        }
+}
+
+/// Removes the client from its shard and waits until the shard has let go of it.
+pub(crate) async fn deregister(shared: &Shared, conn: &Conn) {
+    let id = conn.info.id;
+    let (done, removed) = oneshot::channel();
+    let remove = Command::Remove {
+        client: id,
+        done: Some(done),
+    };
+    if shared.enqueue(shared.shard_index(id), remove).is_ok() {
+        let _ = removed.await;
     }
+}
+
+/// The last step of both connection tasks: the application's `on_disconnect`, then the task
+/// stops counting.
+pub(crate) fn ended(shared: &Shared, conn: &Conn, guard: TaskGuard) {
     tracing::debug!(
-        client = %id,
+        client = %conn.info.id,
         after = ?conn.info.connected_at.elapsed().unwrap_or_default(),
         "client disconnected"
     );
@@ -400,11 +430,7 @@ async fn serve_client(
     tcp: &TcpStream,
     early: Option<Vec<u8>>,
 ) {
-    let responder = Responder {
-        shared,
-        conn,
-        budget: Cell::new(shared.config.rate_limit.map(|l| TokenBucket::full(l.burst))),
-    };
+    let responder = Responder::new(shared, conn);
     let mut reader = Reader::new(shared.config.max_message_size);
     let mut flow = Flow::Open;
     if let Some(mut early) = early {
@@ -462,7 +488,7 @@ async fn serve_client(
 /// The client's shard is full: reads nothing more from the client until it has room (true),
 /// so that a flood backs up into the client's own TCP socket and nothing ever blocks the
 /// shard. Returns false early if the outbound side changed (the caller looks at it first).
-async fn wait_for_room(shared: &Shared, conn: &Conn, shard: usize) -> bool {
+pub(crate) async fn wait_for_room(shared: &Shared, conn: &Conn, shard: usize) -> bool {
     tokio::select! {
         () = shared.wait_for_room(shard) => true,
         () = conn.wake.woken() => false,
@@ -507,14 +533,17 @@ fn read_requests(responder: &Responder<'_>, reader: &mut Reader, tcp: &TcpStream
     // with DEBUG off this is a check of the callsite's interest, nothing is made.
     let _span = tracing::debug_span!("client", id = %responder.conn.info.id).entered();
     let mut flow = Flow::Open;
-    let read = reader.read_available(tcp, |reader, input| {
-        flow = responder.on_bytes(reader, input);
-        if flow == Flow::Open {
-            ControlFlow::Continue(())
-        } else {
-            ControlFlow::Break(())
-        }
-    });
+    let read = reader.read_available(
+        |buf| tcp.try_read(buf),
+        |reader, input| {
+            flow = responder.on_bytes(reader, input);
+            if flow == Flow::Open {
+                ControlFlow::Continue(())
+            } else {
+                ControlFlow::Break(())
+            }
+        },
+    );
     match read {
         Ok(_) => flow,
         Err(_) => Flow::Gone,
@@ -561,26 +590,37 @@ async fn finish_close(
                 return;
             }
             let mut seen_close = false;
-            let read = reader.read_available(tcp, |reader, input| {
-                let result = reader.feed(input, |event| match event {
-                    Event::Close(_) => {
-                        seen_close = true;
-                        ControlFlow::Break(())
-                    }
-                    _ => ControlFlow::Continue(()),
-                });
-                if result.is_err() || seen_close {
-                    ControlFlow::Break(())
-                } else {
-                    ControlFlow::Continue(())
-                }
-            });
+            let read = reader.read_available(
+                |buf| tcp.try_read(buf),
+                |reader, input| look_for_close(reader, input, &mut seen_close),
+            );
             if seen_close || !matches!(read, Ok(ControlFlow::Continue(()))) {
                 return;
             }
         }
     })
     .await;
+}
+
+/// Feeds bytes read while waiting for the client's close frame (after the server's): notes
+/// the close frame, and stops there or at a protocol error. Other frames are ignored.
+pub(crate) fn look_for_close(
+    reader: &mut Reader,
+    input: &mut [u8],
+    seen_close: &mut bool,
+) -> ControlFlow<()> {
+    let result = reader.feed(input, |event| match event {
+        Event::Close(_) => {
+            *seen_close = true;
+            ControlFlow::Break(())
+        }
+        _ => ControlFlow::Continue(()),
+    });
+    if result.is_err() || *seen_close {
+        ControlFlow::Break(())
+    } else {
+        ControlFlow::Continue(())
+    }
 }
 
 #[cfg(test)]
@@ -592,7 +632,7 @@ mod tests {
     /// Every idle connection holds one of these futures: memory per connection is what decides
     /// how many a machine holds (see `DESIGN.md`). Rarely used states (a blocked write, the
     /// close handshake) are boxed so that they do not count here, and the idle wait keeps no
-    /// futures of its own (see `wake.rs`). 328 bytes with rustc 1.95.
+    /// futures of its own (see `wake.rs`). 320 bytes with rustc 1.95.
     #[test]
     fn connection_task_stays_small() {
         let hub = crate::Hub::new();

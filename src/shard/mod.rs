@@ -1285,7 +1285,7 @@ mod tests {
             .iter()
             .map(|c| match &c.socket {
                 Socket::Null(frames) => frames.load(Ordering::Relaxed),
-                Socket::Tcp(_) => 0,
+                Socket::Tcp(_) | Socket::Stream => 0,
             })
             .sum()
     }
