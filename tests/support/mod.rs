@@ -951,6 +951,8 @@ impl Raw {
             next.starts_with(r#"{"type":"pong""#),
             "expected the pong, got {next}"
         );
+    }
+}
 
 /// A TCP stream that no downcast sees through (as a TLS stream would be), for the hub's
 /// generic path; counts the bytes the server writes through it.
