@@ -784,29 +784,17 @@ impl Conn {
         true
     }
 
-    /// Cuts the client with 4000 to bring the hub's queue memory under its budget. Returns
-    /// false if it was already closing.
-    pub(crate) fn close_over_budget(&self, env: &Env) -> bool {
+    /// Cuts the client with 4000 as a slow consumer, for `why`: from the shard, to bring the
+    /// hub's queue memory under its budget ([`Slow::Budget`]), or for live publications it
+    /// holds for the client behind a replay that outgrew the bound ([`Slow::QueueBound`],
+    /// `shard/catch_up.rs`). Returns false if it was already closing.
+    pub(crate) fn close_slow(&self, why: Slow, env: &Env) -> bool {
         let mut out = self.lock();
         if matches!(out.state, WriteState::Closing { .. } | WriteState::Closed) {
             return false;
         }
         let before = out.bytes;
-        self.close_slow_locked(&mut out, Slow::Budget, env);
-        account_queued(env, before, out.bytes);
-        true
-    }
-
-    /// Cuts the client with 4000 as over its outbound bound: for live publications a shard
-    /// holds for it behind a replay (`shard/catch_up.rs`). Returns false if it was already
-    /// closing.
-    pub(crate) fn close_over_bound(&self, env: &Env) -> bool {
-        let mut out = self.lock();
-        if matches!(out.state, WriteState::Closing { .. } | WriteState::Closed) {
-            return false;
-        }
-        let before = out.bytes;
-        self.close_slow_locked(&mut out, Slow::QueueBound, env);
+        self.close_slow_locked(&mut out, why, env);
         account_queued(env, before, out.bytes);
         true
     }

@@ -30,7 +30,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 
 use super::{remove_member, Command, Shard, Subscription, CATCHING_UP};
-use crate::conn::{Replayed, Sent, REPLAY_CHUNK};
+use crate::conn::{Replayed, Sent, Slow, REPLAY_CHUNK};
 use crate::history::{ChannelLock, Replay};
 use crate::wire::protocol::{Ack, Position, Since, TYPE_SUBSCRIBED};
 
@@ -331,7 +331,7 @@ impl Shard {
     fn cut_over_bound(&mut self, slots: Vec<u32>) {
         for slot in slots {
             if let Some(client) = self.clients[slot as usize].as_ref() {
-                client.conn.close_over_bound(&self.env);
+                client.conn.close_slow(Slow::QueueBound, &self.env);
             }
             self.remove_client(slot);
         }

@@ -29,7 +29,7 @@ use smallvec::SmallVec;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::client::{ClientId, ClientSnapshot};
-use crate::conn::{self, Clock, CloseMode, Conn, Sent};
+use crate::conn::{self, Clock, CloseMode, Conn, Sent, Slow};
 use crate::history::HistoryStore;
 use crate::shard::catch_up::LocalHistory;
 use crate::shard::directory::{ChannelDirectory, ChannelEntry};
@@ -783,7 +783,7 @@ impl Shard {
         let mut cut = Vec::new();
         for (k, &(_, slot)) in queues.iter().enumerate() {
             if let Some(client) = self.clients[slot as usize].as_ref() {
-                if client.conn.close_over_budget(&self.env) {
+                if client.conn.close_slow(Slow::Budget, &self.env) {
                     cut.push(slot);
                 }
             }
