@@ -86,6 +86,12 @@ impl WrappedServer {
         ws
     }
 
+    /// Waits until the hub has no client left.
+    async fn wait_for_no_clients(&self) {
+        let hub = self.hub.clone();
+        wait_until("every client to be gone", move || hub.client_count() == 0).await;
+    }
+
     /// Waits until more than `after` bytes went through the wrappers: the hub wrote to the
     /// client through its stream, not around it.
     async fn wait_written_past(&self, after: u64) {
@@ -256,12 +262,16 @@ async fn the_close_handshake_either_way_and_1001_on_shutdown() {
     let (code, _) = raw.read_close().await;
     assert_eq!(code, 1000);
     raw.read_to_end().await;
+    // `connect` waits for the client count to rise: first let the count fall, or a new client
+    // registering as the old one leaves would leave it where it was.
+    server.wait_for_no_clients().await;
 
     // The server closes one client: its code and reason.
     let mut ws = server.connect().await;
     let id = server.hub.clients().await.last().expect("a client").info.id;
     server.hub.disconnect(id, 4001, "bye").unwrap();
     assert_eq!(read_until_close(&mut ws).await, (4001, "bye".to_string()));
+    server.wait_for_no_clients().await;
 
     // Shutdown: what was published before it, then 1001; `run` returns.
     let mut ws = server.connect().await;
