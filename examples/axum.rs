@@ -14,26 +14,9 @@ use axum::routing::{get, post};
 use axum::Router;
 use wshub::{Hub, Message};
 
-async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{signal, SignalKind};
-        match signal(SignalKind::terminate()) {
-            Ok(mut term) => {
-                tokio::select! {
-                    _ = ctrl_c => {}
-                    _ = term.recv() => {}
-                }
-            }
-            Err(_) => {
-                let _ = ctrl_c.await;
-            }
-        }
-    }
-    #[cfg(not(unix))]
-    let _ = ctrl_c.await;
-}
+#[path = "common/shutdown_signal.rs"]
+mod shutdown_signal;
+use shutdown_signal::shutdown_signal;
 
 async fn stats(State(hub): State<Hub>) -> String {
     let stats = hub.stats();
