@@ -27,6 +27,12 @@ pub(crate) enum Scenario {
     Ramp,
     /// Holds N subscribed connections for --duration and reports memory per connection.
     Idle,
+    /// The connection limit: connects N subscribers of one channel (default 10000) and reports
+    /// the time that took, holds them for --duration and reports the server's memory per
+    /// connection (with --target, pass --pid), then publishes --broadcasts messages to them one
+    /// at a time and reports, for each, the time until the last of them received it (p50, p99,
+    /// max). Refused when N is more than the file descriptor limit allows.
+    Capacity,
     /// Fanout with a share (--slow-share) of clients that never read: the first half of
     /// --duration runs without them (the baseline), the second with them subscribed.
     Slow,
@@ -105,12 +111,13 @@ pub(crate) struct Args {
     #[arg(long)]
     pub(crate) pid: Option<u32>,
 
-    /// Measured seconds (churn and slow: half baseline, half disturbed; idle: seconds held).
+    /// Measured seconds (churn and slow: half baseline, half disturbed; idle: seconds held;
+    /// capacity: seconds held before the broadcasts).
     #[arg(short, long, default_value_t = 20.0, value_name = "SECONDS")]
     pub(crate) duration: f64,
 
-    /// Connections subscribed (fanout, broadcast, churn, slow: all clients; idle; recover).
-    /// [default: 1000; idle: 10000; recover: 200]
+    /// Connections subscribed (fanout, broadcast, churn, slow: all clients; idle; capacity;
+    /// recover). [default: 1000; idle and capacity: 10000; recover: 200]
     #[arg(short = 'n', long, value_name = "N")]
     pub(crate) subscribers: Option<usize>,
 
@@ -124,6 +131,11 @@ pub(crate) struct Args {
     /// publishes at a rate: this one, or 1000 when 0.
     #[arg(short, long, default_value_t = 0.0, value_name = "PER_SECOND")]
     pub(crate) rate: f64,
+
+    /// Capacity: broadcasts after the hold, one at a time (each sent 100 ms after every
+    /// subscriber has the one before), from 1 to 1000.
+    #[arg(long, default_value_t = 20, value_name = "N")]
+    pub(crate) broadcasts: u32,
 
     /// Bytes of data per publish (the sequence number and send time included).
     #[arg(short, long, default_value_t = 100, value_name = "BYTES")]
@@ -385,6 +397,10 @@ impl Args {
             self.payload <= 60_000,
             "--payload must be at most 60000 bytes (the server's message limit is 64 KiB)",
         )?;
+        pos(
+            (1..=1000).contains(&self.broadcasts),
+            "--broadcasts must be from 1 to 1000",
+        )?;
         pos(self.channels >= 1, "--channels must be at least 1")?;
         pos(self.per_channel >= 1, "--per-channel must be at least 1")?;
         pos(
@@ -462,6 +478,12 @@ impl Args {
         if self.node_count() > 1 && self.scenario == Scenario::Ramp {
             return Err(
                 "the ramp scenario runs on one node: drop --nodes 2 / the second --target".into(),
+            );
+        }
+        if self.node_count() > 1 && self.scenario == Scenario::Capacity {
+            return Err(
+                "the capacity scenario measures one hub: drop --nodes 2 / the second --target"
+                    .into(),
             );
         }
         if self.node_count() > 1 && self.scenario == Scenario::Recover {
@@ -551,6 +573,10 @@ mod tests {
         assert!(a(&["--nodes", "3"]).validate().is_err());
         assert!(a(&["ramp", "--nodes", "2"]).validate().is_err());
         assert!(a(&["recover", "--nodes", "2"]).validate().is_err());
+        assert!(a(&["capacity", "--nodes", "2"]).validate().is_err());
+        assert!(a(&["capacity", "--broadcasts", "0"]).validate().is_err());
+        assert!(a(&["capacity", "--broadcasts", "1001"]).validate().is_err());
+        assert_eq!(a(&["capacity"]).broadcasts, 20);
         assert_eq!(a(&["recover", "--drop-every", "2s"]).drop_every, 2000.0);
         assert_eq!(a(&["recover"]).drop_every, 500.0);
         assert!(parse_millis("0ms").is_err() && parse_millis("x").is_err());

@@ -74,17 +74,7 @@ fn run(args: &Args) -> Result<Verdict, String> {
         .collect::<Result<Vec<_>, _>>()?;
     let target = targets.first();
     let conns = args.connections_needed();
-    // Every connection is a file descriptor here, and one more in the hub when it is embedded.
-    let fds_needed = conns as u64 * if target.is_some() { 1 } else { 2 } + 64;
-    let limit =
-        sys::raise_fd_limit().map_err(|e| format!("cannot read the file descriptor limit: {e}"))?;
-    if fds_needed > limit {
-        return Err(format!(
-            "{conns} connections need about {fds_needed} file descriptors{}, but the limit is {limit} \
-             (raise the hard limit, e.g. `ulimit -Hn`, or ask for fewer connections)",
-            if target.is_some() { "" } else { " (both ends are in this process)" }
-        ));
-    }
+    check_fds(conns, target.is_some())?;
     // One source address has only so many local ports; spread over 127.0.0.x when needed.
     let ports = sys::local_port_count().saturating_sub(1000).max(1000);
     let sources = conns.div_ceil(ports as usize).max(1);
@@ -157,6 +147,42 @@ fn run(args: &Args) -> Result<Verdict, String> {
     }
     say!("{}", verdict.text());
     Ok(verdict)
+}
+
+/// Raises the soft file descriptor limit to the hard one, and refuses a run of `conns`
+/// connections that would not fit (before connecting anything), saying which limit is short.
+fn check_fds(conns: usize, target: bool) -> Result<(), String> {
+    // Every connection is a file descriptor here, and one more in the hub when it is embedded;
+    // 64 for everything else (the runtime, stdio, the JSON file).
+    let per_conn: u64 = if target { 1 } else { 2 };
+    let needed = conns as u64 * per_conn + 64;
+    let lim =
+        sys::raise_fd_limit().map_err(|e| format!("cannot read the file descriptor limit: {e}"))?;
+    let both = if target {
+        ""
+    } else {
+        " (both ends are in this process: use --target for a hub in its own process)"
+    };
+    if needed > lim.hard {
+        let most = lim.hard.saturating_sub(64) / per_conn;
+        return Err(format!(
+            "{conns} connections need about {needed} file descriptors{both}, but the hard limit \
+             is {} (RLIMIT_NOFILE; only root raises it: `ulimit -Hn`, LimitNOFILE= in systemd, \
+             at most fs.nr_open): ask for at most {most} connections here",
+            lim.hard
+        ));
+    }
+    if needed > lim.soft {
+        let why = lim
+            .raise_error
+            .map_or_else(String::new, |e| format!(": {e}"));
+        return Err(format!(
+            "{conns} connections need about {needed} file descriptors{both}, but the soft limit \
+             is {} and could not be raised to the hard limit {}{why} (try `ulimit -n {}`)",
+            lim.soft, lim.hard, lim.hard
+        ));
+    }
+    Ok(())
 }
 
 #[cfg(feature = "embedded")]

@@ -206,27 +206,11 @@ pub(crate) fn run(args: &Args, server: &Server, sources: u8) -> Result<Output, S
             r.progress_len(&[&step]);
             let steps = r.run_plan(plan, &[step])?;
             let held = steps[0].rss_bytes;
-            let per = match (base, held) {
-                (Some(b), Some(h)) => Some(h.saturating_sub(b) as f64 / n as f64),
-                _ => None,
-            };
-            let note = if server.is_embedded() {
-                "embedded: the growth of this whole process, so it includes the load generator's side of each connection"
-            } else if server.pid.is_some() {
-                "the server process's growth (--pid)"
-            } else {
-                "unknown: pass --pid with --target to measure the server's memory"
-            };
-            match per {
-                Some(p) => say!(
-                    "\nmemory per idle subscribed connection: {} ({note})",
-                    report::bytes(p as u64)
-                ),
-                None => say!("\nmemory per idle subscribed connection: {note}"),
-            }
+            let (per, note) = per_connection(server, base, held, n);
             r.out.summary = json!({"connections": n, "rss_before_bytes": base, "rss_held_bytes": held, "bytes_per_connection": per, "note": note});
             r.out.steps = steps;
         }
+        Scenario::Capacity => capacity(&mut r)?,
         Scenario::Sweep => sweep(&mut r)?,
         Scenario::Recover => {
             let target = server
@@ -275,6 +259,94 @@ pub(crate) fn run(args: &Args, server: &Server, sources: u8) -> Result<Output, S
     }
     r.progress.finish_and_clear();
     Ok(r.out)
+}
+
+/// The server's memory growth per connection, from its resident memory before connecting
+/// (`base`) and while holding `n` connections (`held`), printed and returned with what it
+/// includes.
+fn per_connection(
+    server: &Server,
+    base: Option<u64>,
+    held: Option<u64>,
+    n: usize,
+) -> (Option<f64>, &'static str) {
+    let per = match (base, held) {
+        (Some(b), Some(h)) => Some(h.saturating_sub(b) as f64 / n.max(1) as f64),
+        _ => None,
+    };
+    let note = if server.is_embedded() {
+        "embedded: the growth of this whole process, so it includes the load generator's side of each connection"
+    } else if server.pid.is_some() {
+        "the server process's growth (--pid)"
+    } else {
+        "unknown: pass --pid with --target to measure the server's memory"
+    };
+    match per {
+        Some(p) => say!(
+            "\nmemory per idle subscribed connection: {} ({note})",
+            report::bytes(p as u64)
+        ),
+        None => say!("\nmemory per idle subscribed connection: {note}"),
+    }
+    (per, note)
+}
+
+/// The capacity scenario: N subscribers of one channel connected (timed), held for
+/// --duration (the server's memory per connection), then --broadcasts publishes one at a time,
+/// each timed to its last receiver.
+fn capacity(r: &mut Runner<'_>) -> Result<(), String> {
+    let args = r.args;
+    let n = args.subscribers.unwrap_or(10_000);
+    let plan = r.plan(1, n, 0);
+    let base = r.server.rss();
+    let hold = Step {
+        label: "held".into(),
+        load: Load::Idle,
+        duration: secs(args.duration),
+        disturb: false,
+    };
+    // Bounded: each broadcast waits at most ROUND_TIMEOUT (5 s) for its last receiver, after a
+    // pause of 100 ms; the step ends as soon as they are done.
+    let bound = f64::from(args.broadcasts) * 5.1 + 5.0;
+    let broadcasts = Step {
+        label: "broadcasts".into(),
+        load: Load::Broadcasts {
+            count: args.broadcasts,
+        },
+        duration: secs(bound),
+        disturb: false,
+    };
+    r.progress_len(&[&hold]);
+    let steps = r.run_plan(plan, &[hold, broadcasts])?;
+    let held = steps[0].rss_bytes;
+    let (per, note) = per_connection(r.server, base, held, n);
+    let b = &steps[1].broadcasts;
+    let us = |v: Option<f64>| v.map_or("-".into(), report::dur);
+    say!(
+        "capacity: {} connections, connected in {:.2} s (every subscription live {:.2} s later); \
+         {} of {} broadcasts reached every one, the last receiver after p50 {}, p99 {}, max {}",
+        report::count(n as u64),
+        r.out.connect_seconds,
+        r.out.live_seconds,
+        b.as_ref().map_or(0, |b| b.received_by_all),
+        args.broadcasts,
+        us(b.as_ref().and_then(|b| b.p50_us)),
+        us(b.as_ref().and_then(|b| b.p99_us)),
+        us(b.as_ref().and_then(|b| b.max_us)),
+    );
+    r.out.summary = json!({
+        "connections": n,
+        "connect_seconds": r.out.connect_seconds,
+        "live_seconds": r.out.live_seconds,
+        "rss_before_bytes": base,
+        "rss_held_bytes": held,
+        "rss_after_broadcasts_bytes": steps[1].rss_bytes,
+        "bytes_per_connection": per,
+        "note": note,
+        "broadcasts": b,
+    });
+    r.out.steps = steps;
+    Ok(())
 }
 
 fn secs(s: f64) -> Duration {
@@ -495,6 +567,7 @@ impl Args {
             Scenario::Churn => "churn",
             Scenario::Ramp => "ramp",
             Scenario::Idle => "idle",
+            Scenario::Capacity => "capacity",
             Scenario::Slow => "slow",
             Scenario::Sweep => "sweep",
             Scenario::Recover => "recover",
@@ -531,12 +604,16 @@ impl Args {
     /// Connections the scenario opens at most (for the file descriptor check).
     pub(crate) fn connections_needed(&self) -> usize {
         let n = self.subscribers.unwrap_or(match self.scenario {
-            Scenario::Idle => 10_000,
+            Scenario::Idle | Scenario::Capacity => 10_000,
             Scenario::Recover => 200,
             _ => 1000,
         });
         match self.scenario {
-            Scenario::Fanout | Scenario::Broadcast | Scenario::Slow | Scenario::Idle => n,
+            Scenario::Fanout
+            | Scenario::Broadcast
+            | Scenario::Slow
+            | Scenario::Idle
+            | Scenario::Capacity => n,
             Scenario::Channels => self.channels.saturating_mul(self.per_channel),
             Scenario::Churn => {
                 n + self.churn_togglers

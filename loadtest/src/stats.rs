@@ -24,6 +24,9 @@ pub(crate) struct Counts {
     pub(crate) other: u64,
     /// Closed-loop rounds completed.
     pub(crate) rounds: u64,
+    /// Broadcasts (one publish at a time) that every subscriber received: for each, in the
+    /// order they were published, the latency of its last receiver (ns).
+    pub(crate) last_receiver_ns: Vec<u64>,
     /// Open loop: publishes the generator could not send on schedule.
     pub(crate) behind: u64,
     /// Bytes read from sockets.
@@ -80,6 +83,7 @@ impl Default for Counts {
             duplicated: 0,
             other: 0,
             rounds: 0,
+            last_receiver_ns: Vec::new(),
             behind: 0,
             bytes_in: 0,
             hist: new_histogram(),
@@ -109,6 +113,7 @@ impl Counts {
         self.duplicated += o.duplicated;
         self.other += o.other;
         self.rounds += o.rounds;
+        self.last_receiver_ns.extend(&o.last_receiver_ns);
         self.behind += o.behind;
         self.bytes_in += o.bytes_in;
         // Both histograms have the same bounds; add fails only on a mismatch.
@@ -137,6 +142,7 @@ impl Counts {
             duplicated: self.duplicated,
             other: self.other,
             rounds: self.rounds,
+            last_receiver_ns: std::mem::take(&mut self.last_receiver_ns),
             behind: self.behind,
             bytes_in: self.bytes_in,
             hist: self.hist.clone(),
@@ -199,6 +205,16 @@ impl Latency {
     }
 }
 
+/// The `q` quantile (0 to 1) of a few exact values, by nearest rank: the smallest value with at
+/// least a share `q` of them at or below it (so of 20 values, p50 is the 10th smallest and p99
+/// the largest). None when there are none.
+pub(crate) fn nearest_rank(values: &[u64], q: f64) -> Option<u64> {
+    let mut v = values.to_vec();
+    v.sort_unstable();
+    let rank = ((q.clamp(0.0, 1.0) * v.len() as f64).ceil() as usize).max(1);
+    v.get(rank - 1).copied()
+}
+
 /// A whole histogram in JSON: every recorded bucket as `[value_ns, count]` (the value is the
 /// highest equivalent value of the bucket), with the bounds it was made with, so it can be
 /// rebuilt exactly with `Histogram::new_with_bounds(lowest, highest, sigfig)` and `record_n`.
@@ -229,5 +245,21 @@ impl HistogramJson {
                 .map(|v| [v.value_iterated_to(), v.count_at_value()])
                 .collect(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::nearest_rank;
+
+    #[test]
+    fn nearest_rank_of_a_few_values() {
+        let v: Vec<u64> = (1..=20).rev().collect();
+        assert_eq!(nearest_rank(&v, 0.5), Some(10));
+        assert_eq!(nearest_rank(&v, 0.99), Some(20));
+        assert_eq!(nearest_rank(&v, 1.0), Some(20));
+        assert_eq!(nearest_rank(&v, 0.0), Some(1));
+        assert_eq!(nearest_rank(&[7], 0.5), Some(7));
+        assert_eq!(nearest_rank(&[], 0.5), None);
     }
 }

@@ -3,8 +3,20 @@
 
 use std::time::Duration;
 
-/// Raises the soft `RLIMIT_NOFILE` to the hard limit; returns the soft limit in force after.
-pub(crate) fn raise_fd_limit() -> std::io::Result<u64> {
+/// The file descriptor limits of this process (`RLIMIT_NOFILE`) after trying to raise the soft
+/// one to the hard one.
+#[derive(Debug)]
+pub(crate) struct FdLimit {
+    /// The soft limit in force: what this process may open.
+    pub(crate) soft: u64,
+    /// The hard limit: the most the soft one can be raised to without privileges.
+    pub(crate) hard: u64,
+    /// Why the soft limit could not be raised to the hard one, if it could not.
+    pub(crate) raise_error: Option<std::io::Error>,
+}
+
+/// Raises the soft `RLIMIT_NOFILE` to the hard limit, and says what the limits are after.
+pub(crate) fn raise_fd_limit() -> std::io::Result<FdLimit> {
     let mut lim = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,
@@ -13,6 +25,11 @@ pub(crate) fn raise_fd_limit() -> std::io::Result<u64> {
     if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
         return Err(std::io::Error::last_os_error());
     }
+    let mut out = FdLimit {
+        soft: lim.rlim_cur,
+        hard: lim.rlim_max,
+        raise_error: None,
+    };
     if lim.rlim_cur < lim.rlim_max {
         let want = libc::rlimit {
             rlim_cur: lim.rlim_max,
@@ -20,10 +37,12 @@ pub(crate) fn raise_fd_limit() -> std::io::Result<u64> {
         };
         // SAFETY: setrlimit reads the struct we pass.
         if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &want) } == 0 {
-            return Ok(want.rlim_cur);
+            out.soft = want.rlim_cur;
+        } else {
+            out.raise_error = Some(std::io::Error::last_os_error());
         }
     }
-    Ok(lim.rlim_cur)
+    Ok(out)
 }
 
 /// Local ports available per source address (`ip_local_port_range`).

@@ -418,6 +418,56 @@ fn idle_reports_memory() {
     assert!(v["summary"]["bytes_per_connection"].as_f64().is_some());
 }
 
+/// The capacity scenario at small scale: every broadcast reaches every connection, and each
+/// one's last-receiver time is reported, with the connect time and the memory per connection.
+#[test]
+fn capacity_times_every_broadcast_to_its_last_receiver() {
+    let v = run_json(&["capacity", "-n", "200", "--broadcasts", "3", "-d", "0.5"]);
+    let sum = &v["summary"];
+    assert_eq!(u(&sum["connections"]), 200, "{sum}");
+    assert!(
+        sum["connect_seconds"].as_f64().is_some_and(|s| s > 0.0),
+        "{sum}"
+    );
+    assert!(sum["bytes_per_connection"].as_f64().is_some(), "{sum}");
+    let steps = v["steps"].as_array().expect("steps");
+    assert_eq!(steps.len(), 2, "a hold and the broadcasts");
+    assert_eq!(steps[0]["load"]["mode"], "idle");
+    assert_eq!(u(&steps[0]["connections_held"]), 200);
+    let s = &steps[1];
+    assert_eq!(s["load"]["mode"], "broadcasts");
+    check_step(s, 200);
+    // Every broadcast reached every connection: 3 publishes, 600 deliveries, nothing lost.
+    assert_eq!(u(&s["published"]), 3, "{s}");
+    assert_eq!(u(&s["delivered"]), 600);
+    assert_eq!(u(&s["lost"]), 0);
+    let b = &sum["broadcasts"];
+    assert_eq!(u(&b["asked"]), 3, "{b}");
+    assert_eq!(u(&b["received_by_all"]), 3, "{b}");
+    let last: Vec<f64> = b["last_receiver_us"]
+        .as_array()
+        .expect("one time per broadcast")
+        .iter()
+        .map(|t| t.as_f64().expect("microseconds"))
+        .collect();
+    assert_eq!(last.len(), 3, "{b}");
+    assert!(last.windows(2).all(|w| w[0] <= w[1]), "fastest first: {b}");
+    // Each is its broadcast's slowest delivery, so no delivery was slower than the largest,
+    // and it is at least the median delivery (the histogram's resolution aside).
+    let f = |k: &str| b[k].as_f64().expect("a percentile");
+    assert!(f("p50_us") > 0.0 && f("p50_us") <= f("p99_us") && f("p99_us") <= f("max_us"));
+    assert_eq!(f("max_us"), last[2]);
+    let lat = &s["latency"];
+    assert!(
+        lat["max_us"].as_f64().expect("max") <= f("max_us") * 1.001 + 1.0,
+        "{lat} {b}"
+    );
+    assert!(
+        f("max_us") * 1.001 + 1.0 >= lat["p50_us"].as_f64().expect("p50"),
+        "{lat} {b}"
+    );
+}
+
 #[test]
 fn ramp_reaches_its_target() {
     let v = run_json(&["ramp", "--ramp-to", "100", "--ramp-rate", "500"]);
@@ -634,6 +684,27 @@ fn too_many_connections_are_refused_before_connecting() {
         stderr.contains("file descriptors") || stderr.contains("local ports"),
         "{stderr}"
     );
+    assert!(
+        !stderr.contains("connect refused"),
+        "it tried to connect: {stderr}"
+    );
+}
+
+/// More connections than the hard file descriptor limit allows: refused before connecting,
+/// with the limit named and the most that would fit.
+#[test]
+fn capacity_beyond_the_hard_fd_limit_is_refused() {
+    let out = loadtest(&[
+        "capacity",
+        "--target",
+        "ws://127.0.0.1:1/ws",
+        "-n",
+        "100000000",
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(EXIT_FAILED), "{stderr}");
+    assert!(stderr.contains("hard limit"), "{stderr}");
+    assert!(stderr.contains("ask for at most"), "{stderr}");
     assert!(
         !stderr.contains("connect refused"),
         "it tried to connect: {stderr}"

@@ -85,6 +85,7 @@ impl Engine {
                 measure_start: AtomicU64::new(u64::MAX),
                 round_start: AtomicU64::new(u64::MAX),
                 got: AtomicU64::new(0),
+                round_max_ns: AtomicU64::new(0),
                 live: AtomicU64::new(0),
                 subs: AtomicU64::new(0),
                 notify: Notify::new(),
@@ -100,6 +101,7 @@ impl Engine {
             phase: AtomicU8::new(PH_CONNECT),
             window: AtomicU64::new(0),
             closed_loop: AtomicBool::new(false),
+            finished: AtomicU64::new(0),
             chans,
         });
         let plan = Arc::new(plan);
@@ -265,26 +267,44 @@ impl Engine {
             .collect();
         let window = match step.load {
             Load::Closed { window } => u64::from(window),
+            // One at a time: a closed-loop round of one.
+            Load::Broadcasts { .. } => 1,
             _ => 0,
         };
         self.shared.window.store(window, Relaxed);
         self.shared.closed_loop.store(window > 0, Relaxed);
+        self.shared.finished.store(0, Relaxed);
+        // Broadcasts end when every channel's publisher has sent its count; the duration bounds
+        // them. Every other load runs for its duration.
+        let publishers = self.shared.chans.len() as u64;
+        let ends_early = matches!(step.load, Load::Broadcasts { .. });
+        let shared = self.shared.clone();
+        let done = move || ends_early && shared.finished.load(Relaxed) >= publishers;
         self.ask_all(|| Cmd::StartStep(step.load, step.disturb))?;
         let t0 = Instant::now();
         let mut intervals = Vec::new();
         let mut next = interval;
         while next <= step.duration + Duration::from_millis(1) {
-            if let Some(wait) = next.checked_sub(t0.elapsed()) {
-                std::thread::sleep(wait);
+            while let Some(wait) = next.checked_sub(t0.elapsed()) {
+                if done() {
+                    break;
+                }
+                std::thread::sleep(wait.min(Duration::from_millis(10)));
             }
             let (c, _, _) = self.collect()?;
             let at = t0.elapsed().as_secs_f64();
             on_interval(at, &c);
             intervals.push((at, c));
             next += interval;
+            if done() {
+                break;
+            }
         }
-        if let Some(wait) = step.duration.checked_sub(t0.elapsed()) {
-            std::thread::sleep(wait);
+        while let Some(wait) = step.duration.checked_sub(t0.elapsed()) {
+            if done() {
+                break;
+            }
+            std::thread::sleep(wait.min(Duration::from_millis(10)));
         }
         self.ask_all(|| Cmd::EndStep)?;
         self.shared.closed_loop.store(false, Relaxed);

@@ -1,6 +1,6 @@
 //! What a run is asked to do: the plan of connections it opens once and keeps (targets,
 //! channels, each connection's channel, role and node, churn), and the steps it then measures,
-//! each with its load (closed-loop rounds, an open-loop rate, or idle). Nothing here runs; the
+//! each with its load (closed-loop rounds, an open-loop rate, a count of broadcasts one at a time, or idle). Nothing here runs; the
 //! engine reads it.
 
 use std::time::Duration;
@@ -81,6 +81,14 @@ pub(crate) enum Load {
     Open {
         /// Publishes per second over all channels.
         rate: f64,
+    },
+    /// `count` publishes on each channel, one at a time: each is sent when every subscriber has
+    /// the one before and BROADCAST_GAP has passed, so each is measured on its own, from its
+    /// publish to its last receiver. The step ends when they are done (or at its duration, the
+    /// bound).
+    Broadcasts {
+        /// Publishes per channel.
+        count: u32,
     },
     /// Nothing is published: connections are only held.
     Idle,

@@ -1,10 +1,11 @@
 //! Publishing, done by the thread that holds each channel's first subscriber (its publisher):
 //! the warm-up that proves subscriptions live, closed-loop rounds (a window of publishes, then
-//! wait until every subscriber has them), and the open-loop clock (a fixed rate in 1 ms ticks,
+//! wait until every subscriber has them), broadcasts (one publish at a time, each timed to its
+//! last receiver), and the open-loop clock (a fixed rate in 1 ms ticks,
 //! each message stamped with its scheduled time). Every publish takes the channel's next
 //! sequence number.
 
-use std::sync::atomic::Ordering::Relaxed;
+use std::sync::atomic::Ordering::{Acquire, Relaxed};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -87,6 +88,63 @@ pub(super) async fn rounds(ctx: Arc<Ctx>, ch: u32, li: usize, window: u32) {
         }
         ctx.local.lk().counts.rounds += 1;
     }
+}
+
+/// Broadcasts: the pause before each, so that it starts on a quiet hub and generator (the
+/// previous one's writes and reads are over) and is measured on its own.
+pub(super) const BROADCAST_GAP: Duration = Duration::from_millis(100);
+
+/// `count` publishes on one channel, one at a time: each waits until every subscriber has it
+/// (or ROUND_TIMEOUT, counted as an error), and one that every subscriber got records the
+/// latency of its last receiver. Then the publisher counts itself finished, so that the step
+/// can end without waiting for its whole duration (the bound).
+pub(super) async fn broadcasts(ctx: Arc<Ctx>, ch: u32, li: usize, count: u32) {
+    let c = &ctx.shared.chans[ch as usize];
+    let name = &ctx.plan.channels[ch as usize];
+    let mut frame = Vec::new();
+    for _ in 0..count {
+        tokio::time::sleep(BROADCAST_GAP).await;
+        if ctx.stop.load(Relaxed) {
+            break;
+        }
+        let Some(s) = sock(&ctx, li) else { break };
+        let seq = c.next_seq.load(Relaxed);
+        c.got.store(0, Relaxed);
+        c.round_max_ns.store(0, Relaxed);
+        c.round_start.store(seq, Relaxed);
+        frame.clear();
+        ws::publish_frame(&mut frame, name, seq, ctx.shared.now_ns(), ctx.plan.payload);
+        c.next_seq.store(seq + 1, Relaxed);
+        if let Err(e) = timed_write(&s, &frame).await {
+            ctx.local.lk().counts.error(e);
+            break;
+        }
+        let deadline = tokio::time::Instant::now() + ROUND_TIMEOUT;
+        let complete = loop {
+            // Acquire: pairs with the receivers' Release on `got`, so `round_max_ns` is theirs.
+            if c.got.load(Acquire) >= c.subs.load(Relaxed) {
+                break true;
+            }
+            if ctx.stop.load(Relaxed) {
+                break false;
+            }
+            if tokio::time::timeout_at(deadline, c.notify.notified())
+                .await
+                .is_err()
+            {
+                ctx.local.lk().counts.error("broadcast timeout");
+                break false;
+            }
+        };
+        let mut l = ctx.local.lk();
+        l.counts.rounds += 1;
+        if complete {
+            l.counts
+                .last_receiver_ns
+                .push(c.round_max_ns.load(Relaxed).max(1));
+        }
+    }
+    ctx.shared.finished.fetch_add(1, Relaxed);
 }
 
 /// Open loop over this thread's channels, each at `per_channel` publishes per second.

@@ -3,7 +3,7 @@
 //! counts each delivery: its latency, and from its sequence number whether messages before it
 //! were lost or it was seen already.
 
-use std::sync::atomic::Ordering::Relaxed;
+use std::sync::atomic::Ordering::{Relaxed, Release};
 use std::sync::Arc;
 
 use tokio::io::Interest;
@@ -105,6 +105,7 @@ pub(super) fn process(ctx: &Ctx, l: &mut Local, li: usize, n: usize, pongs: &mut
     let ch = &ctx.shared.chans[c.ch as usize];
     let closed_loop = ctx.shared.closed_loop.load(Relaxed);
     let mut in_round = 0u64;
+    let mut round_max = 0u64;
     let mut became_live = false;
     let next = &mut c.next;
     let live = &mut c.live;
@@ -131,6 +132,7 @@ pub(super) fn process(ctx: &Ctx, l: &mut Local, li: usize, n: usize, pongs: &mut
                 && seq >= ch.round_start.load(Relaxed)
             {
                 in_round += 1;
+                round_max = round_max.max(latency);
             }
         }
         opcode::PING => ws::client_frame(pongs, opcode::PONG, f.head),
@@ -141,7 +143,10 @@ pub(super) fn process(ctx: &Ctx, l: &mut Local, li: usize, n: usize, pongs: &mut
         ch.live.fetch_add(1, Relaxed);
     }
     if in_round > 0 {
-        let prev = ch.got.fetch_add(in_round, Relaxed);
+        // Before `got`, which releases it: whoever sees the round complete (an Acquire load of
+        // `got`) sees its last receiver's latency too, whichever thread read it.
+        ch.round_max_ns.fetch_max(round_max, Relaxed);
+        let prev = ch.got.fetch_add(in_round, Release);
         let target = ctx.shared.window.load(Relaxed) * ch.subs.load(Relaxed);
         if prev + in_round >= target {
             ch.notify.notify_one();

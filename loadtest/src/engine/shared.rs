@@ -1,6 +1,6 @@
 //! The state the main thread and every generator thread share: the run's phase, the current
-//! step's closed-loop window, and per channel its sequence numbers (next to publish, where the
-//! step and the round began), round deliveries, and how many of its subscribers are live and
+//! step's closed-loop window, the publishers done with it, and per channel its sequence numbers (next to publish, where the
+//! step and the round began), round deliveries and their highest latency, and how many of its subscribers are live and
 //! still connected. Atomics, read and written without a lock, and per channel a `Notify` that
 //! wakes its closed-loop round task.
 
@@ -24,6 +24,9 @@ pub(super) struct Chan {
     pub(super) round_start: AtomicU64,
     /// Deliveries of the current round.
     pub(super) got: AtomicU64,
+    /// The highest latency (ns) of the current round's deliveries so far: once every subscriber
+    /// has the round, its last receiver's.
+    pub(super) round_max_ns: AtomicU64,
     /// Measured subscribers that have received at least one message.
     pub(super) live: AtomicU64,
     /// Measured subscribers still connected.
@@ -41,6 +44,9 @@ pub(super) struct Shared {
     pub(super) window: AtomicU64,
     /// The current step is closed loop (receivers count each round's deliveries).
     pub(super) closed_loop: AtomicBool,
+    /// Publishers that have finished the current step's load on their own (broadcasts: after
+    /// their count), so the main thread can end the step early.
+    pub(super) finished: AtomicU64,
     pub(super) chans: Vec<Chan>,
 }
 

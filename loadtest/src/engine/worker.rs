@@ -16,7 +16,7 @@ use super::connect::connect_all;
 use super::loss;
 use super::outcome::{ChurnCounts, SlowSeen};
 use super::plan::{Kind, Load, Plan};
-use super::publish::{open_loop, rounds, warmup};
+use super::publish::{broadcasts, open_loop, rounds, warmup};
 use super::receive::READ_BUF;
 use super::shared::Shared;
 use super::slow::{read_slow, subscribe_slow};
@@ -284,6 +284,11 @@ async fn start_step(
                     publishes.to_vec(),
                     per_channel,
                 )));
+            }
+        }
+        Load::Broadcasts { count } => {
+            for &(ch, li) in publishes {
+                tasks.push(tokio::spawn(broadcasts(ctx.clone(), ch, li, count)));
             }
         }
         Load::Idle => {}

@@ -12,7 +12,7 @@ use std::time::Duration;
 use serde::Serialize;
 
 use crate::engine::{ChurnCounts, Load, NodeOutcome, SlowSeen, Step, StepOutcome};
-use crate::stats::{Counts, HistogramJson, Latency};
+use crate::stats::{nearest_rank, Counts, HistogramJson, Latency};
 
 pub(crate) use format::{bytes, count, dur, rate};
 
@@ -118,6 +118,9 @@ pub(crate) struct LoadJson {
     /// Open loop: publishes per second.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub(crate) rate: Option<f64>,
+    /// Broadcasts: publishes per channel, one at a time.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) broadcasts: Option<u32>,
 }
 
 impl From<Load> for LoadJson {
@@ -127,16 +130,25 @@ impl From<Load> for LoadJson {
                 mode: "closed",
                 window: Some(window),
                 rate: None,
+                broadcasts: None,
             },
             Load::Open { rate } => LoadJson {
                 mode: "open",
                 window: None,
                 rate: Some(rate),
+                broadcasts: None,
+            },
+            Load::Broadcasts { count } => LoadJson {
+                mode: "broadcasts",
+                window: None,
+                rate: None,
+                broadcasts: Some(count),
             },
             Load::Idle => LoadJson {
                 mode: "idle",
                 window: None,
                 rate: None,
+                broadcasts: None,
             },
         }
     }
@@ -159,6 +171,41 @@ pub(crate) struct IntervalReport {
     pub(crate) latency: Latency,
     /// Errors in the interval.
     pub(crate) errors: BTreeMap<String, u64>,
+}
+
+/// Broadcasts one at a time: how long each took to reach its last receiver.
+#[derive(Debug, Clone, Serialize)]
+pub(crate) struct BroadcastReport {
+    /// Broadcasts asked for (per channel).
+    pub(crate) asked: u64,
+    /// Of them, received by every subscriber.
+    pub(crate) received_by_all: u64,
+    /// For each of those, from its publish to its last receiver's read, in microseconds,
+    /// fastest first.
+    pub(crate) last_receiver_us: Vec<f64>,
+    /// Their median, 99th percentile and largest (nearest rank, exact: of 20, the p99 is the
+    /// largest).
+    pub(crate) p50_us: Option<f64>,
+    /// See `p50_us`.
+    pub(crate) p99_us: Option<f64>,
+    /// See `p50_us`.
+    pub(crate) max_us: Option<f64>,
+}
+
+impl BroadcastReport {
+    fn of(asked: u64, last_receiver_ns: &[u64]) -> BroadcastReport {
+        let us = |ns: u64| ns as f64 / 1000.0;
+        let mut sorted = last_receiver_ns.to_vec();
+        sorted.sort_unstable();
+        BroadcastReport {
+            asked,
+            received_by_all: sorted.len() as u64,
+            last_receiver_us: sorted.iter().copied().map(us).collect(),
+            p50_us: nearest_rank(&sorted, 0.5).map(us),
+            p99_us: nearest_rank(&sorted, 0.99).map(us),
+            max_us: sorted.last().copied().map(us),
+        }
+    }
 }
 
 /// What the hub did to the slow clients.
@@ -230,8 +277,11 @@ pub(crate) struct StepReport {
     pub(crate) other_messages: u64,
     /// Open loop: publishes the generator could not send on schedule.
     pub(crate) behind_schedule: u64,
-    /// Closed loop: rounds completed.
+    /// Closed loop: rounds completed (broadcasts: broadcasts sent and waited for).
     pub(crate) rounds: u64,
+    /// Broadcasts: the time each took to reach its last receiver.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) broadcasts: Option<BroadcastReport>,
     /// Publish-to-receive latency.
     pub(crate) latency: Latency,
     /// Errors by kind.
@@ -329,6 +379,13 @@ impl StepReport {
             other_messages: o.counts.other,
             behind_schedule: o.counts.behind,
             rounds: o.counts.rounds,
+            broadcasts: match step.load {
+                Load::Broadcasts { count } => Some(BroadcastReport::of(
+                    u64::from(count),
+                    &o.counts.last_receiver_ns,
+                )),
+                _ => None,
+            },
             latency: Latency::of(&o.counts.hist),
             errors: o.counts.errors.clone(),
             generator_cpu_seconds: gen,

@@ -28,9 +28,10 @@ impl StepReport {
 
     /// The step's name, load and measured time.
     fn heading(&self, s: &mut String) {
-        let load = match (self.load.window, self.load.rate) {
-            (Some(w), _) => format!("closed loop, {w} in flight per channel"),
-            (_, Some(r)) => format!("open loop, {} publishes/s", count(r as u64)),
+        let load = match (self.load.window, self.load.rate, self.load.broadcasts) {
+            (Some(w), _, _) => format!("closed loop, {w} in flight per channel"),
+            (_, Some(r), _) => format!("open loop, {} publishes/s", count(r as u64)),
+            (_, _, Some(b)) => format!("{b} broadcasts, one at a time"),
             _ => "idle".into(),
         };
         let _ = writeln!(
@@ -81,6 +82,21 @@ impl StepReport {
             );
         }
         row(s, "latency", latency(&self.latency));
+        if let Some(b) = &self.broadcasts {
+            let us = |v: Option<f64>| v.map_or("-".into(), dur);
+            row(
+                s,
+                "last receiver",
+                format!(
+                    "p50 {}  p99 {}  max {}   ({} of {} broadcasts received by all; each from its publish to its last receiver)",
+                    us(b.p50_us),
+                    us(b.p99_us),
+                    us(b.max_us),
+                    b.received_by_all,
+                    b.asked
+                ),
+            );
+        }
     }
 
     /// Connections still held at the end, and errors.
