@@ -10,7 +10,7 @@ use serde_json::{json, Value};
 
 use crate::cli::{parse_list, Args, Scenario};
 use crate::conn::Target;
-use crate::engine::{Churn, ConnSpec, Engine, Kind, Load, Plan, Step};
+use crate::engine::{broadcasts_bound, Churn, ConnSpec, Engine, Kind, Load, Plan, Step};
 use crate::report::{self, HubSnapshot, ServerSide, StepReport};
 use crate::stats::Counts;
 use crate::sys;
@@ -305,15 +305,14 @@ fn capacity(r: &mut Runner<'_>) -> Result<(), String> {
         duration: secs(args.duration),
         disturb: false,
     };
-    // Bounded: each broadcast waits at most ROUND_TIMEOUT (5 s) for its last receiver, after a
-    // pause of 100 ms; the step ends as soon as they are done.
-    let bound = f64::from(args.broadcasts) * 5.1 + 5.0;
     let broadcasts = Step {
         label: "broadcasts".into(),
         load: Load::Broadcasts {
             count: args.broadcasts,
         },
-        duration: secs(bound),
+        // Bounded (each broadcast waits at most 5 s for its last receiver); the step ends as
+        // soon as they are done.
+        duration: broadcasts_bound(args.broadcasts),
         disturb: false,
     };
     r.progress_len(&[&hold]);

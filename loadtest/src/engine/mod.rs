@@ -41,6 +41,7 @@ use crate::sys;
 
 pub(crate) use outcome::{ChurnCounts, NodeOutcome, OnInterval, SlowSeen, StepOutcome};
 pub(crate) use plan::{Churn, ConnSpec, Kind, Load, Plan, Step};
+pub(crate) use publish::broadcasts_bound;
 use shared::{Chan, Shared, PH_CONNECT, PH_RUN, PH_WARMUP};
 use worker::{thread_main, Cmd, Reply};
 

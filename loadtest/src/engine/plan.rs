@@ -1,7 +1,7 @@
 //! What a run is asked to do: the plan of connections it opens once and keeps (targets,
 //! channels, each connection's channel, role and node, churn), and the steps it then measures,
-//! each with its load (closed-loop rounds, an open-loop rate, a count of broadcasts one at a time, or idle). Nothing here runs; the
-//! engine reads it.
+//! each with its load (closed-loop rounds, an open-loop rate, a count of broadcasts one at a
+//! time, or idle). Nothing here runs; the engine reads it.
 
 use std::time::Duration;
 

@@ -1,9 +1,8 @@
 //! Publishing, done by the thread that holds each channel's first subscriber (its publisher):
 //! the warm-up that proves subscriptions live, closed-loop rounds (a window of publishes, then
 //! wait until every subscriber has them), broadcasts (one publish at a time, each timed to its
-//! last receiver), and the open-loop clock (a fixed rate in 1 ms ticks,
-//! each message stamped with its scheduled time). Every publish takes the channel's next
-//! sequence number.
+//! last receiver), and the open-loop clock (a fixed rate in 1 ms ticks, each message stamped
+//! with its scheduled time). Every publish takes the channel's next sequence number.
 
 use std::sync::atomic::Ordering::{Acquire, Relaxed};
 use std::sync::Arc;
@@ -93,6 +92,13 @@ pub(super) async fn rounds(ctx: Arc<Ctx>, ch: u32, li: usize, window: u32) {
 /// Broadcasts: the pause before each, so that it starts on a quiet hub and generator (the
 /// previous one's writes and reads are over) and is measured on its own.
 pub(super) const BROADCAST_GAP: Duration = Duration::from_millis(100);
+
+/// The longest `count` broadcasts can take, each waiting BROADCAST_GAP and then at most
+/// ROUND_TIMEOUT for its last receiver, plus a second for the write and the step's ends: the
+/// bound of a broadcasts step.
+pub(crate) fn broadcasts_bound(count: u32) -> Duration {
+    (BROADCAST_GAP + ROUND_TIMEOUT) * count + Duration::from_secs(1)
+}
 
 /// `count` publishes on one channel, one at a time: each waits until every subscriber has it
 /// (or ROUND_TIMEOUT, counted as an error), and one that every subscriber got records the

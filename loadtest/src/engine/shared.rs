@@ -1,7 +1,7 @@
 //! The state the main thread and every generator thread share: the run's phase, the current
-//! step's closed-loop window, the publishers done with it, and per channel its sequence numbers (next to publish, where the
-//! step and the round began), round deliveries and their highest latency, and how many of its subscribers are live and
-//! still connected. Atomics, read and written without a lock, and per channel a `Notify` that
+//! step's closed-loop window, the publishers done with it, and per channel its sequence numbers
+//! (next to publish, where the step and the round began), round deliveries and their highest
+//! latency, and how many of its subscribers are live and still connected. Atomics, read and written without a lock, and per channel a `Notify` that
 //! wakes its closed-loop round task.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8};
