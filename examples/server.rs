@@ -2,7 +2,7 @@
 //!
 //! ```text
 //! cargo run --release --example server -- [--addr 127.0.0.1:8080] [--allow-publish]
-//!     [--history N [--history-ttl SECS]]
+//!     [--history N [--history-ttl SECS]] [--no-io-uring]
 //! cargo run --release --features metrics --example server -- --metrics 127.0.0.1:9090
 //! ```
 //!
@@ -15,7 +15,8 @@
 //! Built with the cargo feature `metrics`, `--metrics HOST:PORT` serves the hub's Prometheus
 //! metrics at `http://HOST:PORT/metrics`, on a listener of its own; without the feature the
 //! flag is refused. Logs go to stderr through `tracing-subscriber`, filtered by `RUST_LOG`
-//! (default `warn`; `RUST_LOG=wshub=debug` shows each connection's life, refusals and cuts).
+//! (default `warn,wshub=info`: the hub's one startup line says whether the shards write with
+//! io_uring or send(2); `RUST_LOG=wshub=debug` shows each connection's life, refusals and cuts).
 
 use std::net::SocketAddr;
 use std::process::ExitCode;
@@ -29,7 +30,8 @@ const USAGE: &str =
   --addr HOST:PORT     where to listen (default 127.0.0.1:8080)
   --allow-publish      let clients publish to any channel (default: refused)
   --history N          keep the last N publications of every channel (default: no history)
-  --history-ttl SECS   and each for at most SECS seconds (default 3600)";
+  --history-ttl SECS   and each for at most SECS seconds (default 3600)
+  --no-io-uring        write with send(2) even where io_uring is available (to compare)";
 
 /// The flags of the cargo feature `metrics`, in the usage only when it is built in.
 #[cfg(feature = "metrics")]
@@ -43,6 +45,7 @@ struct Args {
     allow_publish: bool,
     history: Option<usize>,
     history_ttl: Duration,
+    io_uring: bool,
     #[cfg(feature = "metrics")]
     metrics: Option<SocketAddr>,
 }
@@ -67,6 +70,7 @@ fn parse_args() -> Result<Args, String> {
         allow_publish: false,
         history: None,
         history_ttl: Duration::from_secs(3600),
+        io_uring: true,
         #[cfg(feature = "metrics")]
         metrics: None,
     };
@@ -75,6 +79,7 @@ fn parse_args() -> Result<Args, String> {
         match arg.as_str() {
             "--addr" => args.addr = value_of(&mut argv, "--addr")?,
             "--allow-publish" => args.allow_publish = true,
+            "--no-io-uring" => args.io_uring = false,
             "--history" => args.history = Some(value_of(&mut argv, "--history")?),
             "--history-ttl" => {
                 args.history_ttl = Duration::from_secs(value_of(&mut argv, "--history-ttl")?)
@@ -147,7 +152,7 @@ async fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,wshub=info")),
         )
         .with_writer(std::io::stderr)
         .init();
@@ -169,7 +174,9 @@ async fn main() -> ExitCode {
     } else {
         PublishPolicy::Refuse
     };
-    let mut builder = HubConfig::builder().publish_policy(policy);
+    let mut builder = HubConfig::builder()
+        .publish_policy(policy)
+        .io_uring(args.io_uring);
     if let Some(count) = args.history {
         // Every channel: the empty prefix matches every name.
         match HistoryPolicy::new(count, args.history_ttl) {

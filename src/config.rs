@@ -117,6 +117,7 @@ pub struct HubConfig {
     pub(crate) publish_policy: PublishPolicy,
     pub(crate) subscribe_policy: Option<Arc<ChannelPolicyFn>>,
     pub(crate) strict_go_ws: bool,
+    pub(crate) io_uring: bool,
     pub(crate) rate_limit: Option<RateLimit>,
     pub(crate) echo: bool,
     pub(crate) path: String,
@@ -151,6 +152,7 @@ impl Default for HubConfig {
             publish_policy: PublishPolicy::Refuse,
             subscribe_policy: None,
             strict_go_ws: false,
+            io_uring: true,
             rate_limit: None,
             echo: false,
             path: "/ws".to_owned(),
@@ -228,6 +230,7 @@ impl fmt::Debug for HubConfig {
             .field("allowed_origins", &self.allowed_origins)
             .field("publish_policy", &self.publish_policy)
             .field("strict_go_ws", &self.strict_go_ws)
+            .field("io_uring", &self.io_uring)
             .field("rate_limit", &self.rate_limit)
             .field("path", &self.path)
             .field("authenticator", &self.authenticator.is_some())
@@ -450,6 +453,19 @@ impl HubConfigBuilder {
     /// `error` messages, exactly what a go-ws client has seen. Default: off.
     pub fn strict_go_ws(mut self, strict: bool) -> Self {
         self.config.strict_go_ws = strict;
+        self
+    }
+
+    /// Whether the shards write with io_uring (cargo feature `io-uring`, a default feature,
+    /// Linux only): each shard submits its writes for many sockets with one `io_uring_enter`
+    /// instead of one `send(2)` each. Default: on. Where the kernel refuses io_uring (old
+    /// kernels, seccomp profiles of many container runtimes), or with `false`, the shards
+    /// write with `send(2)`; clients see no difference. [`HubStats::io_uring_shards`] and the
+    /// hub's startup log say which path runs. Without the feature, this has no effect.
+    ///
+    /// [`HubStats::io_uring_shards`]: crate::HubStats::io_uring_shards
+    pub fn io_uring(mut self, enabled: bool) -> Self {
+        self.config.io_uring = enabled;
         self
     }
 

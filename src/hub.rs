@@ -393,6 +393,18 @@ fn conn_limits(config: &HubConfig) -> conn::Limits {
     }
 }
 
+/// Says once, at start, how the shards write: an operator sizing a machine needs to know
+/// whether io_uring runs (a container's seccomp profile may refuse it without a word).
+fn log_write_path(shared: &Shared, shards: usize) {
+    let io_uring = shared.counters.io_uring_shards.load(Ordering::Relaxed);
+    let path = match io_uring {
+        0 => "send(2)",
+        n if n == shards => "io_uring",
+        _ => "io_uring on some shards, send(2) on the others",
+    };
+    tracing::info!(shards, io_uring_shards = io_uring, "hub started; shards write with {path}");
+}
+
 /// The part of `config` that each shard reads.
 fn shard_config(config: &HubConfig) -> ShardConfig {
     ShardConfig {
@@ -400,6 +412,7 @@ fn shard_config(config: &HubConfig) -> ShardConfig {
         pong_timeout: config.pong_timeout,
         max_subscriptions: config.max_subscriptions,
         strict_go_ws: config.strict_go_ws,
+        io_uring: config.io_uring,
         queue_memory_budget: config.queue_memory_budget,
         shards: config.shards,
     }
@@ -668,7 +681,8 @@ impl Hub {
                     let shard = self.inner.shared.new_shard(index);
                     tokio::spawn(shard.run(inbox))
                 })
-                .collect();
+                .collect::<Vec<_>>();
+            log_write_path(&self.inner.shared, tasks.len());
             *self
                 .inner
                 .shard_tasks

@@ -330,3 +330,35 @@ async fn interleaved_channels_and_direct_sends_reach_exactly_their_clients_in_or
         sync(ws).await;
     }
 }
+
+/// `HubConfig::io_uring(false)` is what an operator sets whose containers refuse io_uring, or
+/// who wants to compare the write paths: no shard counts as an io_uring shard, and every
+/// subscriber still gets every message, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_io_uring_turned_off_the_shards_write_with_send_and_deliver_everything() {
+    let config = HubConfig::builder()
+        .shards(2)
+        .io_uring(false)
+        .build()
+        .unwrap();
+    let server = Server::start(config).await;
+    let mut clients = Vec::new();
+    for _ in 0..4 {
+        let mut ws = server.connect().await;
+        subscribe(&mut ws, "news").await;
+        clients.push(ws);
+    }
+    assert_eq!(server.hub.stats().io_uring_shards, 0);
+    for i in 0..20 {
+        server
+            .hub
+            .send_to_channel("news", &Message::new("tick").with_data(i))
+            .unwrap();
+    }
+    for ws in &mut clients {
+        for i in 0..20 {
+            let message = next_json(ws).await;
+            assert_eq!(message["data"], json!(i), "{message}");
+        }
+    }
+}

@@ -72,7 +72,7 @@ impl Uring {
     pub(crate) fn for_shard(shard: usize, in_use: &Arc<AtomicUsize>) -> Option<Uring> {
         match IoUring::new(Self::MAX_SENDS as u32) {
             Ok(ring) => {
-                tracing::info!(shard, "shard writes with io_uring");
+                tracing::debug!(shard, "shard writes with io_uring");
                 in_use.fetch_add(1, Ordering::Relaxed);
                 Some(Uring {
                     ring: Some(ring),
@@ -85,7 +85,7 @@ impl Uring {
                 })
             }
             Err(err) => {
-                tracing::info!(shard, %err, "io_uring refused; shard writes with send(2)");
+                tracing::warn!(shard, %err, "io_uring refused; shard writes with send(2)");
                 None
             }
         }

@@ -62,6 +62,8 @@ pub(crate) struct ShardConfig {
     pub(crate) max_subscriptions: usize,
     /// go-ws's exact behaviour: no acknowledgements, no error messages.
     pub(crate) strict_go_ws: bool,
+    /// Try io_uring for the writes (feature `io-uring`); `send(2)` where refused or off.
+    pub(crate) io_uring: bool,
     pub(crate) queue_memory_budget: usize,
     /// How many shards the hub runs (this one's share of the budget is `1 / shards`).
     pub(crate) shards: usize,
@@ -482,9 +484,14 @@ impl Shard {
             inboxes,
         } = context;
         #[cfg(all(feature = "io-uring", target_os = "linux"))]
-        let uring = crate::conn::uring::Uring::for_shard(index, &env.counters.io_uring_shards);
+        let uring = if config.io_uring {
+            crate::conn::uring::Uring::for_shard(index, &env.counters.io_uring_shards)
+        } else {
+            tracing::debug!(shard = index, "io_uring off by configuration: shard writes with send(2)");
+            None
+        };
         #[cfg(not(all(feature = "io-uring", target_os = "linux")))]
-        tracing::info!(shard = index, "shard writes with send(2)");
+        tracing::debug!(shard = index, "shard writes with send(2)");
         Shard {
             index,
             config,
