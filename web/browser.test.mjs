@@ -188,9 +188,19 @@ describe("in headless Chromium", { skip, timeout: 4 * TEST_TIMEOUT }, () => {
   const dropped = "the build-log page shows every line once, in order, across a dropped connection";
   test(dropped, { timeout: TEST_TIMEOUT }, async () => {
     const total = 100;
+    const cutAt = 40;
     const port = await freePort();
-    // A build of `total` lines, one every 40 ms (4 s), then exit code 3.
-    const script = `for i in $(seq 1 ${total}); do echo "line $i"; sleep 0.04; done; exit 3`;
+    // A build of `total` lines in two parts, then exit code 3. Between them it waits (30 s at
+    // most) for the test to have cut the page's connection, so that the cut always lands
+    // mid-build however slow the machine: the second part is written while the page is
+    // disconnected and reconnecting (up to 1 s of backoff), and after.
+    const flag = path.join(fs.mkdtempSync(path.join(os.tmpdir(), "wshub-build-")), "cut");
+    const script = [
+      `for i in $(seq 1 ${cutAt}); do echo "line $i"; sleep 0.03; done`,
+      `n=0; while [ ! -e '${flag}' ] && [ $n -lt 600 ]; do sleep 0.05; n=$((n+1)); done`,
+      `for i in $(seq ${cutAt + 1} ${total}); do echo "line $i"; sleep 0.03; done`,
+      "exit 3",
+    ].join("\n");
     const build = await startExample(
       buildLog,
       ["--addr", `127.0.0.1:${port}`, "--", "sh", "-c", script],
@@ -199,19 +209,19 @@ describe("in headless Chromium", { skip, timeout: 4 * TEST_TIMEOUT }, () => {
     const proxy = await startProxy(port);
     const page = await context.newPage();
     try {
-      // Open the page half-way through the build: it must still show the log from line 1.
+      // Open the page half-way through the first part: it must still show the log from line 1.
       await new Promise((resolve) => setTimeout(resolve, 500));
       await page.goto(`http://127.0.0.1:${proxy.port}/`);
       const lines = () =>
         page.evaluate(() => document.getElementById("log").textContent.split("\n").slice(0, -1));
 
       await page.waitForFunction(
-        () => document.getElementById("log").textContent.split("\n").length > 30,
+        (count) => document.getElementById("log").textContent.split("\n").length > count,
+        cutAt,
       );
-      const beforeCut = await lines();
       assert.deepEqual(
-        beforeCut,
-        Array.from({ length: beforeCut.length }, (_, i) => `line ${i + 1}`),
+        await lines(),
+        Array.from({ length: cutAt }, (_, i) => `line ${i + 1}`),
         "before the cut, the log from its first line, in order",
       );
       assert.equal(await page.textContent("#state"), "connected");
@@ -228,13 +238,13 @@ describe("in headless Chromium", { skip, timeout: 4 * TEST_TIMEOUT }, () => {
         });
       });
       proxy.cut();
+      fs.writeFileSync(flag, "");
       await page.waitForFunction(
         () => document.getElementById("status").textContent !== "running",
       );
       assert.equal(await page.textContent("#status"), "exited (3)");
 
       const got = await lines();
-      assert.ok(beforeCut.length < total, `the cut came after the build (${beforeCut.length})`);
       assert.deepEqual(
         got,
         Array.from({ length: total }, (_, i) => `line ${i + 1}`),
@@ -249,6 +259,7 @@ describe("in headless Chromium", { skip, timeout: 4 * TEST_TIMEOUT }, () => {
       await page.close();
       await proxy.close();
       await stopExample(build);
+      fs.rmSync(path.dirname(flag), { recursive: true, force: true });
     }
   });
 
