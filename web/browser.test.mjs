@@ -281,6 +281,8 @@ describe("in headless Chromium", { skip, timeout: 4 * TEST_TIMEOUT }, () => {
       publisher.onerror = () => reject(new Error("the publisher could not connect"));
     });
     try {
+      const pageErrors = [];
+      page.on("pageerror", (err) => pageErrors.push(err.message));
       await page.goto(`http://127.0.0.1:${port}/go-ws.html`);
       // The snippet logs `msg.type, msg.data`: the hub's acknowledgement has no data.
       await page.waitForFunction(() => document.getElementById("out").textContent.length > 0);
@@ -296,6 +298,11 @@ describe("in headless Chromium", { skip, timeout: 4 * TEST_TIMEOUT }, () => {
       // What the snippet renders: `console.log(msg.type, msg.data)`, data as JSON.
       const rendered = `subscribed \nmessage ${JSON.stringify(data)}\n`;
       assert.equal(await page.textContent("#out"), rendered);
+      // The snippet as the wiki has it sends before its socket is open, which a browser
+      // refuses: the page says so, and its own script sends the subscribe once open.
+      assert.equal(pageErrors.length, 1, `${pageErrors}`);
+      assert.match(pageErrors[0], /CONNECTING/);
+      assert.match(await page.textContent("#note"), /before the socket was open/);
       assert.deepEqual(replies.filter((msg) => msg.type === "error"), []);
     } finally {
       publisher.close();
