@@ -2,17 +2,19 @@
 //! a proxy in front of the hub.
 //!
 //! ```no_run
-//! # async fn example() -> std::io::Result<()> {
-//! let hub = wshub::Hub::new();
-//! let acceptor = wshub::tls::acceptor_from_pem("cert.pem", "key.pem")?;
-//! let listener = tokio::net::TcpListener::bind("127.0.0.1:8443").await?;
-//! // wss://127.0.0.1:8443/ws until Ctrl-C.
-//! wshub::tls::serve(listener, acceptor, hub, async {
-//!     let _ = tokio::signal::ctrl_c().await;
-//! })
-//! .await;
-//! # Ok(())
-//! # }
+//! #[tokio::main]
+//! async fn main() -> std::io::Result<()> {
+//!     let hub = wshub::Hub::new();
+//!     // The certificate chain (the server's certificate first) and its key, as PEM files.
+//!     let acceptor = wshub::tls::acceptor_from_pem("cert.pem", "key.pem")?;
+//!     let listener = tokio::net::TcpListener::bind("127.0.0.1:8443").await?;
+//!     // wss://127.0.0.1:8443/ws until Ctrl-C, then every client gets a 1001.
+//!     wshub::tls::serve(listener, acceptor, hub, async {
+//!         let _ = tokio::signal::ctrl_c().await;
+//!     })
+//!     .await;
+//!     Ok(())
+//! }
 //! ```
 //!
 //! What a TLS client gets is what a plain one gets (the same protocol, limits and
