@@ -4,6 +4,7 @@
 //! cargo run --release --example server -- [--addr 127.0.0.1:8080] [--allow-publish]
 //!     [--history N [--history-ttl SECS]] [--no-io-uring]
 //! cargo run --release --features metrics --example server -- --metrics 127.0.0.1:9090
+//! cargo run --release --features tls --example server -- --tls-cert cert.pem --tls-key key.pem
 //! ```
 //!
 //! `--allow-publish` lets clients `publish` to any channel (what `shared/bench/compare.sh` and
@@ -14,9 +15,12 @@
 //!
 //! Built with the cargo feature `metrics`, `--metrics HOST:PORT` serves the hub's Prometheus
 //! metrics at `http://HOST:PORT/metrics`, on a listener of its own; without the feature the
-//! flag is refused. Logs go to stderr through `tracing-subscriber`, filtered by `RUST_LOG`
-//! (default `warn,wshub=info`: the hub's one startup line says whether the shards write with
-//! io_uring or send(2); `RUST_LOG=wshub=debug` shows each connection's life, refusals and cuts).
+//! flag is refused. Built with the cargo feature `tls`, `--tls-cert PEM --tls-key PEM` serve
+//! `wss://ADDR/ws` instead of `ws://` (the certificate chain, server's first, and its private
+//! key); without the feature those flags are refused. Logs go to stderr through
+//! `tracing-subscriber`, filtered by `RUST_LOG` (default `warn,wshub=info`: the hub's one
+//! startup line says whether the shards write with io_uring or send(2); `RUST_LOG=wshub=debug`
+//! shows each connection's life, refusals and cuts).
 
 use std::net::SocketAddr;
 use std::process::ExitCode;
@@ -40,6 +44,14 @@ const METRICS_USAGE: &str = "
 #[cfg(not(feature = "metrics"))]
 const METRICS_USAGE: &str = "";
 
+/// The flags of the cargo feature `tls`, in the usage only when it is built in.
+#[cfg(feature = "tls")]
+const TLS_USAGE: &str = "
+  --tls-cert PEM       serve wss:// with this certificate chain (server's first) ...
+  --tls-key PEM        ... and this private key (PKCS#8, PKCS#1 or SEC1); both or neither";
+#[cfg(not(feature = "tls"))]
+const TLS_USAGE: &str = "";
+
 struct Args {
     addr: SocketAddr,
     allow_publish: bool,
@@ -48,6 +60,10 @@ struct Args {
     io_uring: bool,
     #[cfg(feature = "metrics")]
     metrics: Option<SocketAddr>,
+    #[cfg(feature = "tls")]
+    tls_cert: Option<std::path::PathBuf>,
+    #[cfg(feature = "tls")]
+    tls_key: Option<std::path::PathBuf>,
 }
 
 /// The value after flag `name`, parsed.
@@ -73,6 +89,10 @@ fn parse_args() -> Result<Args, String> {
         io_uring: true,
         #[cfg(feature = "metrics")]
         metrics: None,
+        #[cfg(feature = "tls")]
+        tls_cert: None,
+        #[cfg(feature = "tls")]
+        tls_key: None,
     };
     let mut argv = std::env::args().skip(1);
     while let Some(arg) = argv.next() {
@@ -94,9 +114,24 @@ fn parse_args() -> Result<Args, String> {
                         .to_owned(),
                 )
             }
+            #[cfg(feature = "tls")]
+            "--tls-cert" => args.tls_cert = Some(value_of(&mut argv, "--tls-cert")?),
+            #[cfg(feature = "tls")]
+            "--tls-key" => args.tls_key = Some(value_of(&mut argv, "--tls-key")?),
+            #[cfg(not(feature = "tls"))]
+            flag @ ("--tls-cert" | "--tls-key") => {
+                return Err(format!(
+                    "unknown argument {flag:?}: this build has no TLS; \
+                     build with `--features tls`"
+                ))
+            }
             "-h" | "--help" => return Err(String::new()),
             other => return Err(format!("unknown argument {other:?}")),
         }
+    }
+    #[cfg(feature = "tls")]
+    if args.tls_cert.is_some() != args.tls_key.is_some() {
+        return Err("--tls-cert and --tls-key go together".to_owned());
     }
     Ok(args)
 }
@@ -162,7 +197,7 @@ async fn main() -> ExitCode {
             if !why.is_empty() {
                 eprintln!("error: {why}");
             }
-            eprintln!("{USAGE}{METRICS_USAGE}");
+            eprintln!("{USAGE}{METRICS_USAGE}{TLS_USAGE}");
             return ExitCode::from(2);
         }
     };
@@ -201,9 +236,24 @@ async fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    #[cfg(feature = "tls")]
+    let acceptor = match (&args.tls_cert, &args.tls_key) {
+        (Some(cert), Some(key)) => match wshub::tls::acceptor_from_pem(cert, key) {
+            Ok(acceptor) => Some(acceptor),
+            Err(err) => {
+                eprintln!("error: --tls-cert/--tls-key: {err}");
+                return ExitCode::FAILURE;
+            }
+        },
+        _ => None,
+    };
+    #[cfg(feature = "tls")]
+    let scheme = if acceptor.is_some() { "wss" } else { "ws" };
+    #[cfg(not(feature = "tls"))]
+    let scheme = "ws";
     let hub = Hub::with_config(config);
     eprintln!(
-        "wshub listening on ws://{}/ws ({} shards)",
+        "wshub listening on {scheme}://{}/ws ({} shards)",
         args.addr,
         hub.config().shards()
     );
@@ -220,6 +270,17 @@ async fn main() -> ExitCode {
             }
         }
     }
+    #[cfg(feature = "tls")]
+    if let Some(acceptor) = acceptor {
+        wshub::tls::serve(listener, acceptor, hub.clone(), shutdown_signal()).await;
+        eprintln!(
+            "TLS handshakes failed or timed out: {}",
+            hub.stats().tls_handshake_failures
+        );
+    } else {
+        wshub::serve(listener, hub.clone(), shutdown_signal()).await;
+    }
+    #[cfg(not(feature = "tls"))]
     wshub::serve(listener, hub.clone(), shutdown_signal()).await;
     let stats = hub.stats();
     // What an operator checks after a run: whether anything was refused or cut, and how long

@@ -356,7 +356,8 @@ impl HubConfigBuilder {
     }
 
     /// How long [`serve`](crate::serve) waits for a connection's HTTP request headers before
-    /// dropping it (slowloris protection). Default: 10 s.
+    /// dropping it (slowloris protection). With feature `tls`, `tls::serve` gives the TLS
+    /// handshake as long again, before the request. Default: 10 s.
     pub fn handshake_timeout(mut self, timeout: Duration) -> Self {
         self.config.handshake_timeout = timeout;
         self

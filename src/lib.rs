@@ -55,7 +55,7 @@
 //! | `broker` | several nodes: the [`Broker`] trait, [`Inbound`] and, with feature `redis`, `RedisBroker` | `Inbound` reaches the hub through the `LocalNode` trait that `broker` defines and the hub implements |
 //! | `hub`, `config` | the [`Hub`] handle: the public API, routing to the shards; beside it [`HubConfig`] (which holds a broker and an authenticator as inputs) | - |
 //! | `process` | [`Hub::stream_process`] (an `impl Hub` of its own, like `http`'s): a child process's output to its `process:ID` channel, line by line, then its status | - |
-//! | `http` | [`serve`], [`Hub::handler`] and [`Hub::handle_websocket`] (an `impl Hub` of its own: in `hub.rs` they would make `hub` name `http`), the upgrade, the connection tasks that read a client and call the hub (`http/session.rs` over the raw socket; `http/stream.rs` over any other stream), and with feature `axum` the `axum` module (`http/axum.rs`) | - |
+//! | `http` | [`serve`], [`Hub::handler`] and [`Hub::handle_websocket`] (an `impl Hub` of its own: in `hub.rs` they would make `hub` name `http`), the upgrade, the connection tasks that read a client and call the hub (`http/session.rs` over the raw socket; `http/stream.rs` over any other stream), with feature `axum` the `axum` module (`http/axum.rs`), and with feature `tls` the `tls` module (`http/tls.rs`: [`serve`] over rustls) | - |
 //! | `metrics` | with feature `metrics`: `Hub::metrics` and `Hub::register_metrics` (an `impl Hub` of its own, like `http`'s), a Prometheus collector computed from the hub's stats at scrape time | - |
 //!
 //! The test-only `bench_support` module sits above all of them.
@@ -101,6 +101,8 @@ pub use history::{
 };
 #[cfg(feature = "axum")]
 pub use http::axum;
+#[cfg(feature = "tls")]
+pub use http::tls;
 pub use http::{serve, Body, HubService};
 pub use hub::Hub;
 #[cfg(feature = "metrics")]

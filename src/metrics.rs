@@ -242,6 +242,11 @@ fn encode_stats(out: &mut Out<'_, '_>, s: &HubStats) -> Result<(), std::fmt::Err
         "WebSocket upgrades refused with 401, 403 or 503",
         s.upgrades_refused,
     )?;
+    out.counter(
+        "wshub_tls_handshake_failures",
+        "TLS connections closed because their handshake failed or timed out (feature tls)",
+        s.tls_handshake_failures,
+    )?;
     let h = &s.history;
     out.gauge(
         "wshub_history_channels",

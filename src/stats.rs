@@ -64,6 +64,11 @@ pub struct HubStats {
     pub history: HistoryFigures,
     /// Upgrades refused: 401, 403 and 503 answers.
     pub upgrades_refused: u64,
+    /// Connections to `wshub::tls::serve` (cargo feature `tls`) closed before any HTTP:
+    /// their TLS handshake failed (a plain-text client on the TLS port, a bad or unsupported
+    /// ClientHello, an unknown certificate) or did not finish within the handshake timeout.
+    /// Always 0 without the feature.
+    pub tls_handshake_failures: u64,
     /// Calls refused with an error that [`is_overloaded`](crate::Error::is_overloaded)
     /// (one per call, however many shards it was for), plus client `publish` requests refused
     /// for the same reason (the client gets the per-client error `publish refused`) and
@@ -133,6 +138,7 @@ pub(crate) struct Counters {
     pub(crate) longest_shard_turn_us: AtomicU64,
     pub(crate) connection_tasks: AtomicUsize,
     pub(crate) upgrades_refused: AtomicU64,
+    pub(crate) tls_handshake_failures: AtomicU64,
     pub(crate) backlog_refused: AtomicU64,
     pub(crate) shard_clients: Box<[AtomicUsize]>,
     /// Shared with each shard's ring, which counts itself while it works (`conn/uring.rs`).
@@ -158,6 +164,7 @@ impl Counters {
             longest_shard_turn_us: AtomicU64::new(0),
             connection_tasks: AtomicUsize::new(0),
             upgrades_refused: AtomicU64::new(0),
+            tls_handshake_failures: AtomicU64::new(0),
             backlog_refused: AtomicU64::new(0),
             shard_clients: (0..shards).map(|_| AtomicUsize::new(0)).collect(),
             io_uring_shards: Arc::new(AtomicUsize::new(0)),
@@ -189,6 +196,7 @@ impl Counters {
             connection_tasks: self.connection_tasks.load(Relaxed),
             history: HistoryFigures::default(),
             upgrades_refused: self.upgrades_refused.load(Relaxed),
+            tls_handshake_failures: self.tls_handshake_failures.load(Relaxed),
             backlog_refused: self.backlog_refused.load(Relaxed),
             shard_clients: self.shard_clients.iter().map(|c| c.load(Relaxed)).collect(),
             shard_backlog_bytes: Vec::new(),

@@ -508,20 +508,33 @@ async fn run(shared: Arc<Shared>, events: mpsc::Sender<Event>) {
 async fn connect(shared: &Shared) -> Result<WsSource, Error> {
     let config = &shared.config;
     let request = config.request()?;
-    let (ws, _response) = tokio::time::timeout(
-        config.connect_timeout,
-        tokio_tungstenite::connect_async(request),
-    )
-    .await
-    .map_err(|_| {
-        Error::Connect(format!(
-            "no connection within the connect timeout ({:?})",
-            config.connect_timeout
-        ))
-    })?
-    .map_err(|e| Error::Connect(e.to_string()))?;
-    if let MaybeTlsStream::Plain(stream) = ws.get_ref() {
-        let _ = stream.set_nodelay(true);
+    #[cfg(feature = "tls")]
+    let connecting = tokio_tungstenite::connect_async_tls_with_config(
+        request,
+        None,
+        false,
+        config.tls.clone().map(tokio_tungstenite::Connector::Rustls),
+    );
+    #[cfg(not(feature = "tls"))]
+    let connecting = tokio_tungstenite::connect_async(request);
+    let (ws, _response) = tokio::time::timeout(config.connect_timeout, connecting)
+        .await
+        .map_err(|_| {
+            Error::Connect(format!(
+                "no connection within the connect timeout ({:?})",
+                config.connect_timeout
+            ))
+        })?
+        .map_err(|e| Error::Connect(e.to_string()))?;
+    match ws.get_ref() {
+        MaybeTlsStream::Plain(stream) => {
+            let _ = stream.set_nodelay(true);
+        }
+        #[cfg(feature = "tls")]
+        MaybeTlsStream::Rustls(stream) => {
+            let _ = stream.get_ref().0.set_nodelay(true);
+        }
+        _ => {}
     }
     let (mut sink, source) = ws.split();
     // Under the writer's lock, so that a concurrent `subscribe` either is in this snapshot

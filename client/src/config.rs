@@ -42,11 +42,14 @@ pub struct ClientConfig {
     pub(crate) connect_timeout: Duration,
     pub(crate) read_timeout: Option<Duration>,
     pub(crate) event_capacity: usize,
+    /// Feature `tls`: how `wss://` connections are made.
+    #[cfg(feature = "tls")]
+    pub(crate) tls: Option<std::sync::Arc<rustls::ClientConfig>>,
 }
 
 impl ClientConfig {
-    /// A builder for a client of the hub at `url` (`ws://HOST:PORT/PATH`), every other setting
-    /// at its documented default.
+    /// A builder for a client of the hub at `url` (`ws://HOST:PORT/PATH`, or with feature
+    /// `tls` `wss://HOST:PORT/PATH`), every other setting at its documented default.
     pub fn builder(url: impl Into<String>) -> ClientConfigBuilder {
         ClientConfigBuilder {
             config: ClientConfig {
@@ -60,6 +63,8 @@ impl ClientConfig {
                 connect_timeout: Duration::from_secs(10),
                 read_timeout: Some(Duration::from_secs(90)),
                 event_capacity: 1024,
+                #[cfg(feature = "tls")]
+                tls: None,
             },
             header_errors: Vec::new(),
         }
@@ -119,6 +124,34 @@ pub struct ClientConfigBuilder {
 }
 
 impl ClientConfigBuilder {
+    /// Feature `tls`: `wss://` connections trust the certificates in `roots` (a private CA, a
+    /// self-signed server certificate, or a public root store such as the `webpki-roots`
+    /// crate's), with rustls's `ring` provider and `http/1.1` in ALPN. No default: a `wss://`
+    /// URL without this or [`tls_config`](Self::tls_config) is a configuration error.
+    #[cfg(feature = "tls")]
+    pub fn tls_roots(mut self, roots: rustls::RootCertStore) -> Self {
+        let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+        match rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+        {
+            Ok(builder) => {
+                let mut config = builder.with_root_certificates(roots).with_no_client_auth();
+                config.alpn_protocols = vec![b"http/1.1".to_vec()];
+                self.config.tls = Some(std::sync::Arc::new(config));
+            }
+            Err(e) => self.header_errors.push(format!("TLS: {e}")),
+        }
+        self
+    }
+
+    /// Feature `tls`: `wss://` connections use this rustls configuration as it is (client
+    /// certificates, another provider, a custom verifier). Offer `http/1.1` or nothing in ALPN.
+    #[cfg(feature = "tls")]
+    pub fn tls_config(mut self, config: std::sync::Arc<rustls::ClientConfig>) -> Self {
+        self.config.tls = Some(config);
+        self
+    }
+
     /// The delay before the first reconnection attempt after a connection is lost. Default 1 s.
     pub fn initial_backoff(mut self, delay: Duration) -> Self {
         self.config.initial_backoff = delay;
@@ -195,8 +228,8 @@ impl ClientConfigBuilder {
     ///
     /// # Errors
     ///
-    /// [`Error::Config`] when the URL is not a `ws://` URL (TLS is not built in: see the
-    /// crate docs), a header is invalid, the multiplier is below 1.0 or not finite, the
+    /// [`Error::Config`] when the URL is not a `ws://` URL, or a `wss://` URL without feature
+    /// `tls` or without [`tls_roots`](Self::tls_roots) / `tls_config`; a header is invalid, the multiplier is below 1.0 or not finite, the
     /// initial backoff is over the maximum, the proportional jitter is outside `0.0..=1.0`,
     /// or the event capacity or connect timeout is zero.
     pub fn build(self) -> Result<ClientConfig, Error> {
@@ -205,11 +238,30 @@ impl ClientConfigBuilder {
             return Err(Error::Config(error));
         }
         let request = config.request()?;
-        if request.uri().scheme_str() != Some("ws") {
-            return Err(Error::Config(format!(
-                "only ws:// URLs are supported (terminate TLS in front of the hub): {:?}",
-                config.url
-            )));
+        match request.uri().scheme_str() {
+            Some("ws") => {}
+            #[cfg(feature = "tls")]
+            Some("wss") if config.tls.is_some() => {}
+            #[cfg(feature = "tls")]
+            Some("wss") => {
+                return Err(Error::Config(format!(
+                    "a wss:// URL needs the certificates to trust: tls_roots or tls_config: {:?}",
+                    config.url
+                )))
+            }
+            #[cfg(not(feature = "tls"))]
+            Some("wss") => {
+                return Err(Error::Config(format!(
+                    "wss:// needs the crate's `tls` feature (or terminate TLS in front of the hub): {:?}",
+                    config.url
+                )))
+            }
+            _ => {
+                return Err(Error::Config(format!(
+                    "not a ws:// or wss:// URL: {:?}",
+                    config.url
+                )))
+            }
         }
         if !config.multiplier.is_finite() || config.multiplier < 1.0 {
             return Err(Error::Config(format!(

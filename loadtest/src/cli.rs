@@ -88,11 +88,26 @@ pub(crate) struct Args {
     #[arg(value_enum, default_value_t = Scenario::Fanout)]
     pub(crate) scenario: Scenario,
 
-    /// Drive this server (ws://HOST:PORT/PATH) instead of an embedded hub. The server must let
-    /// clients publish. Given twice: two nodes of one cluster (subscribers split over both,
-    /// publishers on the first).
+    /// Drive this server (ws://HOST:PORT/PATH, or wss:// with --ca or --insecure) instead of
+    /// an embedded hub. The server must let clients publish. Given twice: two nodes of one
+    /// cluster (subscribers split over both, publishers on the first).
     #[arg(long, value_name = "URL")]
     pub(crate) target: Vec<String>,
+
+    /// The embedded hub serves wss:// (wshub's `tls` feature) with a self-signed certificate
+    /// for 127.0.0.1 made at start, which the clients trust: the TLS path, measured in one
+    /// command. Every connection is TLS. Not for the ramp and recover scenarios.
+    #[arg(long)]
+    pub(crate) tls: bool,
+
+    /// wss:// targets: trust the certificates in this PEM file (a CA, or the server's own
+    /// certificate).
+    #[arg(long, value_name = "FILE")]
+    pub(crate) ca: Option<PathBuf>,
+
+    /// wss:// targets: accept any certificate (a test server on a network you own).
+    #[arg(long)]
+    pub(crate) insecure: bool,
 
     /// Nodes: 1, or 2 for two hubs sharing channels through Redis (embedded: two hubs in this
     /// process; with --target: the two targets). Subscribers are split evenly, publishers are
@@ -489,6 +504,22 @@ impl Args {
         if self.node_count() > 1 && self.scenario == Scenario::Recover {
             return Err("the recover scenario runs on one node: --nodes 2 across Redis is not part of it (drop --nodes 2 / the second --target)".into());
         }
+        if self.tls && !self.target.is_empty() {
+            return Err("--tls makes the embedded hub serve wss://; for a --target, give a wss:// URL with --ca or --insecure".into());
+        }
+        if self.ca.is_some() && self.insecure {
+            return Err("--ca and --insecure: choose one".into());
+        }
+        let wss = self.target.iter().any(|t| t.starts_with("wss://"));
+        if (self.ca.is_some() || self.insecure) && !wss {
+            return Err("--ca and --insecure are for wss:// targets".into());
+        }
+        if (self.tls || wss) && matches!(self.scenario, Scenario::Ramp | Scenario::Recover) {
+            return Err(
+                "the ramp and recover scenarios drive plain sockets: TLS (--tls, wss://) is for the others"
+                    .into(),
+            );
+        }
         if self.redis_url.is_some() && (self.node_count() < 2 || !self.target.is_empty()) {
             return Err(
                 "--redis-url joins two embedded hubs: use it with --nodes 2 and no --target".into(),
@@ -544,6 +575,25 @@ mod tests {
         assert_eq!(parse_list::<usize>("x", "1, 2").unwrap(), vec![1, 2]);
         assert!(parse_list::<usize>("x", "0").is_err());
         assert!(parse_list::<f64>("x", "").is_err());
+    }
+
+    #[test]
+    fn tls_flags_go_with_what_they_configure() {
+        let a = |v: &[&str]| {
+            Args::try_parse_from(std::iter::once("loadtest").chain(v.iter().copied()))
+                .unwrap()
+                .validate()
+        };
+        let wss = ["--target", "wss://127.0.0.1:1/ws"];
+        assert!(a(&["--tls"]).is_ok());
+        assert!(a(&[&wss[..], &["--insecure"]].concat()).is_ok());
+        assert!(a(&[&wss[..], &["--ca", "ca.pem"]].concat()).is_ok());
+        assert!(a(&[&wss[..], &["--ca", "ca.pem", "--insecure"]].concat()).is_err());
+        assert!(a(&[&wss[..], &["--tls"]].concat()).is_err());
+        assert!(a(&["--insecure"]).is_err());
+        assert!(a(&["--target", "ws://127.0.0.1:1/ws", "--ca", "ca.pem"]).is_err());
+        assert!(a(&["ramp", "--tls"]).is_err());
+        assert!(a(&[&["recover"], &wss[..], &["--insecure"]].concat()).is_err());
     }
 
     #[test]

@@ -1,13 +1,19 @@
-//! Opening one WebSocket connection: TCP connect, the HTTP upgrade, nothing else.
+//! Opening one WebSocket connection: TCP connect, the TLS handshake for `wss://`, the HTTP
+//! upgrade, nothing else.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, ToSocketAddrs};
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::{TcpSocket, TcpStream};
+use tokio_rustls::rustls::pki_types::ServerName;
+use tokio_rustls::rustls::ClientConfig;
+use tokio_rustls::TlsConnector;
 
+use crate::sock::Sock;
 use crate::ws;
 
-/// Where the load goes: a resolved `ws://HOST:PORT/PATH`.
+/// Where the load goes: a resolved `ws://HOST:PORT/PATH` or `wss://HOST:PORT/PATH`.
 #[derive(Debug, Clone)]
 pub(crate) struct Target {
     /// The server's address.
@@ -16,19 +22,40 @@ pub(crate) struct Target {
     pub(crate) host: String,
     /// The request path, `/ws` by default.
     pub(crate) path: String,
+    /// `wss://`: the connector and the name the certificate must have.
+    pub(crate) tls: Option<(Arc<ClientConfig>, ServerName<'static>)>,
 }
 
 impl Target {
-    /// Parses and resolves `ws://HOST:PORT/PATH` (`wss` is refused: there is no TLS here).
-    pub(crate) fn parse(url: &str) -> Result<Target, String> {
+    /// Parses and resolves `ws://HOST:PORT/PATH` or `wss://HOST:PORT/PATH`; a `wss://` URL
+    /// needs `tls` (from `--ca` or `--insecure`).
+    pub(crate) fn parse(url: &str, tls: Option<&Arc<ClientConfig>>) -> Result<Target, String> {
         let (authority, path) = Target::split(url)?;
+        let secure = url.starts_with("wss://");
         let with_port = if authority
             .rsplit_once(':')
             .is_some_and(|(_, p)| p.parse::<u16>().is_ok())
         {
             authority.to_string()
+        } else if secure {
+            format!("{authority}:443")
         } else {
             format!("{authority}:80")
+        };
+        let tls = match (secure, tls) {
+            (false, _) => None,
+            (true, None) => {
+                return Err(format!(
+                "{url}: a wss:// target needs --ca FILE (the certificate to trust) or --insecure"
+            ))
+            }
+            (true, Some(config)) => {
+                let host = with_port.rsplit_once(':').map_or(authority, |(h, _)| h);
+                let host = host.trim_start_matches('[').trim_end_matches(']');
+                let name = ServerName::try_from(host.to_string())
+                    .map_err(|e| format!("{url}: {host} is not a TLS server name: {e}"))?;
+                Some((config.clone(), name))
+            }
         };
         let addr = with_port
             .to_socket_addrs()
@@ -39,6 +66,7 @@ impl Target {
             addr,
             host: authority.to_string(),
             path: path.to_string(),
+            tls,
         })
     }
 
@@ -46,9 +74,10 @@ impl Target {
     /// (a malformed URL is a usage error; a name that does not resolve is found when the run
     /// starts).
     pub(crate) fn split(url: &str) -> Result<(&str, &str), String> {
-        let rest = url.strip_prefix("ws://").ok_or_else(|| {
-            format!("{url}: the target must start with ws:// (wss is not supported)")
-        })?;
+        let rest = url
+            .strip_prefix("ws://")
+            .or_else(|| url.strip_prefix("wss://"))
+            .ok_or_else(|| format!("{url}: the target must start with ws:// or wss://"))?;
         let (authority, path) = match rest.find('/') {
             Some(i) => (&rest[..i], &rest[i..]),
             None => (rest, "/ws"),
@@ -59,14 +88,22 @@ impl Target {
         Ok((authority, path))
     }
 
-    /// The target of a server listening on `addr`, at `/ws`.
+    /// The target of a server listening on `addr`, at `/ws`; over TLS with `tls` (whose
+    /// certificate is for the address).
     #[cfg(feature = "embedded")]
-    pub(crate) fn local(addr: SocketAddr) -> Target {
+    pub(crate) fn local(addr: SocketAddr, tls: Option<&Arc<ClientConfig>>) -> Target {
         Target {
             addr,
             host: addr.to_string(),
             path: "/ws".into(),
+            tls: tls.map(|config| (config.clone(), ServerName::IpAddress(addr.ip().into()))),
         }
+    }
+
+    /// The URL, for the report.
+    pub(crate) fn url(&self) -> String {
+        let scheme = if self.tls.is_some() { "wss" } else { "ws" };
+        format!("{scheme}://{}{}", self.host, self.path)
     }
 }
 
@@ -85,6 +122,8 @@ pub(crate) enum ConnectError {
     Rejected,
     /// The server closed the connection during the upgrade.
     Closed,
+    /// The TLS handshake failed (an untrusted certificate, a server that does not speak TLS).
+    Tls,
 }
 
 impl ConnectError {
@@ -97,6 +136,7 @@ impl ConnectError {
             ConnectError::Io => "connect error",
             ConnectError::Rejected => "upgrade rejected",
             ConnectError::Closed => "closed during upgrade",
+            ConnectError::Tls => "TLS handshake failed",
         }
     }
 
@@ -130,8 +170,8 @@ pub(crate) struct ConnectOpts {
 /// An open, upgraded connection.
 #[derive(Debug)]
 pub(crate) struct Connected {
-    /// The socket, TCP_NODELAY set.
-    pub(crate) stream: TcpStream,
+    /// The socket (TLS over it for `wss://`), TCP_NODELAY set.
+    pub(crate) stream: Sock,
     /// Bytes the server sent after the 101 response (already frames).
     pub(crate) leftover: Vec<u8>,
 }
@@ -163,8 +203,19 @@ async fn connect_inner(target: &Target, opts: ConnectOpts) -> Result<Connected, 
     }
     let stream = sock.connect(target.addr).await.map_err(io)?;
     stream.set_nodelay(true).map_err(io)?;
+    let stream = match &target.tls {
+        None => Sock::plain(stream),
+        Some((config, name)) => {
+            let tls = TlsConnector::from(config.clone())
+                .connect(name.clone(), stream)
+                .await
+                .map_err(|_| ConnectError::Tls)?;
+            let (stream, session) = tls.into_inner();
+            Sock::tls(stream, session)
+        }
+    };
     let req = ws::upgrade_request(&target.host, &target.path);
-    write_all(&stream, req.as_bytes()).await.map_err(io)?;
+    stream.write_all(req.as_bytes()).await.map_err(io)?;
     let mut buf = Vec::with_capacity(1024);
     let mut chunk = [0u8; 1024];
     loop {
@@ -217,13 +268,35 @@ mod tests {
 
     #[test]
     fn parses_targets() {
-        let t = Target::parse("ws://127.0.0.1:9001/ws").unwrap();
+        let t = Target::parse("ws://127.0.0.1:9001/ws", None).unwrap();
         assert_eq!(t.addr.port(), 9001);
         assert_eq!(t.path, "/ws");
-        assert_eq!(Target::parse("ws://127.0.0.1:9001").unwrap().path, "/ws");
-        assert_eq!(Target::parse("ws://localhost:9/x/y").unwrap().path, "/x/y");
-        assert!(Target::parse("wss://127.0.0.1:1/").is_err());
-        assert!(Target::parse("http://127.0.0.1:1/").is_err());
-        assert!(Target::parse("ws:///ws").is_err());
+        assert_eq!(
+            Target::parse("ws://127.0.0.1:9001", None).unwrap().path,
+            "/ws"
+        );
+        assert_eq!(
+            Target::parse("ws://localhost:9/x/y", None).unwrap().path,
+            "/x/y"
+        );
+        assert!(Target::parse("http://127.0.0.1:1/", None).is_err());
+        assert!(Target::parse("ws:///ws", None).is_err());
+    }
+
+    #[test]
+    fn wss_targets_need_a_tls_configuration() {
+        let err = Target::parse("wss://127.0.0.1:1/", None).unwrap_err();
+        assert!(err.contains("--ca") && err.contains("--insecure"), "{err}");
+        let config = crate::tls::insecure().unwrap();
+        let t = Target::parse("wss://localhost/x", Some(&config)).unwrap();
+        assert_eq!(t.addr.port(), 443);
+        assert_eq!(t.path, "/x");
+        assert!(t.tls.is_some());
+        assert_eq!(t.url(), "wss://localhost/x");
+        // A plain target stays plain whatever the TLS options.
+        assert!(Target::parse("ws://127.0.0.1:9/", Some(&config))
+            .unwrap()
+            .tls
+            .is_none());
     }
 }

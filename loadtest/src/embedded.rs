@@ -52,7 +52,13 @@ pub(crate) struct Embedded {
 impl Embedded {
     /// Starts a hub that lets clients publish, serving `/ws` on 127.0.0.1 at a free port.
     /// With `join`, the hub has a Redis broker, and this returns once it is connected.
-    pub(crate) fn start(opts: &HubOptions, join: Option<&Join>) -> Result<Embedded, String> {
+    ///
+    /// With `tls`, the hub serves `wss://` through it (`wshub::tls::serve`).
+    pub(crate) fn start(
+        opts: &HubOptions,
+        join: Option<&Join>,
+        tls: Option<&wshub::tls::TlsAcceptor>,
+    ) -> Result<Embedded, String> {
         let cpus = opts.cpus.clone();
         let mut b = tokio::runtime::Builder::new_multi_thread();
         b.enable_all()
@@ -114,9 +120,18 @@ impl Embedded {
             .local_addr()
             .map_err(|e| format!("no local address: {e}"))?;
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        let served = rt.spawn(wshub::serve(listener, hub.clone(), async move {
+        let stopped = async move {
             let _ = rx.await;
-        }));
+        };
+        let served = match tls {
+            None => rt.spawn(wshub::serve(listener, hub.clone(), stopped)),
+            Some(acceptor) => rt.spawn(wshub::tls::serve(
+                listener,
+                acceptor.clone(),
+                hub.clone(),
+                stopped,
+            )),
+        };
         let e = Embedded {
             rt: Some(rt),
             hub,

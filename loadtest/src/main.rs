@@ -33,8 +33,10 @@ mod recover;
 mod redis_server;
 mod report;
 mod scenarios;
+mod sock;
 mod stats;
 mod sys;
+mod tls;
 mod verdict;
 mod ws;
 
@@ -67,10 +69,15 @@ fn main() -> ExitCode {
 
 /// Runs the scenario, reports, and judges the run.
 fn run(args: &Args) -> Result<Verdict, String> {
+    let tls = match (&args.ca, args.insecure) {
+        (Some(ca), _) => Some(tls::from_ca_file(ca)?),
+        (None, true) => Some(tls::insecure()?),
+        (None, false) => None,
+    };
     let targets = args
         .target
         .iter()
-        .map(|t| Target::parse(t))
+        .map(|t| Target::parse(t, tls.as_ref()))
         .collect::<Result<Vec<_>, _>>()?;
     let target = targets.first();
     let conns = args.connections_needed();
@@ -213,6 +220,7 @@ fn start_server(args: &Args, targets: Vec<Target>) -> Result<Server, String> {
             .then(|| (args.channel.clone(), args.history_size())),
     };
     let nodes = args.node_count();
+    let tls = args.tls.then(tls::embedded).transpose()?;
     let (redis, redis_url) = if nodes > 1 {
         match &args.redis_url {
             Some(url) => (None, Some(url.clone())),
@@ -241,9 +249,10 @@ fn start_server(args: &Args, targets: Vec<Target>) -> Result<Server, String> {
             node_id: format!("loadtest-{run}-{}", char::from(b'a' + n as u8)),
         });
         // On an error, `server` drops: the hubs started so far stop, then the redis-server.
-        let e = embedded::Embedded::start(&opts, join.as_ref())?;
-        server.targets.push(Target::local(e.addr));
-        server.urls.push(format!("ws://{}/ws", e.addr));
+        let e = embedded::Embedded::start(&opts, join.as_ref(), tls.as_ref().map(|t| &t.0))?;
+        let target = Target::local(e.addr, tls.as_ref().map(|t| &t.1));
+        server.urls.push(target.url());
+        server.targets.push(target);
         server.embedded.push(e);
     }
     Ok(server)

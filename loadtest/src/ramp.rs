@@ -206,7 +206,8 @@ pub(crate) fn run(
                                     }
                                     let mut f = Vec::new();
                                     ws::subscribe_frame(&mut f, &channel, true);
-                                    if conn::write_all(&c.stream, &f).await.is_err() {
+                                    let stream = c.stream.into_plain();
+                                    if conn::write_all(&stream, &f).await.is_err() {
                                         *failures
                                             .borrow_mut()
                                             .entry("subscribe write failed".into())
@@ -214,7 +215,7 @@ pub(crate) fn run(
                                         return;
                                     }
                                     held.set(held.get() + 1);
-                                    hold(c.stream, buf).await;
+                                    hold(stream, buf).await;
                                     held.set(held.get() - 1);
                                     *failures
                                         .borrow_mut()

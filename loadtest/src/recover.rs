@@ -628,7 +628,7 @@ async fn subscriber(
                 continue;
             }
         };
-        let sock = c.stream;
+        let sock = c.stream.into_plain();
         let mut buf = c.leftover;
         let frame = subscribe(&opts.channel, sub.since());
         if attempt > 0 && sub.first_ack.is_some() {
@@ -724,7 +724,7 @@ async fn publisher(
             return p;
         }
     };
-    let sock = Arc::new(c.stream);
+    let sock = Arc::new(c.stream.into_plain());
     if let Err(e) = write(&sock, &subscribe(&opts.channel, None)).await {
         let _ = ready.send(Err(format!("the publisher's subscribe: {e}")));
         return p;

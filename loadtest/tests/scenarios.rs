@@ -171,6 +171,20 @@ fn fanout_closed_loop_adds_up() {
     assert!(u(&s["rss_bytes"]) > 0);
 }
 
+/// `--tls`: the embedded hub serves wss:// and every connection is TLS; the report adds up
+/// as over plain TCP.
+#[test]
+fn fanout_over_tls_adds_up() {
+    let v = run_json(&["fanout", "--tls", "-n", "20", "-w", "4", "-d", "1.5"]);
+    let url = v["node_urls"][0].as_str().unwrap_or_default();
+    assert!(url.starts_with("wss://127.0.0.1:"), "{url}");
+    let s = &v["steps"][0];
+    check_step(s, 20);
+    assert_eq!(u(&s["lost"]), 0);
+    assert_eq!(u(&s["connections_held"]), 20);
+    assert_eq!(u(&s["hub"]["published"]), u(&s["published"]));
+}
+
 #[test]
 fn a_clean_run_exits_0() {
     let args = ["fanout", "-n", "5", "-r", "100", "-d", "1"];

@@ -14,6 +14,8 @@
 pub mod axum;
 pub(crate) mod session;
 pub(crate) mod stream;
+#[cfg(feature = "tls")]
+pub mod tls;
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -73,6 +75,19 @@ pub async fn serve(listener: TcpListener, hub: Hub, shutdown: impl Future<Output
 }
 
 async fn accept_loop(listener: TcpListener, hub: Hub) {
+    accept_each(listener, hub, |stream, peer, hub| {
+        tokio::spawn(serve_connection(stream, peer, hub));
+    })
+    .await
+}
+
+/// Accepts connections until the hub starts shutting down, handing each to `start` (which
+/// spawns its task): the loop of [`serve`] and, with feature `tls`, of `tls::serve`.
+pub(crate) async fn accept_each(
+    listener: TcpListener,
+    hub: Hub,
+    mut start: impl FnMut(TcpStream, SocketAddr, Hub),
+) {
     let mut shutting_down = hub.shared().shutting_down.subscribe();
     loop {
         let accepted = tokio::select! {
@@ -80,9 +95,7 @@ async fn accept_loop(listener: TcpListener, hub: Hub) {
             _ = shutting_down.wait_for(|down| *down) => return,
         };
         match accepted {
-            Ok((stream, peer)) => {
-                tokio::spawn(serve_connection(stream, peer, hub.clone()));
-            }
+            Ok((stream, peer)) => start(stream, peer, hub.clone()),
             Err(err) => {
                 tracing::warn!(%err, "accept failed");
                 tokio::time::sleep(ACCEPT_BACKOFF).await;
@@ -93,6 +106,17 @@ async fn accept_loop(listener: TcpListener, hub: Hub) {
 
 async fn serve_connection(stream: TcpStream, peer: SocketAddr, hub: Hub) {
     let _ = stream.set_nodelay(true);
+    serve_http(stream, peer, hub).await
+}
+
+/// Serves HTTP/1.1 on one accepted connection: the upgrade request (within the handshake
+/// timeout), then the upgraded client. `io` is a `TcpStream` for [`serve`] (the hub takes it
+/// back after the upgrade: the fast path) or, with feature `tls`, a TLS stream (the generic
+/// path).
+pub(crate) async fn serve_http<I>(io: I, peer: SocketAddr, hub: Hub)
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static,
+{
     let handshake_timeout = hub.config().handshake_timeout;
     let service = hyper::service::service_fn(move |mut request: Request<Incoming>| {
         request.extensions_mut().insert(RemoteAddr(peer));
@@ -105,7 +129,7 @@ async fn serve_connection(stream: TcpStream, peer: SocketAddr, hub: Hub) {
         // Keep-alive stays on: with it off, hyper appends `close` to the 101's `Connection:
         // upgrade` header, and strict clients (tungstenite) then refuse the handshake.
         // Refusals end the connection through their own `Connection: close` (see `answer`).
-        .serve_connection(TokioIo::new(stream), service)
+        .serve_connection(TokioIo::new(io), service)
         .with_upgrades();
     if let Err(err) = connection.await {
         tracing::debug!(%err, %peer, "http connection ended with an error");

@@ -6,7 +6,7 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio::net::TcpStream;
+use crate::sock::Sock;
 
 use super::plan::Churn;
 use super::worker::{timed_write, Ctx, Lk};
@@ -18,7 +18,7 @@ pub(super) async fn churn_task(ctx: Arc<Ctx>, churn: Churn) {
     let channels = ctx.plan.channels.len().max(1);
     let targets = &ctx.plan.targets;
     // Togglers: connected at the start of the step, each flips its subscription in turn.
-    let mut togglers: Vec<(Arc<TcpStream>, bool, usize)> = Vec::new();
+    let mut togglers: Vec<(Arc<Sock>, bool, usize)> = Vec::new();
     for i in 0..churn.togglers {
         match conn::connect(
             &targets[i % targets.len()],
@@ -102,7 +102,7 @@ pub(super) async fn churn_task(ctx: Arc<Ctx>, churn: Churn) {
 
 /// Reads and throws away everything a connection gets, answering pings, until it closes or
 /// the churn stops.
-pub(super) async fn discard(ctx: Arc<Ctx>, s: Arc<TcpStream>) {
+pub(super) async fn discard(ctx: Arc<Ctx>, s: Arc<Sock>) {
     let mut buf = vec![0u8; 16 * 1024];
     let mut parser = FrameParser::default();
     let mut pongs = Vec::new();

@@ -47,10 +47,9 @@ pub(super) async fn connect_all(ctx: &Arc<Ctx>, mine: &[usize]) -> BTreeMap<Stri
                             &ctx.plan.channels[spec.channel as usize],
                             true,
                         );
-                        if let Err(e) =
-                            tokio::time::timeout(WRITE_TIMEOUT, conn::write_all(&sock, &frame))
-                                .await
-                                .unwrap_or(Err(std::io::ErrorKind::TimedOut.into()))
+                        if let Err(e) = tokio::time::timeout(WRITE_TIMEOUT, sock.write_all(&frame))
+                            .await
+                            .unwrap_or(Err(std::io::ErrorKind::TimedOut.into()))
                         {
                             *failed
                                 .lk()

@@ -7,12 +7,11 @@ use std::sync::atomic::Ordering::{Relaxed, Release};
 use std::sync::Arc;
 
 use tokio::io::Interest;
-use tokio::net::TcpStream;
 
 use super::loss;
 use super::plan::Kind;
 use super::worker::{Ctx, Lk, Local, WRITE_TIMEOUT};
-use crate::conn;
+use crate::sock::Sock;
 use crate::ws::{self, opcode};
 
 /// Bytes per read. 64 KiB holds several hundred frames; a larger buffer gained nothing.
@@ -21,7 +20,7 @@ pub(super) const READ_BUF: usize = 64 * 1024;
 pub(super) const READS_PER_WAKE: usize = 8;
 
 /// Reads one measured connection until it closes.
-pub(super) async fn reader(ctx: Arc<Ctx>, li: usize, sock: Arc<TcpStream>) {
+pub(super) async fn reader(ctx: Arc<Ctx>, li: usize, sock: Arc<Sock>) {
     let mut pongs = Vec::new();
     let why: String = 'outer: loop {
         if let Err(e) = sock.readable().await {
@@ -31,30 +30,12 @@ pub(super) async fn reader(ctx: Arc<Ctx>, li: usize, sock: Arc<TcpStream>) {
         for _ in 0..READS_PER_WAKE {
             let mut l = ctx.local.lk();
             let l = &mut *l;
-            let cap = l.buf.len();
-            // A read shorter than the buffer emptied the socket: the closure then reports
-            // WouldBlock so that tokio clears the readiness, and the next wake-up is a new event
-            // rather than one more read that finds nothing (fanout.c saves the same syscall).
-            // Tokio clears only if no new event arrived meanwhile, so nothing is missed.
-            let r = sock.try_io(Interest::READABLE, || {
-                // SAFETY: reads into the thread's buffer, which we hold mutably, at most its length.
-                let n = unsafe {
-                    libc::read(
-                        std::os::fd::AsRawFd::as_raw_fd(&*sock),
-                        l.buf.as_mut_ptr().cast(),
-                        cap,
-                    )
-                };
-                if n < 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                let n = n as usize;
-                if n > 0 && n < cap {
-                    process(&ctx, l, li, n, &mut pongs);
-                    return Err(std::io::ErrorKind::WouldBlock.into());
-                }
-                Ok(n)
-            });
+            let r = if sock.is_tls() {
+                // TLS: decrypted bytes, into the same buffer (the session reads the socket).
+                sock.try_read(&mut l.buf[..])
+            } else {
+                read_plain(&ctx, l, li, sock.tcp(), &mut pongs)
+            };
             match r {
                 Ok(0) => break 'outer "closed by server".to_string(),
                 Ok(n) => process(&ctx, l, li, n, &mut pongs),
@@ -67,7 +48,7 @@ pub(super) async fn reader(ctx: Arc<Ctx>, li: usize, sock: Arc<TcpStream>) {
         }
         if !pongs.is_empty() {
             let out = std::mem::take(&mut pongs);
-            if tokio::time::timeout(WRITE_TIMEOUT, conn::write_all(&sock, &out))
+            if tokio::time::timeout(WRITE_TIMEOUT, sock.write_all(&out))
                 .await
                 .is_err()
             {
@@ -152,4 +133,38 @@ pub(super) fn process(ctx: &Ctx, l: &mut Local, li: usize, n: usize, pongs: &mut
             ch.notify.notify_one();
         }
     }
+}
+
+/// The plain socket's read: straight into the thread's buffer, one syscall. A read shorter
+/// than the buffer emptied the socket: the closure then processes it and reports WouldBlock so
+/// that tokio clears the readiness, and the next wake-up is a new event rather than one more
+/// read that finds nothing (fanout.c saves the same syscall). Tokio clears only if no new
+/// event arrived meanwhile, so nothing is missed.
+fn read_plain(
+    ctx: &Ctx,
+    l: &mut Local,
+    li: usize,
+    tcp: &tokio::net::TcpStream,
+    pongs: &mut Vec<u8>,
+) -> std::io::Result<usize> {
+    let cap = l.buf.len();
+    tcp.try_io(Interest::READABLE, || {
+        // SAFETY: reads into the thread's buffer, which we hold mutably, at most its length.
+        let n = unsafe {
+            libc::read(
+                std::os::fd::AsRawFd::as_raw_fd(tcp),
+                l.buf.as_mut_ptr().cast(),
+                cap,
+            )
+        };
+        if n < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let n = n as usize;
+        if n > 0 && n < cap {
+            process(ctx, l, li, n, pongs);
+            return Err(std::io::ErrorKind::WouldBlock.into());
+        }
+        Ok(n)
+    })
 }

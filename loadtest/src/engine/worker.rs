@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::{mpsc, Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
-use tokio::net::TcpStream;
+use crate::sock::Sock;
 use tokio::sync::mpsc as tmpsc;
 
 use super::churn::churn_task;
@@ -20,7 +20,6 @@ use super::publish::{broadcasts, open_loop, rounds, warmup};
 use super::receive::READ_BUF;
 use super::shared::Shared;
 use super::slow::{read_slow, subscribe_slow};
-use crate::conn;
 use crate::mailbox::Tagged;
 use crate::stats::Counts;
 use crate::sys;
@@ -100,7 +99,7 @@ pub(super) struct Ctx {
     pub(super) shared: Arc<Shared>,
     pub(super) plan: Arc<Plan>,
     pub(super) local: Mutex<Local>,
-    pub(super) socks: Mutex<Vec<Option<Arc<TcpStream>>>>,
+    pub(super) socks: Mutex<Vec<Option<Arc<Sock>>>>,
     /// Set when the current step ends: publishers stop after their current write.
     pub(super) stop: AtomicBool,
     pub(super) churn: Mutex<ChurnCounts>,
@@ -303,12 +302,12 @@ async fn start_step(
     }
 }
 
-pub(super) fn sock(ctx: &Ctx, li: usize) -> Option<Arc<TcpStream>> {
+pub(super) fn sock(ctx: &Ctx, li: usize) -> Option<Arc<Sock>> {
     ctx.socks.lk()[li].clone()
 }
 
-pub(super) async fn timed_write(sock: &TcpStream, buf: &[u8]) -> Result<(), &'static str> {
-    match tokio::time::timeout(WRITE_TIMEOUT, conn::write_all(sock, buf)).await {
+pub(super) async fn timed_write(sock: &Sock, buf: &[u8]) -> Result<(), &'static str> {
+    match tokio::time::timeout(WRITE_TIMEOUT, sock.write_all(buf)).await {
         Ok(Ok(())) => Ok(()),
         Ok(Err(_)) => Err("publish write error"),
         Err(_) => Err("publish write timeout"),
