@@ -39,8 +39,10 @@ use serde_json::value::RawValue;
 use tokio::sync::{mpsc, watch, Notify};
 use tokio::time::{timeout, Instant};
 
-use super::{Broker, BrokerStats, Inbound, Target};
+use super::redis_history::{self, HistoryKeys, PUBLISH_SCRIPT};
+use super::{Broker, BrokerStats, Inbound, Numbered, PositionReply, Target};
 use crate::error::{Error, Result};
+use crate::history::{EpochSource, HistoryPolicy, StreamPosition};
 
 /// Most messages sent in one pipeline.
 const MAX_PIPELINE: usize = 1024;
@@ -224,6 +226,25 @@ struct Outgoing {
     /// The channel's name; `None` for a broadcast.
     channel: Option<Box<str>>,
     message: Bytes,
+    /// Set for a publication to a history channel, which Redis numbers
+    /// (`redis_history.rs`).
+    numbered: Option<Box<ToNumber>>,
+}
+
+/// What the publish script needs beside the message, and who waits for its answer.
+struct ToNumber {
+    max_publications: usize,
+    max_age_ms: u64,
+    reply: Option<PositionReply>,
+}
+
+impl Outgoing {
+    /// Tells whoever waits for this message's position that it got none.
+    fn fail(self, why: &str) {
+        if let Some(reply) = self.numbered.and_then(|n| n.reply) {
+            let _ = reply.send(Err(Error::unavailable(why)));
+        }
+    }
 }
 
 /// The publishing connection's state, as `publish` sees it.
@@ -241,6 +262,10 @@ struct State {
     channel_key_prefix: String,
     /// `{"sourceId":"ID","message":` — a payload is this, the message, and `}`.
     payload_head: Vec<u8>,
+    /// `redis_history::PUBLISH_SCRIPT`, loaded on every publishing connection.
+    publish_script: redis::Script,
+    /// Epochs for channels that have none in Redis yet (the script keeps the first one set).
+    epochs: EpochSource,
     queue_bytes_limit: usize,
     unsubscribe_delay: Duration,
     backoff_min: Duration,
@@ -335,6 +360,8 @@ impl RedisBroker {
             broadcast_key: format!("{}:broadcast", config.prefix),
             channel_key_prefix: format!("{}:channel:", config.prefix),
             payload_head,
+            publish_script: redis::Script::new(PUBLISH_SCRIPT),
+            epochs: EpochSource::new(),
             node_id: config.node_id,
             prefix: config.prefix,
             queue_bytes_limit: config.queue_bytes,
@@ -407,10 +434,67 @@ impl Broker for RedisBroker {
             Target::Channel(channel) => Some(channel.into()),
             Target::Broadcast => None,
         };
-        if self.queue.try_send(Outgoing { channel, message }).is_err() {
+        if self
+            .queue
+            .try_send(Outgoing {
+                channel,
+                message,
+                numbered: None,
+            })
+            .is_err()
+        {
             state.queued_bytes.fetch_sub(len, Ordering::AcqRel);
             state.dropped(1);
         }
+    }
+
+    fn numbers_history(&self) -> bool {
+        true
+    }
+
+    fn publish_numbered(
+        &self,
+        channel: &str,
+        message: Bytes,
+        policy: &HistoryPolicy,
+        reply: Option<PositionReply>,
+    ) -> Result<()> {
+        let state = &self.state;
+        if state.publisher.load(Ordering::Acquire) == PUB_DOWN || state.is_stopped() {
+            state.dropped(1);
+            return Err(Error::unavailable("redis is unreachable"));
+        }
+        if !message.ends_with(b"}") {
+            return Err(Error::invalid_argument("a message is a JSON object"));
+        }
+        let len = message.len();
+        if state.queued_bytes.fetch_add(len, Ordering::AcqRel) + len > state.queue_bytes_limit {
+            state.queued_bytes.fetch_sub(len, Ordering::AcqRel);
+            state.dropped(1);
+            return Err(Error::unavailable("the queue to redis is full"));
+        }
+        let out = Outgoing {
+            channel: Some(channel.into()),
+            message,
+            numbered: Some(Box::new(ToNumber {
+                max_publications: policy.max_publications(),
+                max_age_ms: (policy.max_age().as_millis() as u64).max(1),
+                reply,
+            })),
+        };
+        if let Err(err) = self.queue.try_send(out) {
+            let out = match err {
+                mpsc::error::TrySendError::Full(out) | mpsc::error::TrySendError::Closed(out) => {
+                    out
+                }
+            };
+            state.queued_bytes.fetch_sub(len, Ordering::AcqRel);
+            state.dropped(1);
+            // The caller gets the error itself: no reply is waited for.
+            drop(out);
+            return Err(Error::unavailable("the queue to redis is full"));
+        }
+        Ok(())
     }
 
     fn channel_active(&self, channel: &str) {
@@ -532,6 +616,7 @@ fn drain_dropped(state: &State, queue: &mut mpsc::Receiver<Outgoing>) {
             .queued_bytes
             .fetch_sub(out.message.len(), Ordering::AcqRel);
         state.dropped(1);
+        out.fail("redis is unreachable");
     }
 }
 
@@ -575,6 +660,19 @@ async fn run_publisher(state: Arc<State>, mut queue: mpsc::Receiver<Outgoing>) {
                 break 'connect;
             }
         };
+        // The publish script of history channels, by its hash from now on (a restarted
+        // Redis has forgotten it; every new connection loads it again).
+        let invocation = state.publish_script.prepare_invoke();
+        let loaded = tokio::select! {
+            () = &mut stopped => break 'connect,
+            loaded = invocation.load_async(&mut connection) => loaded,
+        };
+        if let Err(err) = loaded {
+            if lost(&state, &mut queue, &mut backoff, &err).await {
+                continue 'connect;
+            }
+            break 'connect;
+        }
         if ever_connected {
             state.reconnects.fetch_add(1, Ordering::Relaxed);
             tracing::info!("redis broker: publishing connection restored");
@@ -613,36 +711,89 @@ async fn run_publisher(state: Arc<State>, mut queue: mpsc::Receiver<Outgoing>) {
                 break 'connect;
             }
             let mut pipeline = redis::Pipeline::with_capacity(batch.len());
+            // A script that fails (Redis out of memory, say) fails its own publication only.
+            pipeline.ignore_errors();
             let mut bytes = 0;
+            let now_ms = redis_history::now_unix_ms();
             for out in &batch {
                 bytes += out.message.len();
-                let command = pipeline.cmd("PUBLISH");
-                match &out.channel {
-                    Some(channel) => command.arg(state.channel_key(channel)),
-                    None => command.arg(state.broadcast_key.as_str()),
-                };
-                command
-                    .arg(Payload {
-                        head: &state.payload_head,
-                        message: &out.message,
-                    })
-                    .ignore();
+                match (&out.numbered, &out.channel) {
+                    (Some(numbered), Some(channel)) => {
+                        let keys = HistoryKeys::new(&state.prefix, channel);
+                        pipeline
+                            .cmd("EVALSHA")
+                            .arg(state.publish_script.get_hash())
+                            .arg(3)
+                            .arg(keys.meta)
+                            .arg(keys.stream)
+                            .arg(state.channel_key(channel))
+                            .arg(out.message.as_ref())
+                            .arg(state.payload_head.as_slice())
+                            .arg(numbered.max_publications)
+                            .arg(numbered.max_age_ms)
+                            .arg(&*state.epochs.next())
+                            .arg(now_ms);
+                    }
+                    _ => {
+                        let command = pipeline.cmd("PUBLISH");
+                        match &out.channel {
+                            Some(channel) => command.arg(state.channel_key(channel)),
+                            None => command.arg(state.broadcast_key.as_str()),
+                        };
+                        command
+                            .arg(Payload {
+                                head: &state.payload_head,
+                                message: &out.message,
+                            })
+                            .ignore();
+                    }
+                }
             }
             state.queued_bytes.fetch_sub(bytes, Ordering::AcqRel);
             let result = tokio::select! {
                 () = &mut stopped => {
                     state.dropped(batch.len() as u64);
+                    for out in batch.drain(..) {
+                        out.fail("the hub shut down before redis answered");
+                    }
                     break 'connect;
                 }
-                result = pipeline.exec_async(&mut connection) => result,
+                result = pipeline
+                    .query_async::<Vec<redis::RedisResult<(u64, String)>>>(&mut connection) => result,
             };
             match result {
-                Ok(()) => {
+                Ok(answers) => {
                     state.sent.fetch_add(batch.len() as u64, Ordering::Relaxed);
+                    let mut answers = answers.into_iter();
+                    for out in batch.drain(..) {
+                        let Some(numbered) = out.numbered else {
+                            continue;
+                        };
+                        let answer = answers.next();
+                        let position = match answer {
+                            Some(Ok((offset, epoch))) => Ok(StreamPosition {
+                                offset,
+                                epoch: epoch.into(),
+                            }),
+                            Some(Err(err)) => {
+                                tracing::warn!(error = %err, "redis broker: a history publish failed");
+                                Err(Error::unavailable(format!(
+                                    "redis refused the publish: {err}"
+                                )))
+                            }
+                            None => Err(Error::unavailable("redis gave no answer")),
+                        };
+                        if let Some(reply) = numbered.reply {
+                            let _ = reply.send(position);
+                        }
+                    }
                 }
                 Err(err) => {
                     // Some may have reached Redis; at most once: count them all as dropped.
                     state.dropped(batch.len() as u64);
+                    for out in batch.drain(..) {
+                        out.fail("the connection to redis was lost before it answered (the message may have been published)");
+                    }
                     if lost(&state, &mut queue, &mut backoff, &err).await {
                         continue 'connect;
                     }
@@ -786,6 +937,14 @@ async fn session(
             "redis broker: subscription connection restored"
         );
     }
+    // Reads history channels' streams (catching up), connected when first needed: after
+    // the subscription, so that nothing published from then on is missed.
+    let mut reader = None;
+    for channel in &subs.subscribed {
+        if let Err(why) = catch_up(state, inbound, &mut reader, channel).await {
+            return Ended::Lost(why);
+        }
+    }
     *ever_connected = true;
     state.subscriber_up.store(true, Ordering::Release);
     state
@@ -805,8 +964,15 @@ async fn session(
             biased;
             () = &mut stopped => return Ended::Stopped,
             () = state.changed.notified() => {
-                if let Err(why) = apply_changes(state, inbound, &mut sink, &mut subs).await {
-                    return Ended::Lost(why);
+                match apply_changes(state, inbound, &mut sink, &mut subs).await {
+                    Ok(new) => {
+                        for channel in &new {
+                            if let Err(why) = catch_up(state, inbound, &mut reader, channel).await {
+                                return Ended::Lost(why);
+                            }
+                        }
+                    }
+                    Err(why) => return Ended::Lost(why),
                 }
             }
             _ = sweep.tick(), if !subs.leaving.is_empty() => {
@@ -825,11 +991,17 @@ async fn session(
                 let Some(message) = message else {
                     return Ended::Lost("the connection was closed".to_owned());
                 };
-                receive(state, inbound, &message);
+                if let Err(why) = receive(state, inbound, &mut reader, &message).await {
+                    return Ended::Lost(why);
+                }
                 // And what else has arrived, without going round the loop for each.
                 for _ in 0..RECEIVE_BURST {
                     match stream.next().now_or_never() {
-                        Some(Some(message)) => receive(state, inbound, &message),
+                        Some(Some(message)) => {
+                            if let Err(why) = receive(state, inbound, &mut reader, &message).await {
+                                return Ended::Lost(why);
+                            }
+                        }
                         Some(None) => return Ended::Lost("the connection was closed".to_owned()),
                         None => break,
                     }
@@ -861,15 +1033,17 @@ async fn apply_changes(
     inbound: &Inbound,
     sink: &mut PubSubSink,
     subs: &mut Subscriptions,
-) -> std::result::Result<(), String> {
+) -> std::result::Result<Vec<Box<str>>, String> {
     let changes = std::mem::take(&mut *state.pending());
     let now = Instant::now();
     let mut new = Vec::new();
+    let mut added = Vec::new();
     for (channel, active) in changes {
         if active && inbound.has_subscribers(&channel) {
             subs.leaving.remove(&channel);
             if !subs.subscribed.contains(&channel) {
                 new.push(key_bytes(state, &channel));
+                added.push(channel.clone());
                 subs.subscribed.insert(channel);
             }
         } else if subs.subscribed.contains(&channel) {
@@ -882,7 +1056,7 @@ async fn apply_changes(
             .channels
             .store(subs.subscribed.len(), Ordering::Relaxed);
     }
-    Ok(())
+    Ok(added)
 }
 
 /// Unsubscribes the channels whose delay has passed and that still have no local subscriber.
@@ -916,8 +1090,55 @@ async fn sweep_leaving(
     change_subscriptions(sink, false, &keys).await
 }
 
+/// A connection for reading history streams (the pub/sub connection cannot send other
+/// commands).
+async fn connect_reader(state: &State) -> std::result::Result<MultiplexedConnection, String> {
+    tokio::select! {
+        () = state.stopped() => Err("stopped".to_owned()),
+        connected = connect_publisher(state) => connected.map_err(|err| err.to_string()),
+    }
+}
+
+/// Brings `channel`'s local history up to Redis's if it is a history channel
+/// (`redis_history::catch_up`), connecting the reader if need be.
+async fn catch_up(
+    state: &State,
+    inbound: &Inbound,
+    reader: &mut Option<MultiplexedConnection>,
+    channel: &str,
+) -> std::result::Result<(), String> {
+    if inbound.history_policy(channel).is_none() {
+        return Ok(());
+    }
+    let connection = match reader {
+        Some(connection) => connection,
+        None => reader.insert(connect_reader(state).await?),
+    };
+    let caught = tokio::select! {
+        () = state.stopped() => return Err("stopped".to_owned()),
+        caught = redis_history::catch_up(connection, &state.prefix, inbound, channel) => caught,
+    };
+    match caught {
+        Ok(delivered) => {
+            state.received.fetch_add(delivered, Ordering::Relaxed);
+            Ok(())
+        }
+        Err(err) => Err(format!("reading the history of {channel}: {err}")),
+    }
+}
+
 /// Hands one message from Redis to the local subscribers, unless it is this node's own.
-fn receive(state: &State, inbound: &Inbound, message: &redis::Msg) {
+///
+/// On a history channel, a numbered publication (this node's own too) is delivered in offset
+/// order: one after a gap, or of another epoch, waits while the node catches up from the
+/// stream. A message without a position there (from a go-ws node) is delivered live, not
+/// kept.
+async fn receive(
+    state: &State,
+    inbound: &Inbound,
+    reader: &mut Option<MultiplexedConnection>,
+    message: &redis::Msg,
+) -> std::result::Result<(), String> {
     let name = message.get_channel_name();
     let target = if name == state.broadcast_key {
         Target::Broadcast
@@ -925,20 +1146,46 @@ fn receive(state: &State, inbound: &Inbound, message: &redis::Msg) {
         Target::Channel(channel)
     } else {
         state.receive_dropped.fetch_add(1, Ordering::Relaxed);
-        return;
+        return Ok(());
     };
     let Ok(wire) = serde_json::from_slice::<Wire<'_>>(message.get_payload_bytes()) else {
         state.receive_dropped.fetch_add(1, Ordering::Relaxed);
-        return;
+        return Ok(());
     };
+    if let Target::Channel(channel) = target {
+        if inbound.history_policy(channel).is_some() {
+            let json = wire.message.get().as_bytes();
+            let mut outcome = redis_history::deliver(inbound, channel, json).await;
+            if matches!(outcome, Numbered::Gap { .. } | Numbered::OtherEpoch) {
+                catch_up(state, inbound, reader, channel).await?;
+                outcome = redis_history::deliver(inbound, channel, json).await;
+            }
+            match outcome {
+                Numbered::Delivered => {
+                    state.received.fetch_add(1, Ordering::Relaxed);
+                    return Ok(());
+                }
+                Numbered::Duplicate => return Ok(()),
+                // Not numbered: a go-ws node's message, delivered live below.
+                Numbered::Invalid => {}
+                Numbered::Gap { .. } | Numbered::OtherEpoch | Numbered::Refused => {
+                    // Still out of order after catching up (Redis moved on meanwhile), or
+                    // the shards are full: the next arrival catches up again.
+                    state.receive_dropped.fetch_add(1, Ordering::Relaxed);
+                    return Ok(());
+                }
+            }
+        }
+    }
     if wire.source_id.as_deref() == Some(state.node_id.as_str()) {
-        return;
+        return Ok(());
     }
     if inbound.deliver(target, wire.message.get().as_bytes()) {
         state.received.fetch_add(1, Ordering::Relaxed);
     } else {
         state.receive_dropped.fetch_add(1, Ordering::Relaxed);
     }
+    Ok(())
 }
 
 #[cfg(test)]
