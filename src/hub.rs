@@ -292,6 +292,18 @@ impl Shared {
         Some((broker, self.history.policy_for(channel)?))
     }
 
+    /// `None` when a subscribe to `channel` can go to the shard now; otherwise a future that
+    /// resolves once this node is in step with the broker's history for it (true) or the
+    /// broker's bounded wait ran out (false). Only for channels whose history the broker
+    /// keeps (Redis): everything else is `None` at the cost of the history rules' look-up.
+    pub(crate) fn history_ready(&self, channel: &str) -> Option<crate::broker::HistoryReady> {
+        if self.history.is_disabled() {
+            return None;
+        }
+        let (broker, _) = self.numbering_broker(channel)?;
+        broker.prepare_history(channel)
+    }
+
     /// A publish to a channel whose history the broker keeps: the broker numbers it, and
     /// every node, this one included, delivers it when it comes back numbered (one order
     /// everywhere). The position goes to `reply` once the broker has it.
@@ -324,7 +336,12 @@ impl Shared {
             }
             let latest = history.latest();
             if offset <= latest {
-                return Numbered::Duplicate;
+                // Another publication at an offset already delivered: Redis's counter went
+                // back. (One no longer retained here cannot be told apart from a repeat.)
+                return match history.frame_at(offset) {
+                    Some(kept) if kept != frame => Numbered::Conflict,
+                    _ => Numbered::Duplicate,
+                };
             }
             if offset > latest + 1 {
                 return Numbered::Gap { after: latest };

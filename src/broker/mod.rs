@@ -23,6 +23,9 @@ pub(crate) mod redis;
 #[cfg(feature = "redis")]
 mod redis_history;
 
+/// What [`Broker::prepare_history`] returns while the node is not in step with the store.
+pub type HistoryReady = std::pin::Pin<Box<dyn std::future::Future<Output = bool> + Send>>;
+
 /// Where a broker that numbers a history channel's publications
 /// ([`Broker::publish_numbered`]) tells the publisher the position it gave, or why it gave
 /// none.
@@ -107,6 +110,17 @@ pub trait Broker: Send + Sync + 'static {
         ))
     }
 
+    /// For a channel whose publications this broker numbers: `None` when this node is in
+    /// step with the shared store for `channel` now (its local history holds what the store
+    /// holds, and it receives what comes next), so a subscribe can be answered from the
+    /// local history; otherwise a future that resolves to `true` once it is, or to `false`
+    /// when the broker's bounded wait ran out first (the store is unreachable). Default:
+    /// `None`.
+    fn prepare_history(&self, channel: &str) -> Option<HistoryReady> {
+        let _ = channel;
+        None
+    }
+
     /// The broker's counters.
     fn stats(&self) -> BrokerStats;
 
@@ -145,6 +159,9 @@ pub(crate) enum Numbered {
     Delivered,
     /// At or below the local history's latest offset, in its epoch: already delivered.
     Duplicate,
+    /// At or below the local history's latest offset, in its epoch, but not what was
+    /// delivered at that offset: the store's counter went back (it came back older).
+    Conflict,
     /// Offsets between the local latest (`after`) and it are missing: read them first.
     Gap { after: u64 },
     /// Of another epoch than the local history's: catch up from the store.

@@ -36,11 +36,11 @@ use redis::aio::{MultiplexedConnection, PubSubSink};
 use redis::{AsyncConnectionConfig, RedisWrite, ToRedisArgs};
 use serde::Deserialize;
 use serde_json::value::RawValue;
-use tokio::sync::{mpsc, watch, Notify};
+use tokio::sync::{mpsc, oneshot, watch, Notify};
 use tokio::time::{timeout, Instant};
 
 use super::redis_history::{self, HistoryKeys, PUBLISH_SCRIPT};
-use super::{Broker, BrokerStats, Inbound, Numbered, PositionReply, Target};
+use super::{Broker, BrokerStats, HistoryReady, Inbound, Numbered, PositionReply, Target};
 use crate::error::{Error, Result};
 use crate::history::{EpochSource, HistoryPolicy, StreamPosition};
 
@@ -83,6 +83,7 @@ pub struct RedisConfig {
     unsubscribe_delay: Duration,
     backoff_min: Duration,
     backoff_max: Duration,
+    history_wait: Duration,
 }
 
 impl fmt::Debug for RedisConfig {
@@ -106,6 +107,7 @@ impl fmt::Debug for RedisConfig {
             .field("unsubscribe_delay", &self.unsubscribe_delay)
             .field("backoff_min", &self.backoff_min)
             .field("backoff_max", &self.backoff_max)
+            .field("history_wait", &self.history_wait)
             .finish()
     }
 }
@@ -125,7 +127,17 @@ impl RedisConfig {
             unsubscribe_delay: Duration::from_secs(1),
             backoff_min: Duration::from_millis(100),
             backoff_max: Duration::from_secs(1),
+            history_wait: Duration::from_secs(5),
         }
+    }
+
+    /// How long a client's subscribe to a channel whose history lives in Redis may wait for
+    /// this node to read that history (it needs Redis for it): past it, a subscribe with
+    /// `since` is answered with the error `history unavailable` and no subscription, and a
+    /// plain one is made from what this node holds. Default 5 s.
+    pub fn history_wait(mut self, wait: Duration) -> Self {
+        self.history_wait = wait;
+        self
     }
 
     /// The prefix of the Redis channels: `PREFIX:broadcast` and `PREFIX:channel:NAME`.
@@ -271,6 +283,13 @@ struct State {
     backoff_min: Duration,
     backoff_max: Duration,
 
+    history_wait: Duration,
+    /// History channels this node is in step with Redis for: subscribed on the current
+    /// pub/sub connection and caught up since. A subscribe to one goes straight to its shard.
+    synced: Mutex<HashSet<Box<str>, ahash::RandomState>>,
+    /// History channels that subscribes wait for (`Broker::prepare_history`), and their
+    /// waiters: the subscriber subscribes and catches them up.
+    preparing: Mutex<HashMap<Box<str>, Vec<oneshot::Sender<()>>, ahash::RandomState>>,
     /// Channel changes not yet seen by the subscriber: name → active now.
     pending: Mutex<HashMap<Box<str>, bool, ahash::RandomState>>,
     changed: Notify,
@@ -290,6 +309,17 @@ struct State {
 }
 
 impl State {
+    fn synced(&self) -> MutexGuard<'_, HashSet<Box<str>, ahash::RandomState>> {
+        self.synced.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    #[allow(clippy::type_complexity)]
+    fn preparing(
+        &self,
+    ) -> MutexGuard<'_, HashMap<Box<str>, Vec<oneshot::Sender<()>>, ahash::RandomState>> {
+        self.preparing.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     fn pending(&self) -> MutexGuard<'_, HashMap<Box<str>, bool, ahash::RandomState>> {
         self.pending.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -368,6 +398,9 @@ impl RedisBroker {
             unsubscribe_delay: config.unsubscribe_delay,
             backoff_min: config.backoff_min,
             backoff_max: config.backoff_max,
+            history_wait: config.history_wait,
+            synced: Mutex::default(),
+            preparing: Mutex::default(),
             pending: Mutex::default(),
             changed: Notify::new(),
             stop: watch::channel(false).0,
@@ -495,6 +528,26 @@ impl Broker for RedisBroker {
             return Err(Error::unavailable("the queue to redis is full"));
         }
         Ok(())
+    }
+
+    fn prepare_history(&self, channel: &str) -> Option<HistoryReady> {
+        let state = &self.state;
+        if state.synced().contains(channel) {
+            return None;
+        }
+        let (ready, answer) = oneshot::channel();
+        {
+            let mut preparing = state.preparing();
+            let waiters = preparing.entry(channel.into()).or_default();
+            // Waiters that gave up (Redis away longer than the wait) leave no trace.
+            waiters.retain(|waiter| !waiter.is_closed());
+            waiters.push(ready);
+        }
+        state.changed.notify_one();
+        let wait = state.history_wait;
+        Some(Box::pin(async move {
+            matches!(timeout(wait, answer).await, Ok(Ok(())))
+        }))
     }
 
     fn channel_active(&self, channel: &str) {
@@ -820,6 +873,13 @@ struct Wire<'a> {
     message: &'a RawValue,
 }
 
+/// The epoch of a numbered message.
+#[derive(Deserialize)]
+struct EpochOnly<'a> {
+    #[serde(borrow)]
+    epoch: Cow<'a, str>,
+}
+
 /// Why a pub/sub session ended.
 enum Ended {
     Stopped,
@@ -851,6 +911,7 @@ async fn run_subscriber(state: Arc<State>, inbound: Inbound) {
                 match session(&state, &inbound, sink, stream, &mut ever_connected).await {
                     Ended::Stopped => break,
                     Ended::Lost(why) => {
+                        state.synced().clear();
                         if state.subscriber_up.swap(false, Ordering::AcqRel) {
                             backoff.reset();
                             was_up = true;
@@ -911,6 +972,7 @@ async fn session(
 ) -> Ended {
     // Changes noted before now are in the snapshot; later ones are applied on top of it.
     state.pending().clear();
+    state.synced().clear();
     let mut subs = Subscriptions {
         subscribed: inbound
             .active_channels()
@@ -945,6 +1007,11 @@ async fn session(
             return Ended::Lost(why);
         }
     }
+    state.synced().extend(subs.subscribed.iter().cloned());
+    // Subscribes that waited while the connection was down.
+    if let Err(why) = prepare_waiting(state, inbound, &mut sink, &mut subs, &mut reader).await {
+        return Ended::Lost(why);
+    }
     *ever_connected = true;
     state.subscriber_up.store(true, Ordering::Release);
     state
@@ -970,9 +1037,15 @@ async fn session(
                             if let Err(why) = catch_up(state, inbound, &mut reader, channel).await {
                                 return Ended::Lost(why);
                             }
+                            state.synced().insert(channel.clone());
                         }
                     }
                     Err(why) => return Ended::Lost(why),
+                }
+                if let Err(why) =
+                    prepare_waiting(state, inbound, &mut sink, &mut subs, &mut reader).await
+                {
+                    return Ended::Lost(why);
                 }
             }
             _ = sweep.tick(), if !subs.leaving.is_empty() => {
@@ -1081,13 +1154,73 @@ async fn sweep_leaving(
         return Ok(());
     }
     let keys: Vec<Vec<u8>> = gone.iter().map(|c| key_bytes(state, c)).collect();
-    for channel in &gone {
-        subs.subscribed.remove(channel);
+    {
+        let mut synced = state.synced();
+        for channel in &gone {
+            subs.subscribed.remove(channel);
+            synced.remove(channel);
+        }
     }
     state
         .channels
         .store(subs.subscribed.len(), Ordering::Relaxed);
     change_subscriptions(sink, false, &keys).await
+}
+
+/// Subscribes (if need be) and catches up the history channels that subscribes wait for,
+/// then lets them go on. A channel prepared for a subscribe that never reaches its shard is
+/// left after the unsubscribe delay, like one whose last subscriber left.
+async fn prepare_waiting(
+    state: &State,
+    inbound: &Inbound,
+    sink: &mut PubSubSink,
+    subs: &mut Subscriptions,
+    reader: &mut Option<MultiplexedConnection>,
+) -> std::result::Result<(), String> {
+    let waiting = std::mem::take(&mut *state.preparing());
+    if waiting.is_empty() {
+        return Ok(());
+    }
+    let leave_at = Instant::now() + state.unsubscribe_delay;
+    let mut keys = Vec::new();
+    for channel in waiting.keys() {
+        if !subs.subscribed.contains(channel) {
+            keys.push(key_bytes(state, channel));
+            subs.subscribed.insert(channel.clone());
+            subs.leaving.insert(channel.clone(), leave_at);
+        }
+    }
+    let result = async {
+        if !keys.is_empty() {
+            change_subscriptions(sink, true, &keys).await?;
+            state
+                .channels
+                .store(subs.subscribed.len(), Ordering::Relaxed);
+        }
+        Ok::<_, String>(())
+    }
+    .await;
+    if let Err(why) = result {
+        // Still waiting: the next connection prepares them.
+        state.preparing().extend(waiting);
+        return Err(why);
+    }
+    let mut waiting = waiting.into_iter();
+    while let Some((channel, waiters)) = waiting.next() {
+        if let Err(why) = catch_up(state, inbound, reader, &channel).await {
+            let mut preparing = state.preparing();
+            preparing.entry(channel).or_default().extend(waiters);
+            for (channel, waiters) in waiting {
+                preparing.entry(channel).or_default().extend(waiters);
+            }
+            return Err(why);
+        }
+        state.synced().insert(channel);
+        for waiter in waiters {
+            let _ = waiter.send(());
+        }
+    }
+    Ok(())
 }
 
 /// A connection for reading history streams (the pub/sub connection cannot send other
@@ -1166,6 +1299,24 @@ async fn receive(
                     return Ok(());
                 }
                 Numbered::Duplicate => return Ok(()),
+                Numbered::Conflict => {
+                    // Redis came back older: make the next publish start a new epoch.
+                    state.receive_dropped.fetch_add(1, Ordering::Relaxed);
+                    let epoch = serde_json::from_str::<EpochOnly<'_>>(wire.message.get())
+                        .map(|m| m.epoch.into_owned())
+                        .unwrap_or_default();
+                    let connection = match reader {
+                        Some(connection) => connection,
+                        None => reader.insert(connect_reader(state).await?),
+                    };
+                    tracing::warn!(
+                        channel,
+                        "redis history: the counter went back; starting a new epoch"
+                    );
+                    return redis_history::forget(connection, &state.prefix, channel, &epoch)
+                        .await
+                        .map_err(|err| err.to_string());
+                }
                 // Not numbered: a go-ws node's message, delivered live below.
                 Numbered::Invalid => {}
                 Numbered::Gap { .. } | Numbered::OtherEpoch | Numbered::Refused => {

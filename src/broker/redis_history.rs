@@ -62,17 +62,31 @@ const REFUSED_TRIES: usize = 1000;
 /// publications kept, the age limit in ms, an epoch for a channel that has none, now in ms.
 /// Returns `{offset, epoch}`.
 pub(super) const PUBLISH_SCRIPT: &str = r#"
+local function new_epoch()
+  redis.call('DEL', KEYS[2])
+  redis.call('HSET', KEYS[1], 'epoch', ARGV[5], 'offset', 0)
+  return ARGV[5]
+end
+local function store(offset, epoch)
+  local position = string.format(',"offset":%d,"epoch":"%s"}', offset, epoch)
+  local message = string.sub(ARGV[1], 1, -2) .. position
+  local added = redis.pcall('XADD', KEYS[2], 'MAXLEN', ARGV[3],
+    string.format('%d-0', offset), 'm', message, 't', ARGV[6])
+  return message, not (type(added) == 'table' and added.err)
+end
 local epoch = redis.call('HGET', KEYS[1], 'epoch')
 if not epoch then
-  epoch = ARGV[5]
-  redis.call('DEL', KEYS[2])
-  redis.call('HSET', KEYS[1], 'epoch', epoch, 'offset', 0)
+  epoch = new_epoch()
 end
 local offset = redis.call('HINCRBY', KEYS[1], 'offset', 1)
-local position = string.format(',"offset":%d,"epoch":"%s"}', offset, epoch)
-local message = string.sub(ARGV[1], 1, -2) .. position
-redis.call('XADD', KEYS[2], 'MAXLEN', ARGV[3], string.format('%d-0', offset),
-  'm', message, 't', ARGV[6])
+local message, stored = store(offset, epoch)
+if not stored then
+  -- The stream already holds this offset: the counter went back (Redis came back older).
+  -- Offsets already given must not be given again: a new epoch.
+  epoch = new_epoch()
+  offset = redis.call('HINCRBY', KEYS[1], 'offset', 1)
+  message, stored = store(offset, epoch)
+end
 redis.call('PEXPIRE', KEYS[1], ARGV[4])
 redis.call('PEXPIRE', KEYS[2], ARGV[4])
 redis.call('PUBLISH', KEYS[3], ARGV[2] .. message .. '}')
@@ -179,12 +193,7 @@ pub(super) async fn catch_up(
                 redis = top,
                 "redis history: the counter went back; starting a new epoch"
             );
-            let _: i64 = Script::new(ROLLBACK_SCRIPT)
-                .key(&keys.meta)
-                .key(&keys.stream)
-                .arg(&epoch)
-                .invoke_async(conn)
-                .await?;
+            forget(conn, prefix, channel, &epoch).await?;
             return Ok(0);
         }
         _ => {
@@ -243,6 +252,10 @@ pub(super) async fn catch_up(
             match deliver(inbound, channel, message).await {
                 Numbered::Delivered => delivered += 1,
                 Numbered::Duplicate => {}
+                Numbered::Conflict => {
+                    forget(conn, prefix, channel, &epoch).await?;
+                    return Ok(delivered);
+                }
                 // Another epoch came in meanwhile, or the hub is gone: the next arrival
                 // brings the node back here.
                 Numbered::OtherEpoch | Numbered::Invalid | Numbered::Gap { .. } => {
@@ -254,6 +267,25 @@ pub(super) async fn catch_up(
         }
     }
     Ok(delivered)
+}
+
+/// Removes `channel`'s counter and history from Redis if its epoch is still `epoch`
+/// ([`ROLLBACK_SCRIPT`]): its counter went back, and the next publish must start a new
+/// epoch rather than give out offsets clients already hold.
+pub(super) async fn forget(
+    conn: &mut MultiplexedConnection,
+    prefix: &str,
+    channel: &str,
+    epoch: &str,
+) -> redis::RedisResult<()> {
+    let keys = HistoryKeys::new(prefix, channel);
+    let _: i64 = Script::new(ROLLBACK_SCRIPT)
+        .key(&keys.meta)
+        .key(&keys.stream)
+        .arg(epoch)
+        .invoke_async(conn)
+        .await?;
+    Ok(())
 }
 
 /// The offset of stream entry id `OFFSET-0`.

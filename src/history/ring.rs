@@ -216,6 +216,14 @@ impl ChannelHistory {
         }
     }
 
+    /// The frame retained at `offset`, if it still is.
+    pub(crate) fn frame_at(&self, offset: u64) -> Option<Bytes> {
+        if offset < self.first || offset > self.latest {
+            return None;
+        }
+        self.replay_after(offset - 1).next().map(|(_, frame)| frame)
+    }
+
     fn replay_after(&self, since: u64) -> Replay {
         if since > self.latest {
             return Replay::nothing(Arc::clone(&self.epoch), self.latest);

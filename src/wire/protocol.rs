@@ -168,6 +168,9 @@ pub enum ErrorReason {
     TooManySubscriptions,
     /// The publish policy refused the client's publish.
     PublishRefused,
+    /// A subscribe with `since` to a channel whose history lives in Redis, while Redis was
+    /// unreachable for longer than the bounded wait: no subscription was made.
+    HistoryUnavailable,
 }
 
 impl ErrorReason {
@@ -180,6 +183,7 @@ impl ErrorReason {
             ErrorReason::SubscriptionRefused => "subscription refused",
             ErrorReason::TooManySubscriptions => "too many subscriptions",
             ErrorReason::PublishRefused => "publish refused",
+            ErrorReason::HistoryUnavailable => "history unavailable",
         }
     }
 }
