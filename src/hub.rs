@@ -296,12 +296,29 @@ impl Shared {
     /// resolves once this node is in step with the broker's history for it (true) or the
     /// broker's bounded wait ran out (false). Only for channels whose history the broker
     /// keeps (Redis): everything else is `None` at the cost of the history rules' look-up.
-    pub(crate) fn history_ready(&self, channel: &str) -> Option<crate::broker::HistoryReady> {
+    pub(crate) fn history_ready(
+        &self,
+        channel: &str,
+        since: Option<&protocol::Since<'_>>,
+    ) -> Option<crate::broker::HistoryReady> {
         if self.history.is_disabled() {
             return None;
         }
         let (broker, _) = self.numbering_broker(channel)?;
-        broker.prepare_history(channel)
+        // A client resuming from an offset this node has not delivered yet (it saw it on a
+        // node that was ahead): read Redis first, or it would be told `recovered: false` and
+        // then get those offsets live, twice.
+        let behind = since.is_some_and(|since| {
+            self.history.existing(channel).is_none_or(|lock| {
+                let history = lock.lock();
+                let same_epoch = since
+                    .epoch
+                    .as_deref()
+                    .is_none_or(|e| e == &**history.epoch());
+                same_epoch && since.offset > history.latest()
+            })
+        });
+        broker.prepare_history(channel, behind)
     }
 
     /// A publish to a channel whose history the broker keeps: the broker numbers it, and
@@ -946,7 +963,7 @@ impl Hub {
     /// [`send_to_channel_async`](Hub::send_to_channel_async) does instead of returning the
     /// overload error.
     ///
-    /// With Redis history (see [`publish`](Hub::publish#with-redis-history)), it resolves
+    /// With Redis history (see [`publish`](Hub::publish), "With Redis history"), it resolves
     /// when Redis has numbered, stored and published the message, with its position.
     ///
     /// # Errors

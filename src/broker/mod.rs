@@ -6,6 +6,12 @@
 //! first subscriber to a channel and loses its last, so that it listens only to channels that
 //! have local subscribers. Messages from other nodes come back in through [`Inbound`].
 //!
+//! Channels with history are the exception when the broker numbers their publications
+//! ([`Broker::numbers_history`]; the Redis broker does): a publication to one goes to the
+//! broker only, and every node, the publisher's own included, delivers it when it comes back
+//! with its offset, in offset order, so that every node sends the same offsets in the same
+//! order and a client recovers on whichever node it reaches.
+//!
 //! The Redis backend ([`RedisBroker`](crate::RedisBroker), cargo feature `redis`) speaks
 //! go-ws's own bridge format, so Go and Rust nodes can serve one cluster.
 
@@ -114,10 +120,12 @@ pub trait Broker: Send + Sync + 'static {
     /// step with the shared store for `channel` now (its local history holds what the store
     /// holds, and it receives what comes next), so a subscribe can be answered from the
     /// local history; otherwise a future that resolves to `true` once it is, or to `false`
-    /// when the broker's bounded wait ran out first (the store is unreachable). Default:
-    /// `None`.
-    fn prepare_history(&self, channel: &str) -> Option<HistoryReady> {
-        let _ = channel;
+    /// when the broker's bounded wait ran out first (the store is unreachable). `behind`:
+    /// the client has seen an offset this node's history has not reached yet (another node
+    /// delivered it first), so the node must read the store again even if it is in step.
+    /// Default: `None`.
+    fn prepare_history(&self, channel: &str, behind: bool) -> Option<HistoryReady> {
+        let _ = (channel, behind);
         None
     }
 

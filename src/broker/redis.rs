@@ -210,6 +210,19 @@ fn random_node_id() -> String {
 /// order for the messages of one publishing node; local delivery never waits for Redis. See
 /// the [module docs](crate::Broker) for what the hub does with a broker.
 ///
+/// # History channels
+///
+/// On channels the hub gives a history, Redis numbers the publications: one Lua script
+/// stores each in a Redis stream (`PREFIX:history:NAME`, trimmed to the channel's count,
+/// expiring with its age) and publishes it with its `offset` and `epoch`, atomically. Every
+/// node delivers them from Redis in offset order, the publishing node too (local delivery
+/// waits for Redis there: one order everywhere), reads what it missed from the stream after
+/// a gap or a reconnect, and answers a subscribe with `since` once it has read the channel's
+/// history (within [`RedisConfig::history_wait`], else `history unavailable`). While Redis is
+/// away, a publish to a history channel fails ([`Error::is_unavailable`]); it is never
+/// delivered without an offset. go-ws nodes' messages on such a channel are delivered live,
+/// without an offset, and not kept.
+///
 /// ```no_run
 /// # fn main() -> wshub::Result<()> {
 /// let broker = wshub::RedisBroker::new(wshub::RedisConfig::new("redis://127.0.0.1:6379/"))?;
@@ -530,9 +543,9 @@ impl Broker for RedisBroker {
         Ok(())
     }
 
-    fn prepare_history(&self, channel: &str) -> Option<HistoryReady> {
+    fn prepare_history(&self, channel: &str, behind: bool) -> Option<HistoryReady> {
         let state = &self.state;
-        if state.synced().contains(channel) {
+        if !behind && state.synced().contains(channel) {
             return None;
         }
         let (ready, answer) = oneshot::channel();
@@ -1249,7 +1262,7 @@ async fn catch_up(
     };
     let caught = tokio::select! {
         () = state.stopped() => return Err("stopped".to_owned()),
-        caught = redis_history::catch_up(connection, &state.prefix, inbound, channel) => caught,
+        caught = redis_history::catch_up(connection, &state.prefix, &state.epochs, inbound, channel) => caught,
     };
     match caught {
         Ok(delivered) => {

@@ -45,6 +45,7 @@ use redis::aio::MultiplexedConnection;
 use redis::Script;
 
 use super::{Inbound, Numbered};
+use crate::history::EpochSource;
 
 /// Publications read from a stream in one XRANGE while catching up: bounds what one read
 /// holds (a page of 1 KiB publications is 1 MiB).
@@ -91,6 +92,19 @@ redis.call('PEXPIRE', KEYS[1], ARGV[4])
 redis.call('PEXPIRE', KEYS[2], ARGV[4])
 redis.call('PUBLISH', KEYS[3], ARGV[2] .. message .. '}')
 return {offset, epoch}
+"#;
+
+/// Gives a channel that has no counter in Redis its epoch now, at offset 0 (expiring with
+/// its age, as after a publication), so that a subscriber acknowledged before the first
+/// publication is told the epoch that publication will carry. KEYS: the meta hash, the
+/// stream. ARGV: an epoch, the age limit in ms. Returns the channel's epoch and counter.
+pub(super) const ENSURE_EPOCH_SCRIPT: &str = r#"
+if redis.call('HEXISTS', KEYS[1], 'epoch') == 0 then
+  redis.call('DEL', KEYS[2])
+  redis.call('HSET', KEYS[1], 'epoch', ARGV[1], 'offset', 0)
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+return redis.call('HMGET', KEYS[1], 'epoch', 'offset')
 "#;
 
 /// Forgets a channel's counter and history if its epoch is still ARGV[1]: a node found the
@@ -164,6 +178,7 @@ type StreamEntry = (String, Vec<Vec<u8>>);
 pub(super) async fn catch_up(
     conn: &mut MultiplexedConnection,
     prefix: &str,
+    epochs: &EpochSource,
     inbound: &Inbound,
     channel: &str,
 ) -> redis::RedisResult<u64> {
@@ -171,14 +186,15 @@ pub(super) async fn catch_up(
         return Ok(0);
     };
     let keys = HistoryKeys::new(prefix, channel);
-    let (epoch, top): (Option<String>, Option<u64>) = redis::cmd("HMGET")
-        .arg(&keys.meta)
-        .arg("epoch")
-        .arg("offset")
-        .query_async(conn)
+    // Nothing in Redis yet (never published, expired, flushed): the channel gets its epoch
+    // now, so that this node's subscribers are acknowledged in it.
+    let (epoch, top): (Option<String>, Option<u64>) = Script::new(ENSURE_EPOCH_SCRIPT)
+        .key(&keys.meta)
+        .key(&keys.stream)
+        .arg(&*epochs.next())
+        .arg((policy.max_age().as_millis() as u64).max(1))
+        .invoke_async(conn)
         .await?;
-    // Nothing in Redis (never published, expired, flushed): the next publish starts a new
-    // epoch, and its arrival brings the node here again.
     let Some(epoch) = epoch else {
         return Ok(0);
     };

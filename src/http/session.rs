@@ -340,13 +340,14 @@ impl<'a> Responder<'a> {
                     }
                 }
                 let has_since = since.is_some();
+                let ready = self.shared.history_ready(&channel, since.as_ref());
                 let subscribe = Command::Subscribe {
                     client: client.id,
                     channel: channel.as_ref().into(),
                     from_client: true,
                     since: since.map(|since| Box::new(since.into_owned())),
                 };
-                match self.shared.history_ready(&channel) {
+                match ready {
                     Some(ready) => self.deferred.set(Some(Box::new(Deferred {
                         subscribe,
                         channel: channel.into(),
