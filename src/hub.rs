@@ -1011,6 +1011,10 @@ impl Hub {
     /// with the channel's epoch and latest offset; `None` when the channel has no history.
     /// Each publication is the JSON text its subscribers received. `recovered` says whether
     /// the history still holds every offset after `since` (as a subscribe `since` would).
+    ///
+    /// With Redis history (see [`publish`](Hub::publish)), this is this node's copy: what it
+    /// has read from Redis and delivered, which lags Redis by the time a publication takes to
+    /// come back, and holds nothing of a channel this node has never had a subscriber to.
     pub fn history(&self, channel: &str, since: u64, limit: usize) -> Option<HistoryPage> {
         let shared = &self.inner.shared;
         let now_ms = shared.now_ms();
