@@ -5,6 +5,8 @@
 //!     [--history N [--history-ttl SECS]] [--no-io-uring]
 //! cargo run --release --features metrics --example server -- --metrics 127.0.0.1:9090
 //! cargo run --release --features tls --example server -- --tls-cert cert.pem --tls-key key.pem
+//! cargo run --release --features redis --example server -- --redis redis://127.0.0.1:6379/ \
+//!     --history 1000
 //! ```
 //!
 //! `--allow-publish` lets clients `publish` to any channel (what `shared/bench/compare.sh` and
@@ -12,6 +14,10 @@
 //! (for an hour, or `--history-ttl` seconds), so that a client that reconnects subscribes with
 //! `since` and misses nothing. Ctrl-C or SIGTERM shuts down gracefully: every client gets what
 //! was already sent, then a 1001 close.
+//!
+//! Built with the cargo feature `redis`, `--redis URL` joins this node to the others on that
+//! Redis (PROTOCOL.md, "Several nodes"); with `--history`, the channels' histories and offsets
+//! then live in Redis, so a client recovers on whichever node it reaches.
 //!
 //! Built with the cargo feature `metrics`, `--metrics HOST:PORT` serves the hub's Prometheus
 //! metrics at `http://HOST:PORT/metrics`, on a listener of its own; without the feature the
@@ -52,6 +58,14 @@ const TLS_USAGE: &str = "
 #[cfg(not(feature = "tls"))]
 const TLS_USAGE: &str = "";
 
+/// The flag of the cargo feature `redis`, in the usage only when it is built in.
+#[cfg(feature = "redis")]
+const REDIS_USAGE: &str = "
+  --redis URL          join the nodes on this Redis (redis://HOST:PORT/); with --history,
+                       histories and offsets live there (default: one node)";
+#[cfg(not(feature = "redis"))]
+const REDIS_USAGE: &str = "";
+
 struct Args {
     addr: SocketAddr,
     allow_publish: bool,
@@ -64,6 +78,8 @@ struct Args {
     tls_cert: Option<std::path::PathBuf>,
     #[cfg(feature = "tls")]
     tls_key: Option<std::path::PathBuf>,
+    #[cfg(feature = "redis")]
+    redis: Option<String>,
 }
 
 /// The value after flag `name`, parsed.
@@ -93,6 +109,8 @@ fn parse_args() -> Result<Args, String> {
         tls_cert: None,
         #[cfg(feature = "tls")]
         tls_key: None,
+        #[cfg(feature = "redis")]
+        redis: None,
     };
     let mut argv = std::env::args().skip(1);
     while let Some(arg) = argv.next() {
@@ -124,6 +142,16 @@ fn parse_args() -> Result<Args, String> {
                     "unknown argument {flag:?}: this build has no TLS; \
                      build with `--features tls`"
                 ))
+            }
+            #[cfg(feature = "redis")]
+            "--redis" => args.redis = Some(value_of(&mut argv, "--redis")?),
+            #[cfg(not(feature = "redis"))]
+            "--redis" => {
+                return Err(
+                    "unknown argument \"--redis\": this build has no Redis broker; \
+                     build with `--features redis`"
+                        .to_owned(),
+                )
             }
             "-h" | "--help" => return Err(String::new()),
             other => return Err(format!("unknown argument {other:?}")),
@@ -197,7 +225,7 @@ async fn main() -> ExitCode {
             if !why.is_empty() {
                 eprintln!("error: {why}");
             }
-            eprintln!("{USAGE}{METRICS_USAGE}{TLS_USAGE}");
+            eprintln!("{USAGE}{METRICS_USAGE}{TLS_USAGE}{REDIS_USAGE}");
             return ExitCode::from(2);
         }
     };
@@ -218,6 +246,16 @@ async fn main() -> ExitCode {
             Ok(history) => builder = builder.prefix_history("", history),
             Err(err) => {
                 eprintln!("error: --history: {err}");
+                return ExitCode::from(2);
+            }
+        }
+    }
+    #[cfg(feature = "redis")]
+    if let Some(url) = &args.redis {
+        match wshub::RedisBroker::new(wshub::RedisConfig::new(url.as_str())) {
+            Ok(broker) => builder = builder.broker(broker),
+            Err(err) => {
+                eprintln!("error: --redis: {err}");
                 return ExitCode::from(2);
             }
         }

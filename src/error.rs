@@ -34,6 +34,8 @@ enum Kind {
     },
     /// [`Hub::stream_process`](crate::Hub::stream_process) could not start the child.
     Spawn(std::io::Error),
+    /// The broker that numbers a history channel's publications (Redis) could not take one.
+    Unavailable(String),
 }
 
 impl Error {
@@ -50,6 +52,12 @@ impl Error {
     pub(crate) fn config(why: impl Into<String>) -> Self {
         Error {
             kind: Kind::Config(why.into()),
+        }
+    }
+
+    pub(crate) fn unavailable(why: impl Into<String>) -> Self {
+        Error {
+            kind: Kind::Unavailable(why.into()),
         }
     }
 
@@ -120,6 +128,14 @@ impl Error {
     pub fn is_spawn(&self) -> bool {
         matches!(self.kind, Kind::Spawn(_))
     }
+
+    /// A publish to a channel whose history lives in Redis (the `redis` feature) could not
+    /// be numbered: Redis is unreachable, the queue to it is full, or the connection was
+    /// lost before Redis answered. When the error says the answer was lost, the publication
+    /// may still have been numbered and delivered; otherwise it was not, and nobody got it.
+    pub fn is_unavailable(&self) -> bool {
+        matches!(self.kind, Kind::Unavailable(_))
+    }
 }
 
 impl fmt::Display for Error {
@@ -133,6 +149,7 @@ impl fmt::Display for Error {
                 f.write_str("hub overloaded: a shard's inbox is full, nothing was sent")
             }
             Kind::Spawn(err) => write!(f, "process could not be started: {err}"),
+            Kind::Unavailable(why) => write!(f, "history unavailable: {why}"),
         }
     }
 }

@@ -11,7 +11,7 @@ use serde::Serialize;
 use serde_json::value::RawValue;
 use tokio::sync::{mpsc, oneshot, watch, Notify};
 
-use crate::broker::{Broker, Inbound, LocalNode, Target};
+use crate::broker::{Broker, Inbound, LocalNode, Numbered, Target};
 use crate::client::{ChannelSnapshot, ClientId, ClientSnapshot};
 use crate::config::HubConfig;
 use crate::conn::{self, Clock};
@@ -202,6 +202,10 @@ impl Shared {
     ) -> Result<Option<StreamPosition>> {
         self.check_running()?;
         if !self.history.is_disabled() {
+            if let Some((broker, policy)) = self.numbering_broker(channel) {
+                self.publish_through_broker(channel, &encode, broker, &policy, None)?;
+                return Ok(None);
+            }
             if let Some(position) = self.publish_numbered(channel, &encode)? {
                 return Ok(Some(position));
             }
@@ -276,6 +280,112 @@ impl Shared {
             broker.publish(Target::Channel(channel), protocol::frame_payload(&frame));
         }
         Ok(Some(position))
+    }
+
+    /// The broker and `channel`'s history policy when the broker numbers `channel`'s
+    /// publications (Redis history): then they are not numbered here.
+    pub(crate) fn numbering_broker(
+        &self,
+        channel: &str,
+    ) -> Option<(&Arc<dyn Broker>, crate::history::HistoryPolicy)> {
+        let broker = self.broker().filter(|broker| broker.numbers_history())?;
+        Some((broker, self.history.policy_for(channel)?))
+    }
+
+    /// `None` when a subscribe to `channel` can go to the shard now; otherwise a future that
+    /// resolves once this node is in step with the broker's history for it (true) or the
+    /// broker's bounded wait ran out (false). Only for channels whose history the broker
+    /// keeps (Redis): everything else is `None` at the cost of the history rules' look-up.
+    pub(crate) fn history_ready(
+        &self,
+        channel: &str,
+        since: Option<&protocol::Since<'_>>,
+    ) -> Option<crate::broker::HistoryReady> {
+        if self.history.is_disabled() {
+            return None;
+        }
+        let (broker, _) = self.numbering_broker(channel)?;
+        // A client resuming from an offset this node has not delivered yet (it saw it on a
+        // node that was ahead): read Redis first, or it would be told `recovered: false` and
+        // then get those offsets live, twice.
+        let behind = since.is_some_and(|since| {
+            self.history.existing(channel).is_none_or(|lock| {
+                let history = lock.lock();
+                let same_epoch = since
+                    .epoch
+                    .as_deref()
+                    .is_none_or(|e| e == &**history.epoch());
+                same_epoch && since.offset > history.latest()
+            })
+        });
+        broker.prepare_history(channel, behind)
+    }
+
+    /// A publish to a channel whose history the broker keeps: the broker numbers it, and
+    /// every node, this one included, delivers it when it comes back numbered (one order
+    /// everywhere). The position goes to `reply` once the broker has it.
+    pub(crate) fn publish_through_broker(
+        &self,
+        channel: &str,
+        encode: &impl Fn(Option<Position<'_>>) -> Result<Bytes>,
+        broker: &Arc<dyn Broker>,
+        policy: &crate::history::HistoryPolicy,
+        reply: Option<crate::broker::PositionReply>,
+    ) -> Result<()> {
+        let frame = encode(None)?;
+        broker.publish_numbered(channel, protocol::frame_payload(&frame), policy, reply)?;
+        self.counters.published.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// A publication the broker numbered, for the local subscribers of `channel` and its
+    /// local history (see [`LocalNode::deliver_numbered`]).
+    fn deliver_numbered(&self, channel: &str, json: &[u8]) -> Numbered {
+        let Some((offset, epoch, frame)) =
+            protocol::frame_numbered(channel, json, self.config.strict_go_ws)
+        else {
+            return Numbered::Invalid;
+        };
+        let now_ms = self.now_ms();
+        let Some(outcome) = self.history.with_channel(channel, now_ms, |history| {
+            if **history.epoch() != *epoch {
+                return Numbered::OtherEpoch;
+            }
+            let latest = history.latest();
+            if offset <= latest {
+                // Another publication at an offset already delivered: Redis's counter went
+                // back. (One no longer retained here cannot be told apart from a repeat.)
+                return match history.frame_at(offset) {
+                    Some(kept) if kept != frame => Numbered::Conflict,
+                    _ => Numbered::Duplicate,
+                };
+            }
+            if offset > latest + 1 {
+                return Numbered::Gap { after: latest };
+            }
+            if let Some(entry) = self.channels.get(channel) {
+                let stamp = Stamp::now();
+                let sent = self.fan_out(entry.shard_mask(), Command::frame_cost(&frame), |_, _| {
+                    Command::Publish {
+                        channel: Arc::clone(&entry),
+                        frame: Bytes::copy_from_slice(&frame),
+                        offset,
+                        stamp,
+                    }
+                });
+                if sent.is_err() {
+                    return Numbered::Refused;
+                }
+            }
+            history.append(frame, now_ms);
+            Numbered::Delivered
+        }) else {
+            return Numbered::Invalid;
+        };
+        if outcome == Numbered::Delivered {
+            self.history.enforce_budget();
+        }
+        outcome
     }
 
     pub(crate) fn broker(&self) -> Option<&Arc<dyn Broker>> {
@@ -478,6 +588,46 @@ impl LocalNode for Shared {
             .into_iter()
             .map(|c| c.name)
             .collect()
+    }
+
+    fn history_policy(&self, channel: &str) -> Option<crate::history::HistoryPolicy> {
+        self.history.policy_for(channel)
+    }
+
+    fn history_position(&self, channel: &str) -> Option<(Arc<str>, u64)> {
+        let lock = self.history.existing(channel)?;
+        let history = lock.lock();
+        (!history.is_removed()).then(|| (Arc::clone(history.epoch()), history.latest()))
+    }
+
+    fn reset_history(&self, channel: &str, epoch: &str, latest: u64) {
+        self.history
+            .with_channel(channel, self.now_ms(), |history| {
+                if **history.epoch() == *epoch && history.latest() == latest {
+                    return;
+                }
+                history.reset(epoch.into(), latest);
+                // Under the channel's lock, so that the shards see it between the publications
+                // before and after. Whatever the backlog: it is small and must not be lost.
+                if let Some(entry) = self.channels.get(channel) {
+                    let mut rest = entry.shard_mask();
+                    while rest != 0 {
+                        let index = rest.trailing_zeros() as usize;
+                        rest &= rest - 1;
+                        let _ = self.inboxes.enqueue(
+                            index,
+                            Command::HistoryReset {
+                                channel: Arc::clone(&entry),
+                                latest,
+                            },
+                        );
+                    }
+                }
+            });
+    }
+
+    fn deliver_numbered(&self, channel: &str, json: &[u8]) -> Numbered {
+        Shared::deliver_numbered(self, channel, json)
     }
 }
 
@@ -802,10 +952,20 @@ impl Hub {
     /// messages, whatever the number of publishers: publishers to a channel with history take
     /// turns while the message is numbered and handed to the shards.
     ///
+    /// # With Redis history
+    ///
+    /// With a broker that numbers history channels' publications in Redis
+    /// ([`RedisBroker`](crate::RedisBroker), cargo feature `redis`), the offset is given by
+    /// Redis, later, and this method does not wait for it: it queues the message for Redis
+    /// and returns `Ok(None)`. Call [`publish_async`](Hub::publish_async) to learn the
+    /// position. The message reaches this node's subscribers too only once Redis has
+    /// numbered it (one order on every node).
+    ///
     /// # Errors
     ///
     /// As [`send_to_channel`](Hub::send_to_channel): a refused message got no offset, and
-    /// the history has no gap.
+    /// the history has no gap. With Redis history, [`Error::is_unavailable`] when Redis is
+    /// unreachable or the queue to it is full: nothing was published.
     pub fn publish(&self, channel: &str, message: &Message) -> Result<Option<StreamPosition>> {
         self.inner.shared.publish_with(channel, |position| {
             let envelope = Envelope::of(message, Some(channel));
@@ -817,14 +977,41 @@ impl Hub {
     /// [`send_to_channel_async`](Hub::send_to_channel_async) does instead of returning the
     /// overload error.
     ///
+    /// With Redis history (see [`publish`](Hub::publish), "With Redis history"), it resolves
+    /// when Redis has numbered, stored and published the message, with its position.
+    ///
     /// # Errors
     ///
-    /// As [`send_to_channel_async`](Hub::send_to_channel_async).
+    /// As [`send_to_channel_async`](Hub::send_to_channel_async). With Redis history,
+    /// [`Error::is_unavailable`]: Redis was unreachable, the queue to it full, or the
+    /// connection was lost before Redis answered (then the message may have been published).
     pub async fn publish_async(
         &self,
         channel: &str,
         message: &Message,
     ) -> Result<Option<StreamPosition>> {
+        let shared = &self.inner.shared;
+        if let Some((broker, policy)) = shared.numbering_broker(channel) {
+            shared.check_running()?;
+            // The broker's tasks run on the runtime the hub starts on.
+            self.ensure_started();
+            let (reply, answer) = oneshot::channel();
+            shared.publish_through_broker(
+                channel,
+                &|position| {
+                    let envelope = Envelope::of(message, Some(channel));
+                    protocol::encode_frame_at(&envelope, SystemTime::now(), position)
+                        .map_err(Error::encode)
+                },
+                broker,
+                &policy,
+                Some(reply),
+            )?;
+            return match answer.await {
+                Ok(numbered) => numbered.map(Some),
+                Err(_) => Err(Error::closed()),
+            };
+        }
         let mut position = None;
         self.when_room(|| {
             position = self.publish(channel, message)?;
@@ -838,6 +1025,10 @@ impl Hub {
     /// with the channel's epoch and latest offset; `None` when the channel has no history.
     /// Each publication is the JSON text its subscribers received. `recovered` says whether
     /// the history still holds every offset after `since` (as a subscribe `since` would).
+    ///
+    /// With Redis history (see [`publish`](Hub::publish)), this is this node's copy: what it
+    /// has read from Redis and delivered, which lags Redis by the time a publication takes to
+    /// come back, and holds nothing of a channel this node has never had a subscriber to.
     pub fn history(&self, channel: &str, since: u64, limit: usize) -> Option<HistoryPage> {
         let shared = &self.inner.shared;
         let now_ms = shared.now_ms();

@@ -88,7 +88,7 @@ pub use auth::{
 };
 #[cfg(feature = "redis")]
 pub use broker::redis::{RedisBroker, RedisConfig};
-pub use broker::{Broker, BrokerStats, Inbound, Target};
+pub use broker::{Broker, BrokerStats, HistoryReady, Inbound, PositionReply, Target};
 pub use client::{ChannelSnapshot, ClientId, ClientInfo, ClientSnapshot};
 pub use config::{
     ChannelPolicyFn, HubConfig, HubConfigBuilder, PublishPolicy, RateLimit, SlowConsumerPolicy,

@@ -58,8 +58,12 @@ const READ_CHUNK: usize = 16 * 1024;
 /// What the scenario is asked to do.
 #[derive(Debug, Clone)]
 pub(crate) struct RecoverOptions {
-    /// The hub.
+    /// The hub: the publisher's node.
     pub(crate) target: Target,
+    /// Every node (the first is `target`): with two, a subscriber's connections alternate
+    /// between them, so that each resume is answered by the other node than the one it
+    /// left (its history across nodes lives in Redis).
+    pub(crate) nodes: Vec<Target>,
     /// The history channel.
     pub(crate) channel: String,
     /// Subscribers that drop and resume.
@@ -620,7 +624,8 @@ async fn subscriber(
         if Instant::now() >= shared.deadline() {
             break;
         }
-        let c = match conn::connect(&opts.target, copts, CONNECT_TIMEOUT).await {
+        let node = &opts.nodes[(i + attempt as usize) % opts.nodes.len()];
+        let c = match conn::connect(node, copts, CONNECT_TIMEOUT).await {
             Ok(c) => c,
             Err(e) => {
                 sub.error(e.kind());

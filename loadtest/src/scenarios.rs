@@ -220,6 +220,7 @@ pub(crate) fn run(args: &Args, server: &Server, sources: u8) -> Result<Output, S
                 .ok_or("recover needs a hub to connect to")?;
             let opts = crate::recover::RecoverOptions {
                 target,
+                nodes: server.targets.clone(),
                 channel: args.channel.clone(),
                 subscribers: args.subscribers.unwrap_or(200),
                 rate: args.recover_rate(),

@@ -297,6 +297,34 @@ fn recover_loses_nothing() {
     assert!(u(&s["received"]) >= 6 * (u(&s["last_offset"]) - u(&s["first_offset"])));
 }
 
+/// Recover across two embedded nodes joined by Redis (whose history they share): every
+/// resume is answered by the other node than the one the subscriber left, and nothing is
+/// lost, duplicated or out of order.
+#[test]
+fn recover_across_two_nodes_loses_nothing() {
+    let v = run_json(&[
+        "recover",
+        "--nodes",
+        "2",
+        "-n",
+        "6",
+        "-d",
+        "1.5",
+        "--drop-every",
+        "150ms",
+        "--rate",
+        "500",
+    ]);
+    let s = &v["summary"];
+    assert!(u(&s["published"]) > 0, "nothing published: {s}");
+    assert_eq!(u(&s["lost"]), 0, "{s}");
+    assert_eq!(u(&s["duplicated"]), 0, "{s}");
+    assert_eq!(u(&s["out_of_order"]), 0, "{s}");
+    assert_eq!(u(&s["not_recovered"]), 0, "{s}");
+    assert_eq!(u(&s["complete_subscribers"]), 6, "{s}");
+    assert!(u(&s["reconnects"]) > 0, "no reconnects: {s}");
+}
+
 /// Recover with a history too short for the drops: the resumes are answered
 /// `recovered: false`, the offsets they miss are counted lost, and the exit status says so.
 #[test]
@@ -663,7 +691,6 @@ fn bad_arguments_exit_without_panic() {
             "100000",
         ],
         &["--hub-slow-consumer", "sometimes"],
-        &["--nodes", "2", "recover"],
         &["--drop-every", "0ms", "recover"],
         &["--target", "ws://127.0.0.1:1/ws", "--history"],
         &[

@@ -6,6 +6,12 @@
 //! first subscriber to a channel and loses its last, so that it listens only to channels that
 //! have local subscribers. Messages from other nodes come back in through [`Inbound`].
 //!
+//! Channels with history are the exception when the broker numbers their publications
+//! ([`Broker::numbers_history`]; the Redis broker does): a publication to one goes to the
+//! broker only, and every node, the publisher's own included, delivers it when it comes back
+//! with its offset, in offset order, so that every node sends the same offsets in the same
+//! order and a client recovers on whichever node it reaches.
+//!
 //! The Redis backend ([`RedisBroker`](crate::RedisBroker), cargo feature `redis`) speaks
 //! go-ws's own bridge format, so Go and Rust nodes can serve one cluster.
 
@@ -14,10 +20,22 @@ use std::sync::Weak;
 
 use bytes::Bytes;
 
+use crate::error::{Error, Result};
+use crate::history::{HistoryPolicy, StreamPosition};
 use crate::wire::protocol;
 
 #[cfg(feature = "redis")]
 pub(crate) mod redis;
+#[cfg(feature = "redis")]
+mod redis_history;
+
+/// What [`Broker::prepare_history`] returns while the node is not in step with the store.
+pub type HistoryReady = std::pin::Pin<Box<dyn std::future::Future<Output = bool> + Send>>;
+
+/// Where a broker that numbers a history channel's publications
+/// ([`Broker::publish_numbered`]) tells the publisher the position it gave, or why it gave
+/// none.
+pub type PositionReply = tokio::sync::oneshot::Sender<Result<StreamPosition>>;
 
 /// Where a message goes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -68,6 +86,49 @@ pub trait Broker: Send + Sync + 'static {
     /// a channel, check [`Inbound::has_subscribers`].
     fn channel_inactive(&self, channel: &str);
 
+    /// Whether this broker numbers the publications of channels with history itself, in a
+    /// store every node shares (the Redis broker does). Then the hub hands such a publication
+    /// to [`publish_numbered`](Self::publish_numbered) instead of numbering and delivering it
+    /// locally, and delivers it when it comes back, numbered, like every other node. Default
+    /// `false`: the hub numbers locally and sends other nodes the message without a position.
+    fn numbers_history(&self) -> bool {
+        false
+    }
+
+    /// Numbers and publishes `message` (the envelope's JSON, without a position) to
+    /// `channel`, whose history keeps `policy`; the position goes to `reply` when there is
+    /// one. Called only when [`numbers_history`](Self::numbers_history) is true.
+    ///
+    /// # Errors
+    ///
+    /// The message cannot be queued now (the store is unreachable, the queue is full):
+    /// [`Error::is_unavailable`]. Nothing was published then.
+    fn publish_numbered(
+        &self,
+        channel: &str,
+        message: Bytes,
+        policy: &HistoryPolicy,
+        reply: Option<PositionReply>,
+    ) -> Result<()> {
+        let _ = (channel, message, policy, reply);
+        Err(Error::unavailable(
+            "this broker does not number publications",
+        ))
+    }
+
+    /// For a channel whose publications this broker numbers: `None` when this node is in
+    /// step with the shared store for `channel` now (its local history holds what the store
+    /// holds, and it receives what comes next), so a subscribe can be answered from the
+    /// local history; otherwise a future that resolves to `true` once it is, or to `false`
+    /// when the broker's bounded wait ran out first (the store is unreachable). `behind`:
+    /// the client has seen an offset this node's history has not reached yet (another node
+    /// delivered it first), so the node must read the store again even if it is in step.
+    /// Default: `None`.
+    fn prepare_history(&self, channel: &str, behind: bool) -> Option<HistoryReady> {
+        let _ = (channel, behind);
+        None
+    }
+
     /// The broker's counters.
     fn stats(&self) -> BrokerStats;
 
@@ -87,6 +148,37 @@ pub(crate) trait LocalNode: Send + Sync {
     fn has_subscribers(&self, channel: &str) -> bool;
     /// Every channel this node has subscribers to now.
     fn active_channels(&self) -> Vec<String>;
+    /// The history policy of `channel`, if the configuration gives it one.
+    fn history_policy(&self, channel: &str) -> Option<HistoryPolicy>;
+    /// The epoch and latest offset of `channel`'s local history, if it has one now.
+    fn history_position(&self, channel: &str) -> Option<(std::sync::Arc<str>, u64)>;
+    /// Makes `channel`'s local history start over at `epoch`, after offset `latest`.
+    fn reset_history(&self, channel: &str, epoch: &str, latest: u64);
+    /// Delivers a publication that the broker numbered (`json` carries its offset and epoch)
+    /// to the local subscribers of history channel `channel`, and keeps it, if it is the next
+    /// one of the local history.
+    fn deliver_numbered(&self, channel: &str, json: &[u8]) -> Numbered;
+}
+
+/// What became of a numbered publication handed to [`Inbound::deliver_numbered`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Numbered {
+    /// Delivered and kept: it was the next offset.
+    Delivered,
+    /// At or below the local history's latest offset, in its epoch: already delivered.
+    Duplicate,
+    /// At or below the local history's latest offset, in its epoch, but not what was
+    /// delivered at that offset: the store's counter went back (it came back older).
+    Conflict,
+    /// Offsets between the local latest (`after`) and it are missing: read them first.
+    Gap { after: u64 },
+    /// Of another epoch than the local history's: catch up from the store.
+    OtherEpoch,
+    /// A shard with subscribers was over its backlog: nothing delivered, try again.
+    Refused,
+    /// Not a message with an offset and epoch, the channel has no history, or the hub is
+    /// gone.
+    Invalid,
 }
 
 /// Delivers messages from other nodes to this hub's clients: the broker's way in.
@@ -130,6 +222,31 @@ impl Inbound {
         match channel {
             Some(channel) => node.fan_out_to_channel(channel, frame),
             None => node.fan_out_to_all(frame),
+        }
+    }
+
+    /// See [`LocalNode::deliver_numbered`].
+    pub(crate) fn deliver_numbered(&self, channel: &str, json: &[u8]) -> Numbered {
+        match self.node.upgrade() {
+            Some(node) => node.deliver_numbered(channel, json),
+            None => Numbered::Invalid,
+        }
+    }
+
+    /// See [`LocalNode::history_policy`].
+    pub(crate) fn history_policy(&self, channel: &str) -> Option<HistoryPolicy> {
+        self.node.upgrade()?.history_policy(channel)
+    }
+
+    /// See [`LocalNode::history_position`].
+    pub(crate) fn history_position(&self, channel: &str) -> Option<(std::sync::Arc<str>, u64)> {
+        self.node.upgrade()?.history_position(channel)
+    }
+
+    /// See [`LocalNode::reset_history`].
+    pub(crate) fn reset_history(&self, channel: &str, epoch: &str, latest: u64) {
+        if let Some(node) = self.node.upgrade() {
+            node.reset_history(channel, epoch, latest);
         }
     }
 

@@ -36,11 +36,13 @@ use redis::aio::{MultiplexedConnection, PubSubSink};
 use redis::{AsyncConnectionConfig, RedisWrite, ToRedisArgs};
 use serde::Deserialize;
 use serde_json::value::RawValue;
-use tokio::sync::{mpsc, watch, Notify};
+use tokio::sync::{mpsc, oneshot, watch, Notify};
 use tokio::time::{timeout, Instant};
 
-use super::{Broker, BrokerStats, Inbound, Target};
+use super::redis_history::{self, HistoryKeys, PUBLISH_SCRIPT};
+use super::{Broker, BrokerStats, HistoryReady, Inbound, Numbered, PositionReply, Target};
 use crate::error::{Error, Result};
+use crate::history::{EpochSource, HistoryPolicy, StreamPosition};
 
 /// Most messages sent in one pipeline.
 const MAX_PIPELINE: usize = 1024;
@@ -81,6 +83,7 @@ pub struct RedisConfig {
     unsubscribe_delay: Duration,
     backoff_min: Duration,
     backoff_max: Duration,
+    history_wait: Duration,
 }
 
 impl fmt::Debug for RedisConfig {
@@ -104,6 +107,7 @@ impl fmt::Debug for RedisConfig {
             .field("unsubscribe_delay", &self.unsubscribe_delay)
             .field("backoff_min", &self.backoff_min)
             .field("backoff_max", &self.backoff_max)
+            .field("history_wait", &self.history_wait)
             .finish()
     }
 }
@@ -123,7 +127,17 @@ impl RedisConfig {
             unsubscribe_delay: Duration::from_secs(1),
             backoff_min: Duration::from_millis(100),
             backoff_max: Duration::from_secs(1),
+            history_wait: Duration::from_secs(5),
         }
+    }
+
+    /// How long a client's subscribe to a channel whose history lives in Redis may wait for
+    /// this node to read that history (it needs Redis for it): past it, a subscribe with
+    /// `since` is answered with the error `history unavailable` and no subscription, and a
+    /// plain one is made from what this node holds. Default 5 s.
+    pub fn history_wait(mut self, wait: Duration) -> Self {
+        self.history_wait = wait;
+        self
     }
 
     /// The prefix of the Redis channels: `PREFIX:broadcast` and `PREFIX:channel:NAME`.
@@ -196,6 +210,19 @@ fn random_node_id() -> String {
 /// order for the messages of one publishing node; local delivery never waits for Redis. See
 /// the [module docs](crate::Broker) for what the hub does with a broker.
 ///
+/// # History channels
+///
+/// On channels the hub gives a history, Redis numbers the publications: one Lua script
+/// stores each in a Redis stream (`PREFIX:history:NAME`, trimmed to the channel's count,
+/// expiring with its age) and publishes it with its `offset` and `epoch`, atomically. Every
+/// node delivers them from Redis in offset order, the publishing node too (local delivery
+/// waits for Redis there: one order everywhere), reads what it missed from the stream after
+/// a gap or a reconnect, and answers a subscribe with `since` once it has read the channel's
+/// history (within [`RedisConfig::history_wait`], else `history unavailable`). While Redis is
+/// away, a publish to a history channel fails ([`Error::is_unavailable`]); it is never
+/// delivered without an offset. go-ws nodes' messages on such a channel are delivered live,
+/// without an offset, and not kept.
+///
 /// ```no_run
 /// # fn main() -> wshub::Result<()> {
 /// let broker = wshub::RedisBroker::new(wshub::RedisConfig::new("redis://127.0.0.1:6379/"))?;
@@ -224,6 +251,25 @@ struct Outgoing {
     /// The channel's name; `None` for a broadcast.
     channel: Option<Box<str>>,
     message: Bytes,
+    /// Set for a publication to a history channel, which Redis numbers
+    /// (`redis_history.rs`).
+    numbered: Option<Box<ToNumber>>,
+}
+
+/// What the publish script needs beside the message, and who waits for its answer.
+struct ToNumber {
+    max_publications: usize,
+    max_age_ms: u64,
+    reply: Option<PositionReply>,
+}
+
+impl Outgoing {
+    /// Tells whoever waits for this message's position that it got none.
+    fn fail(self, why: &str) {
+        if let Some(reply) = self.numbered.and_then(|n| n.reply) {
+            let _ = reply.send(Err(Error::unavailable(why)));
+        }
+    }
 }
 
 /// The publishing connection's state, as `publish` sees it.
@@ -241,11 +287,22 @@ struct State {
     channel_key_prefix: String,
     /// `{"sourceId":"ID","message":` — a payload is this, the message, and `}`.
     payload_head: Vec<u8>,
+    /// `redis_history::PUBLISH_SCRIPT`, loaded on every publishing connection.
+    publish_script: redis::Script,
+    /// Epochs for channels that have none in Redis yet (the script keeps the first one set).
+    epochs: EpochSource,
     queue_bytes_limit: usize,
     unsubscribe_delay: Duration,
     backoff_min: Duration,
     backoff_max: Duration,
 
+    history_wait: Duration,
+    /// History channels this node is in step with Redis for: subscribed on the current
+    /// pub/sub connection and caught up since. A subscribe to one goes straight to its shard.
+    synced: Mutex<HashSet<Box<str>, ahash::RandomState>>,
+    /// History channels that subscribes wait for (`Broker::prepare_history`), and their
+    /// waiters: the subscriber subscribes and catches them up.
+    preparing: Mutex<HashMap<Box<str>, Vec<oneshot::Sender<()>>, ahash::RandomState>>,
     /// Channel changes not yet seen by the subscriber: name → active now.
     pending: Mutex<HashMap<Box<str>, bool, ahash::RandomState>>,
     changed: Notify,
@@ -265,6 +322,17 @@ struct State {
 }
 
 impl State {
+    fn synced(&self) -> MutexGuard<'_, HashSet<Box<str>, ahash::RandomState>> {
+        self.synced.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    #[allow(clippy::type_complexity)]
+    fn preparing(
+        &self,
+    ) -> MutexGuard<'_, HashMap<Box<str>, Vec<oneshot::Sender<()>>, ahash::RandomState>> {
+        self.preparing.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     fn pending(&self) -> MutexGuard<'_, HashMap<Box<str>, bool, ahash::RandomState>> {
         self.pending.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -335,12 +403,17 @@ impl RedisBroker {
             broadcast_key: format!("{}:broadcast", config.prefix),
             channel_key_prefix: format!("{}:channel:", config.prefix),
             payload_head,
+            publish_script: redis::Script::new(PUBLISH_SCRIPT),
+            epochs: EpochSource::new(),
             node_id: config.node_id,
             prefix: config.prefix,
             queue_bytes_limit: config.queue_bytes,
             unsubscribe_delay: config.unsubscribe_delay,
             backoff_min: config.backoff_min,
             backoff_max: config.backoff_max,
+            history_wait: config.history_wait,
+            synced: Mutex::default(),
+            preparing: Mutex::default(),
             pending: Mutex::default(),
             changed: Notify::new(),
             stop: watch::channel(false).0,
@@ -407,10 +480,87 @@ impl Broker for RedisBroker {
             Target::Channel(channel) => Some(channel.into()),
             Target::Broadcast => None,
         };
-        if self.queue.try_send(Outgoing { channel, message }).is_err() {
+        if self
+            .queue
+            .try_send(Outgoing {
+                channel,
+                message,
+                numbered: None,
+            })
+            .is_err()
+        {
             state.queued_bytes.fetch_sub(len, Ordering::AcqRel);
             state.dropped(1);
         }
+    }
+
+    fn numbers_history(&self) -> bool {
+        true
+    }
+
+    fn publish_numbered(
+        &self,
+        channel: &str,
+        message: Bytes,
+        policy: &HistoryPolicy,
+        reply: Option<PositionReply>,
+    ) -> Result<()> {
+        let state = &self.state;
+        if state.publisher.load(Ordering::Acquire) == PUB_DOWN || state.is_stopped() {
+            state.dropped(1);
+            return Err(Error::unavailable("redis is unreachable"));
+        }
+        if !message.ends_with(b"}") {
+            return Err(Error::invalid_argument("a message is a JSON object"));
+        }
+        let len = message.len();
+        if state.queued_bytes.fetch_add(len, Ordering::AcqRel) + len > state.queue_bytes_limit {
+            state.queued_bytes.fetch_sub(len, Ordering::AcqRel);
+            state.dropped(1);
+            return Err(Error::unavailable("the queue to redis is full"));
+        }
+        let out = Outgoing {
+            channel: Some(channel.into()),
+            message,
+            numbered: Some(Box::new(ToNumber {
+                max_publications: policy.max_publications(),
+                max_age_ms: (policy.max_age().as_millis() as u64).max(1),
+                reply,
+            })),
+        };
+        if let Err(err) = self.queue.try_send(out) {
+            let out = match err {
+                mpsc::error::TrySendError::Full(out) | mpsc::error::TrySendError::Closed(out) => {
+                    out
+                }
+            };
+            state.queued_bytes.fetch_sub(len, Ordering::AcqRel);
+            state.dropped(1);
+            // The caller gets the error itself: no reply is waited for.
+            drop(out);
+            return Err(Error::unavailable("the queue to redis is full"));
+        }
+        Ok(())
+    }
+
+    fn prepare_history(&self, channel: &str, behind: bool) -> Option<HistoryReady> {
+        let state = &self.state;
+        if !behind && state.synced().contains(channel) {
+            return None;
+        }
+        let (ready, answer) = oneshot::channel();
+        {
+            let mut preparing = state.preparing();
+            let waiters = preparing.entry(channel.into()).or_default();
+            // Waiters that gave up (Redis away longer than the wait) leave no trace.
+            waiters.retain(|waiter| !waiter.is_closed());
+            waiters.push(ready);
+        }
+        state.changed.notify_one();
+        let wait = state.history_wait;
+        Some(Box::pin(async move {
+            matches!(timeout(wait, answer).await, Ok(Ok(())))
+        }))
     }
 
     fn channel_active(&self, channel: &str) {
@@ -532,6 +682,7 @@ fn drain_dropped(state: &State, queue: &mut mpsc::Receiver<Outgoing>) {
             .queued_bytes
             .fetch_sub(out.message.len(), Ordering::AcqRel);
         state.dropped(1);
+        out.fail("redis is unreachable");
     }
 }
 
@@ -575,6 +726,19 @@ async fn run_publisher(state: Arc<State>, mut queue: mpsc::Receiver<Outgoing>) {
                 break 'connect;
             }
         };
+        // The publish script of history channels, by its hash from now on (a restarted
+        // Redis has forgotten it; every new connection loads it again).
+        let invocation = state.publish_script.prepare_invoke();
+        let loaded = tokio::select! {
+            () = &mut stopped => break 'connect,
+            loaded = invocation.load_async(&mut connection) => loaded,
+        };
+        if let Err(err) = loaded {
+            if lost(&state, &mut queue, &mut backoff, &err).await {
+                continue 'connect;
+            }
+            break 'connect;
+        }
         if ever_connected {
             state.reconnects.fetch_add(1, Ordering::Relaxed);
             tracing::info!("redis broker: publishing connection restored");
@@ -613,36 +777,89 @@ async fn run_publisher(state: Arc<State>, mut queue: mpsc::Receiver<Outgoing>) {
                 break 'connect;
             }
             let mut pipeline = redis::Pipeline::with_capacity(batch.len());
+            // A script that fails (Redis out of memory, say) fails its own publication only.
+            pipeline.ignore_errors();
             let mut bytes = 0;
+            let now_ms = redis_history::now_unix_ms();
             for out in &batch {
                 bytes += out.message.len();
-                let command = pipeline.cmd("PUBLISH");
-                match &out.channel {
-                    Some(channel) => command.arg(state.channel_key(channel)),
-                    None => command.arg(state.broadcast_key.as_str()),
-                };
-                command
-                    .arg(Payload {
-                        head: &state.payload_head,
-                        message: &out.message,
-                    })
-                    .ignore();
+                match (&out.numbered, &out.channel) {
+                    (Some(numbered), Some(channel)) => {
+                        let keys = HistoryKeys::new(&state.prefix, channel);
+                        pipeline
+                            .cmd("EVALSHA")
+                            .arg(state.publish_script.get_hash())
+                            .arg(3)
+                            .arg(keys.meta)
+                            .arg(keys.stream)
+                            .arg(state.channel_key(channel))
+                            .arg(out.message.as_ref())
+                            .arg(state.payload_head.as_slice())
+                            .arg(numbered.max_publications)
+                            .arg(numbered.max_age_ms)
+                            .arg(&*state.epochs.next())
+                            .arg(now_ms);
+                    }
+                    _ => {
+                        let command = pipeline.cmd("PUBLISH");
+                        match &out.channel {
+                            Some(channel) => command.arg(state.channel_key(channel)),
+                            None => command.arg(state.broadcast_key.as_str()),
+                        };
+                        command
+                            .arg(Payload {
+                                head: &state.payload_head,
+                                message: &out.message,
+                            })
+                            .ignore();
+                    }
+                }
             }
             state.queued_bytes.fetch_sub(bytes, Ordering::AcqRel);
             let result = tokio::select! {
                 () = &mut stopped => {
                     state.dropped(batch.len() as u64);
+                    for out in batch.drain(..) {
+                        out.fail("the hub shut down before redis answered");
+                    }
                     break 'connect;
                 }
-                result = pipeline.exec_async(&mut connection) => result,
+                result = pipeline
+                    .query_async::<Vec<redis::RedisResult<(u64, String)>>>(&mut connection) => result,
             };
             match result {
-                Ok(()) => {
+                Ok(answers) => {
                     state.sent.fetch_add(batch.len() as u64, Ordering::Relaxed);
+                    let mut answers = answers.into_iter();
+                    for out in batch.drain(..) {
+                        let Some(numbered) = out.numbered else {
+                            continue;
+                        };
+                        let answer = answers.next();
+                        let position = match answer {
+                            Some(Ok((offset, epoch))) => Ok(StreamPosition {
+                                offset,
+                                epoch: epoch.into(),
+                            }),
+                            Some(Err(err)) => {
+                                tracing::warn!(error = %err, "redis broker: a history publish failed");
+                                Err(Error::unavailable(format!(
+                                    "redis refused the publish: {err}"
+                                )))
+                            }
+                            None => Err(Error::unavailable("redis gave no answer")),
+                        };
+                        if let Some(reply) = numbered.reply {
+                            let _ = reply.send(position);
+                        }
+                    }
                 }
                 Err(err) => {
                     // Some may have reached Redis; at most once: count them all as dropped.
                     state.dropped(batch.len() as u64);
+                    for out in batch.drain(..) {
+                        out.fail("the connection to redis was lost before it answered (the message may have been published)");
+                    }
                     if lost(&state, &mut queue, &mut backoff, &err).await {
                         continue 'connect;
                     }
@@ -667,6 +884,13 @@ struct Wire<'a> {
     source_id: Option<Cow<'a, str>>,
     #[serde(borrow)]
     message: &'a RawValue,
+}
+
+/// The epoch of a numbered message.
+#[derive(Deserialize)]
+struct EpochOnly<'a> {
+    #[serde(borrow)]
+    epoch: Cow<'a, str>,
 }
 
 /// Why a pub/sub session ended.
@@ -700,6 +924,7 @@ async fn run_subscriber(state: Arc<State>, inbound: Inbound) {
                 match session(&state, &inbound, sink, stream, &mut ever_connected).await {
                     Ended::Stopped => break,
                     Ended::Lost(why) => {
+                        state.synced().clear();
                         if state.subscriber_up.swap(false, Ordering::AcqRel) {
                             backoff.reset();
                             was_up = true;
@@ -760,6 +985,7 @@ async fn session(
 ) -> Ended {
     // Changes noted before now are in the snapshot; later ones are applied on top of it.
     state.pending().clear();
+    state.synced().clear();
     let mut subs = Subscriptions {
         subscribed: inbound
             .active_channels()
@@ -786,6 +1012,19 @@ async fn session(
             "redis broker: subscription connection restored"
         );
     }
+    // Reads history channels' streams (catching up), connected when first needed: after
+    // the subscription, so that nothing published from then on is missed.
+    let mut reader = None;
+    for channel in &subs.subscribed {
+        if let Err(why) = catch_up(state, inbound, &mut reader, channel).await {
+            return Ended::Lost(why);
+        }
+    }
+    state.synced().extend(subs.subscribed.iter().cloned());
+    // Subscribes that waited while the connection was down.
+    if let Err(why) = prepare_waiting(state, inbound, &mut sink, &mut subs, &mut reader).await {
+        return Ended::Lost(why);
+    }
     *ever_connected = true;
     state.subscriber_up.store(true, Ordering::Release);
     state
@@ -805,7 +1044,20 @@ async fn session(
             biased;
             () = &mut stopped => return Ended::Stopped,
             () = state.changed.notified() => {
-                if let Err(why) = apply_changes(state, inbound, &mut sink, &mut subs).await {
+                match apply_changes(state, inbound, &mut sink, &mut subs).await {
+                    Ok(new) => {
+                        for channel in &new {
+                            if let Err(why) = catch_up(state, inbound, &mut reader, channel).await {
+                                return Ended::Lost(why);
+                            }
+                            state.synced().insert(channel.clone());
+                        }
+                    }
+                    Err(why) => return Ended::Lost(why),
+                }
+                if let Err(why) =
+                    prepare_waiting(state, inbound, &mut sink, &mut subs, &mut reader).await
+                {
                     return Ended::Lost(why);
                 }
             }
@@ -825,11 +1077,17 @@ async fn session(
                 let Some(message) = message else {
                     return Ended::Lost("the connection was closed".to_owned());
                 };
-                receive(state, inbound, &message);
+                if let Err(why) = receive(state, inbound, &mut reader, &message).await {
+                    return Ended::Lost(why);
+                }
                 // And what else has arrived, without going round the loop for each.
                 for _ in 0..RECEIVE_BURST {
                     match stream.next().now_or_never() {
-                        Some(Some(message)) => receive(state, inbound, &message),
+                        Some(Some(message)) => {
+                            if let Err(why) = receive(state, inbound, &mut reader, &message).await {
+                                return Ended::Lost(why);
+                            }
+                        }
                         Some(None) => return Ended::Lost("the connection was closed".to_owned()),
                         None => break,
                     }
@@ -861,15 +1119,17 @@ async fn apply_changes(
     inbound: &Inbound,
     sink: &mut PubSubSink,
     subs: &mut Subscriptions,
-) -> std::result::Result<(), String> {
+) -> std::result::Result<Vec<Box<str>>, String> {
     let changes = std::mem::take(&mut *state.pending());
     let now = Instant::now();
     let mut new = Vec::new();
+    let mut added = Vec::new();
     for (channel, active) in changes {
         if active && inbound.has_subscribers(&channel) {
             subs.leaving.remove(&channel);
             if !subs.subscribed.contains(&channel) {
                 new.push(key_bytes(state, &channel));
+                added.push(channel.clone());
                 subs.subscribed.insert(channel);
             }
         } else if subs.subscribed.contains(&channel) {
@@ -882,7 +1142,7 @@ async fn apply_changes(
             .channels
             .store(subs.subscribed.len(), Ordering::Relaxed);
     }
-    Ok(())
+    Ok(added)
 }
 
 /// Unsubscribes the channels whose delay has passed and that still have no local subscriber.
@@ -907,8 +1167,12 @@ async fn sweep_leaving(
         return Ok(());
     }
     let keys: Vec<Vec<u8>> = gone.iter().map(|c| key_bytes(state, c)).collect();
-    for channel in &gone {
-        subs.subscribed.remove(channel);
+    {
+        let mut synced = state.synced();
+        for channel in &gone {
+            subs.subscribed.remove(channel);
+            synced.remove(channel);
+        }
     }
     state
         .channels
@@ -916,8 +1180,111 @@ async fn sweep_leaving(
     change_subscriptions(sink, false, &keys).await
 }
 
+/// Subscribes (if need be) and catches up the history channels that subscribes wait for,
+/// then lets them go on. A channel prepared for a subscribe that never reaches its shard is
+/// left after the unsubscribe delay, like one whose last subscriber left.
+async fn prepare_waiting(
+    state: &State,
+    inbound: &Inbound,
+    sink: &mut PubSubSink,
+    subs: &mut Subscriptions,
+    reader: &mut Option<MultiplexedConnection>,
+) -> std::result::Result<(), String> {
+    let waiting = std::mem::take(&mut *state.preparing());
+    if waiting.is_empty() {
+        return Ok(());
+    }
+    let leave_at = Instant::now() + state.unsubscribe_delay;
+    let mut keys = Vec::new();
+    for channel in waiting.keys() {
+        if !subs.subscribed.contains(channel) {
+            keys.push(key_bytes(state, channel));
+            subs.subscribed.insert(channel.clone());
+            subs.leaving.insert(channel.clone(), leave_at);
+        }
+    }
+    let result = async {
+        if !keys.is_empty() {
+            change_subscriptions(sink, true, &keys).await?;
+            state
+                .channels
+                .store(subs.subscribed.len(), Ordering::Relaxed);
+        }
+        Ok::<_, String>(())
+    }
+    .await;
+    if let Err(why) = result {
+        // Still waiting: the next connection prepares them.
+        state.preparing().extend(waiting);
+        return Err(why);
+    }
+    let mut waiting = waiting.into_iter();
+    while let Some((channel, waiters)) = waiting.next() {
+        if let Err(why) = catch_up(state, inbound, reader, &channel).await {
+            let mut preparing = state.preparing();
+            preparing.entry(channel).or_default().extend(waiters);
+            for (channel, waiters) in waiting {
+                preparing.entry(channel).or_default().extend(waiters);
+            }
+            return Err(why);
+        }
+        state.synced().insert(channel);
+        for waiter in waiters {
+            let _ = waiter.send(());
+        }
+    }
+    Ok(())
+}
+
+/// A connection for reading history streams (the pub/sub connection cannot send other
+/// commands).
+async fn connect_reader(state: &State) -> std::result::Result<MultiplexedConnection, String> {
+    tokio::select! {
+        () = state.stopped() => Err("stopped".to_owned()),
+        connected = connect_publisher(state) => connected.map_err(|err| err.to_string()),
+    }
+}
+
+/// Brings `channel`'s local history up to Redis's if it is a history channel
+/// (`redis_history::catch_up`), connecting the reader if need be.
+async fn catch_up(
+    state: &State,
+    inbound: &Inbound,
+    reader: &mut Option<MultiplexedConnection>,
+    channel: &str,
+) -> std::result::Result<(), String> {
+    if inbound.history_policy(channel).is_none() {
+        return Ok(());
+    }
+    let connection = match reader {
+        Some(connection) => connection,
+        None => reader.insert(connect_reader(state).await?),
+    };
+    let caught = tokio::select! {
+        () = state.stopped() => return Err("stopped".to_owned()),
+        caught = redis_history::catch_up(connection, &state.prefix, &state.epochs, inbound, channel) => caught,
+    };
+    match caught {
+        Ok(delivered) => {
+            state.received.fetch_add(delivered, Ordering::Relaxed);
+            Ok(())
+        }
+        Err(err) => Err(format!("reading the history of {channel}: {err}")),
+    }
+}
+
 /// Hands one message from Redis to the local subscribers, unless it is this node's own.
-fn receive(state: &State, inbound: &Inbound, message: &redis::Msg) {
+///
+/// On a history channel, a numbered publication (this node's own too) is delivered in offset
+/// order: one after a gap, or of another epoch, waits while the node catches up from the
+/// stream. A message without a position there (from a go-ws node) is delivered live, not
+/// kept.
+async fn receive(
+    state: &State,
+    inbound: &Inbound,
+    reader: &mut Option<MultiplexedConnection>,
+    message: &redis::Msg,
+) -> std::result::Result<(), String> {
     let name = message.get_channel_name();
     let target = if name == state.broadcast_key {
         Target::Broadcast
@@ -925,20 +1292,64 @@ fn receive(state: &State, inbound: &Inbound, message: &redis::Msg) {
         Target::Channel(channel)
     } else {
         state.receive_dropped.fetch_add(1, Ordering::Relaxed);
-        return;
+        return Ok(());
     };
     let Ok(wire) = serde_json::from_slice::<Wire<'_>>(message.get_payload_bytes()) else {
         state.receive_dropped.fetch_add(1, Ordering::Relaxed);
-        return;
+        return Ok(());
     };
+    if let Target::Channel(channel) = target {
+        if inbound.history_policy(channel).is_some() {
+            let json = wire.message.get().as_bytes();
+            let mut outcome = redis_history::deliver(inbound, channel, json).await;
+            if matches!(outcome, Numbered::Gap { .. } | Numbered::OtherEpoch) {
+                catch_up(state, inbound, reader, channel).await?;
+                outcome = redis_history::deliver(inbound, channel, json).await;
+            }
+            match outcome {
+                Numbered::Delivered => {
+                    state.received.fetch_add(1, Ordering::Relaxed);
+                    return Ok(());
+                }
+                Numbered::Duplicate => return Ok(()),
+                Numbered::Conflict => {
+                    // Redis came back older: make the next publish start a new epoch.
+                    state.receive_dropped.fetch_add(1, Ordering::Relaxed);
+                    let epoch = serde_json::from_str::<EpochOnly<'_>>(wire.message.get())
+                        .map(|m| m.epoch.into_owned())
+                        .unwrap_or_default();
+                    let connection = match reader {
+                        Some(connection) => connection,
+                        None => reader.insert(connect_reader(state).await?),
+                    };
+                    tracing::warn!(
+                        channel,
+                        "redis history: the counter went back; starting a new epoch"
+                    );
+                    return redis_history::forget(connection, &state.prefix, channel, &epoch)
+                        .await
+                        .map_err(|err| err.to_string());
+                }
+                // Not numbered: a go-ws node's message, delivered live below.
+                Numbered::Invalid => {}
+                Numbered::Gap { .. } | Numbered::OtherEpoch | Numbered::Refused => {
+                    // Still out of order after catching up (Redis moved on meanwhile), or
+                    // the shards are full: the next arrival catches up again.
+                    state.receive_dropped.fetch_add(1, Ordering::Relaxed);
+                    return Ok(());
+                }
+            }
+        }
+    }
     if wire.source_id.as_deref() == Some(state.node_id.as_str()) {
-        return;
+        return Ok(());
     }
     if inbound.deliver(target, wire.message.get().as_bytes()) {
         state.received.fetch_add(1, Ordering::Relaxed);
     } else {
         state.receive_dropped.fetch_add(1, Ordering::Relaxed);
     }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -64,7 +64,7 @@ pub use policy::{HistoryPolicy, HistoryRules};
 pub(crate) use replay::Replay;
 pub(crate) use ring::{ChannelHistory, ChannelLock};
 
-use epoch::EpochSource;
+pub(crate) use epoch::EpochSource;
 use ledger::{Ledger, TrimCause};
 
 /// Where a publication is in its channel's history: what [`Hub::publish`] returns and a
@@ -166,6 +166,11 @@ impl HistoryStore {
     /// No channel has a history: the hub can skip every lookup.
     pub(crate) fn is_disabled(&self) -> bool {
         self.rules.is_empty()
+    }
+
+    /// The policy the rules give `channel`, if any.
+    pub(crate) fn policy_for(&self, channel: &str) -> Option<HistoryPolicy> {
+        self.rules.policy_for(channel)
     }
 
     fn bucket(&self, channel: &str) -> &Bucket {

@@ -173,6 +173,23 @@ impl ChannelHistory {
         offset
     }
 
+    /// Starts over at `epoch` with `latest` as the last offset, dropping what is retained:
+    /// the next [`append`](Self::append) gives `latest + 1`. For a history whose offsets
+    /// another store assigns (Redis): a new epoch there, or publications it no longer holds
+    /// (then the epoch is the same and `latest` skips them). Replays already pinned keep what
+    /// they hold.
+    pub(crate) fn reset(&mut self, epoch: Arc<str>, latest: u64) {
+        while self.first <= self.latest {
+            self.trim_front(TrimCause::Count);
+        }
+        // Trimming every retained entry let go of every block and emptied the tail.
+        debug_assert!(self.blocks.is_empty() && self.tail.is_empty());
+        self.epoch = epoch;
+        self.latest = latest;
+        self.first = latest + 1;
+        self.publish_retained_from();
+    }
+
     /// Pins the publications after `since` for a subscriber, as they stand now (after trimming
     /// those older than `max_age` at `now_ms`): later trims do not cut the replay. Counts as
     /// activity, so the history outlives its subscribers by `max_age`.
@@ -197,6 +214,14 @@ impl ChannelHistory {
             recovered: replay.recovered(),
             publications: replay.take(limit).collect(),
         }
+    }
+
+    /// The frame retained at `offset`, if it still is.
+    pub(crate) fn frame_at(&self, offset: u64) -> Option<Bytes> {
+        if offset < self.first || offset > self.latest {
+            return None;
+        }
+        self.replay_after(offset - 1).next().map(|(_, frame)| frame)
     }
 
     fn replay_after(&self, since: u64) -> Replay {

@@ -158,6 +158,22 @@ pub(crate) struct Responder<'a> {
     conn: &'a Arc<Conn>,
     /// The client's message budget, when a rate limit is configured.
     budget: Cell<Option<TokenBucket>>,
+    /// A subscribe waiting for this node to be in step with Redis's history of its channel
+    /// (see [`Deferred`]). Boxed: an idle connection pays one pointer for it.
+    deferred: Cell<Option<Box<Deferred>>>,
+}
+
+/// A subscribe to a channel whose history lives in Redis, held in the connection task until
+/// this node is in step with Redis for that channel (its local history then answers it), or
+/// the broker's bounded wait runs out. Meanwhile the connection decodes nothing more
+/// ([`Flow::Throttled`]), so the client's acknowledgements keep the order of its requests.
+pub(crate) struct Deferred {
+    subscribe: Command,
+    channel: Box<str>,
+    /// The subscribe has `since`: without Redis it gets `history unavailable` and no
+    /// subscription. A plain one is made all the same (live delivery resumes with Redis).
+    since: bool,
+    ready: crate::broker::HistoryReady,
 }
 
 /// A token bucket: `burst` messages at once, refilled at `per_second`.
@@ -196,7 +212,39 @@ impl<'a> Responder<'a> {
             shared,
             conn,
             budget: Cell::new(shared.config.rate_limit.map(|l| TokenBucket::full(l.burst))),
+            deferred: Cell::new(None),
         }
+    }
+
+    /// Whether a subscribe waits for Redis (see [`Deferred`]).
+    fn has_deferred(&self) -> bool {
+        let deferred = self.deferred.take();
+        let has = deferred.is_some();
+        self.deferred.set(deferred);
+        has
+    }
+
+    /// Waits for the deferred subscribe's channel to be ready, then sends it to the shard
+    /// (or, with `since` and Redis unreachable, answers `history unavailable`). `None` when
+    /// nothing waits; `Some(false)` when the connection's outbound side woke it first (the
+    /// subscribe still waits: look at the write state, then call again); `Some(true)` when
+    /// it is done and decoding may go on.
+    pub(crate) async fn wait_deferred(&mut self) -> Option<bool> {
+        let mut deferred = self.deferred.get_mut().take()?;
+        let ready = tokio::select! {
+            ready = &mut deferred.ready => Some(ready),
+            () = self.conn.wake.woken() => None,
+        };
+        let Some(ready) = ready else {
+            self.deferred.set(Some(deferred));
+            return Some(false);
+        };
+        if ready || !deferred.since {
+            self.to_shard(deferred.subscribe);
+        } else {
+            self.reply_error(ErrorReason::HistoryUnavailable, Some(&deferred.channel));
+        }
+        Some(true)
     }
 
     /// Feeds freshly read bytes; the flow after them.
@@ -233,7 +281,7 @@ impl<'a> Responder<'a> {
                     self.echo(text, payload);
                 } else {
                     self.handle_request(payload);
-                    if !self.shared.has_room(self.shard()) {
+                    if self.has_deferred() || !self.shared.has_room(self.shard()) {
                         // The rest of what was read waits, undecoded, in the reader.
                         *flow = Flow::Throttled;
                         return ControlFlow::Break(());
@@ -291,12 +339,23 @@ impl<'a> Responder<'a> {
                         return self.reply_error(ErrorReason::SubscriptionRefused, Some(&channel));
                     }
                 }
-                self.to_shard(Command::Subscribe {
+                let has_since = since.is_some();
+                let ready = self.shared.history_ready(&channel, since.as_ref());
+                let subscribe = Command::Subscribe {
                     client: client.id,
-                    channel: channel.into(),
+                    channel: channel.as_ref().into(),
                     from_client: true,
                     since: since.map(|since| Box::new(since.into_owned())),
-                });
+                };
+                match ready {
+                    Some(ready) => self.deferred.set(Some(Box::new(Deferred {
+                        subscribe,
+                        channel: channel.into(),
+                        since: has_since,
+                        ready,
+                    }))),
+                    None => self.to_shard(subscribe),
+                }
             }
             Ok(ClientRequest::Unsubscribe(channel)) => {
                 if channel.len() > config.max_channel_len {
@@ -430,7 +489,7 @@ async fn serve_client(
     tcp: &TcpStream,
     early: Option<Vec<u8>>,
 ) {
-    let responder = Responder::new(shared, conn);
+    let mut responder = Responder::new(shared, conn);
     let mut reader = Reader::new(shared.config.max_message_size);
     let mut flow = Flow::Open;
     if let Some(mut early) = early {
@@ -439,6 +498,15 @@ async fn serve_client(
     while matches!(flow, Flow::Open | Flow::Throttled) {
         match conn.write_state() {
             WriteState::Open if flow == Flow::Throttled => {
+                // Boxed: only a client whose subscribe waits for Redis pays for the wait.
+                match Box::pin(responder.wait_deferred()).await {
+                    Some(true) => {
+                        flow = responder.on_bytes(&mut reader, &mut []);
+                        continue;
+                    }
+                    Some(false) => continue,
+                    None => {}
+                }
                 // Boxed: only a throttled client pays for the wait.
                 let shard = responder.shard();
                 if Box::pin(wait_for_room(shared, conn, shard)).await {

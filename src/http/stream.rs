@@ -135,6 +135,14 @@ where
                     }
                     continue;
                 }
+                match responder.wait_deferred().await {
+                    Some(true) => {
+                        flow = responder.on_bytes(&mut reader, &mut []);
+                        continue;
+                    }
+                    Some(false) => continue,
+                    None => {}
+                }
                 let shard = responder.shard();
                 if session::wait_for_room(shared, conn, shard).await {
                     // Decode what was read before the client was throttled.

@@ -29,9 +29,10 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 
-use super::{remove_member, Command, Shard, Subscription, CATCHING_UP};
+use super::{entry_key, remove_member, Command, Shard, Subscription, CATCHING_UP};
 use crate::conn::{Replayed, Sent, Slow, REPLAY_CHUNK};
 use crate::history::{ChannelLock, Replay};
+use crate::shard::directory::ChannelEntry;
 use crate::wire::protocol::{Ack, Position, Since, TYPE_SUBSCRIBED};
 
 /// The most bytes of one replay written in one turn of the shard before it lets the other
@@ -242,6 +243,42 @@ impl Shard {
             }),
         };
         self.acknowledge(slot, TYPE_SUBSCRIBED, channel, ack);
+    }
+
+    /// The channel's offsets start over after `latest` (`Command::HistoryReset`): the next
+    /// publication is `latest + 1`. Subscribers still catching up stop their replay (of
+    /// offsets the channel has left behind), get what was held behind it, and take the live
+    /// stream: its next publication tells them of the new epoch.
+    pub(super) fn reset_history(&mut self, entry: &Arc<ChannelEntry>, latest: u64) {
+        let Some(&local) = self.channel_by_entry.get(&entry_key(entry)) else {
+            return;
+        };
+        let Some(history) = self.channels[local as usize]
+            .as_mut()
+            .and_then(|c| c.history.as_mut())
+        else {
+            return;
+        };
+        history.last_offset = latest;
+        let catching_up = std::mem::take(&mut history.catching_up);
+        let mut over_bound = Vec::new();
+        for c in catching_up {
+            if !c.held.is_empty() {
+                if let Some(conn) = self.clients[c.slot as usize]
+                    .as_ref()
+                    .map(|client| Arc::clone(&client.conn))
+                {
+                    let held: Vec<Bytes> = c.held.into_iter().collect();
+                    let order: Vec<u32> = (0..held.len() as u32).collect();
+                    if let Sent::SlowConsumer = conn.send(&held, &order, &self.env) {
+                        over_bound.push(c.slot);
+                        continue;
+                    }
+                }
+            }
+            self.promote(local, c.slot);
+        }
+        self.remove_cut(over_bound);
     }
 
     /// Adds a catching-up subscriber to local channel `local`, and has its replay written

@@ -154,6 +154,13 @@ pub(crate) enum Command {
         /// When it was handed to the shards.
         stamp: Stamp,
     },
+    /// A channel with history starts over at offset `latest` (its offsets come from Redis,
+    /// which began a new epoch or no longer holds what came before): the channel's next
+    /// publication is `latest + 1`, whatever this shard gave before.
+    HistoryReset {
+        channel: Arc<ChannelEntry>,
+        latest: u64,
+    },
     /// A client's queue drained while a replay waited for it: write the replay's next chunk.
     FeedReplay {
         client: ClientId,
@@ -211,6 +218,7 @@ impl Command {
                 ITSELF + channel.len() + since
             }
             Command::Unsubscribe { channel, .. } => ITSELF + channel.len(),
+            Command::HistoryReset { .. } => ITSELF,
             Command::Disconnect { reason, .. } => ITSELF + reason.len(),
             Command::Register(_)
             | Command::Remove { .. }
@@ -619,6 +627,7 @@ impl Shard {
                 offset,
                 stamp,
             } => self.handle_publish(&channel, frame, offset, stamp),
+            Command::HistoryReset { channel, latest } => self.reset_history(&channel, latest),
             Command::FeedReplay { client } => {
                 if let Some(&slot) = self.by_id.get(&client) {
                     self.want_feed(slot);

@@ -168,6 +168,9 @@ pub enum ErrorReason {
     TooManySubscriptions,
     /// The publish policy refused the client's publish.
     PublishRefused,
+    /// A subscribe with `since` to a channel whose history lives in Redis, while Redis was
+    /// unreachable for longer than the bounded wait: no subscription was made.
+    HistoryUnavailable,
 }
 
 impl ErrorReason {
@@ -180,6 +183,7 @@ impl ErrorReason {
             ErrorReason::SubscriptionRefused => "subscription refused",
             ErrorReason::TooManySubscriptions => "too many subscriptions",
             ErrorReason::PublishRefused => "publish refused",
+            ErrorReason::HistoryUnavailable => "history unavailable",
         }
     }
 }
@@ -719,6 +723,12 @@ struct RemoteMessage<'a> {
     data: Option<&'a RawValue>,
     #[serde(default, borrow)]
     timestamp: Option<&'a RawValue>,
+    /// Set by Redis on a publication to a history channel (`broker/redis_history.rs`);
+    /// raw, so that odd values do not make a message from another node unreadable.
+    #[serde(default, borrow)]
+    offset: Option<&'a RawValue>,
+    #[serde(default, borrow)]
+    epoch: Option<&'a RawValue>,
 }
 
 /// Frames a message another node published to `channel` (or to everyone, when `None`).
@@ -746,6 +756,41 @@ pub(crate) fn frame_remote(channel: Option<&str>, json: &[u8]) -> Option<Bytes> 
         None => Stamp::At(SystemTime::now()),
     };
     encode_frame_stamped(&envelope, stamp).ok()
+}
+
+/// A publication to history channel `channel` as Redis numbered it: its offset, its epoch
+/// and its frame. The JSON is framed as it came when it names `channel` and the frame is to
+/// carry the position; otherwise (another `channel`, or `strict` go-ws mode, whose clients
+/// never see positions) it is encoded again, keeping the sender's timestamp. `None` when it
+/// is not a JSON object with a string `type`, a non-negative integer `offset` and a string
+/// `epoch`.
+pub(crate) fn frame_numbered(
+    channel: &str,
+    json: &[u8],
+    strict: bool,
+) -> Option<(u64, Box<str>, Bytes)> {
+    let message: RemoteMessage<'_> = serde_json::from_slice(json).ok()?;
+    let offset: u64 = serde_json::from_str(message.offset?.get()).ok()?;
+    let epoch: Cow<'_, str> = serde_json::from_str(message.epoch?.get()).ok()?;
+    if !strict && message.channel.as_deref() == Some(channel) {
+        return Some((offset, epoch.into(), frame_json(json)));
+    }
+    let envelope = Envelope {
+        kind: &message.kind,
+        channel: Some(channel),
+        process_id: message.process_id.as_deref(),
+        data: message.data,
+    };
+    let stamp = match message.timestamp {
+        Some(raw) => Stamp::Raw(raw),
+        None => Stamp::At(SystemTime::now()),
+    };
+    let position = (!strict).then_some(Position {
+        offset,
+        epoch: &epoch,
+    });
+    let frame = encode_frame_with(&envelope, stamp, position).ok()?;
+    Some((offset, epoch.into(), frame))
 }
 
 impl<D: ?Sized> Envelope<'_, D> {
@@ -1429,6 +1474,30 @@ mod tests {
             read(r#","offset":18446744073709551615,"epoch":"e"}"#),
             Some((u64::MAX, "e".to_owned()))
         );
+    }
+
+    #[test]
+    fn numbered_messages_are_framed_with_their_position() {
+        let json = br#"{"type":"message","channel":"news","data":1,"timestamp":"T","offset":17,"epoch":"a9f3c2"}"#;
+        let (offset, epoch, frame) = frame_numbered("news", json, false).unwrap();
+        assert_eq!((offset, &*epoch), (17, "a9f3c2"));
+        assert_eq!(&frame_payload(&frame)[..], &json[..]);
+        // Strict go-ws mode: encoded again without the position.
+        let (_, _, frame) = frame_numbered("news", json, true).unwrap();
+        assert_eq!(
+            payload(&frame),
+            r#"{"type":"message","channel":"news","data":1,"timestamp":"T"}"#
+        );
+        // Another channel named: encoded again, position kept.
+        let (_, _, frame) = frame_numbered("other", json, false).unwrap();
+        assert_eq!(
+            payload(&frame),
+            r#"{"type":"message","channel":"other","data":1,"timestamp":"T","offset":17,"epoch":"a9f3c2"}"#
+        );
+        // No position (a go-ws node's message), or an odd one: not numbered.
+        assert!(frame_numbered("news", br#"{"type":"message","timestamp":"T"}"#, false).is_none());
+        let odd = br#"{"type":"message","timestamp":"T","offset":-1,"epoch":"e"}"#;
+        assert!(frame_numbered("news", odd, false).is_none());
     }
 
     #[test]
