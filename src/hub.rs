@@ -340,6 +340,7 @@ impl Shared {
 
     /// A publication the broker numbered, for the local subscribers of `channel` and its
     /// local history (see [`LocalNode::deliver_numbered`]).
+    #[cfg_attr(not(feature = "redis"), allow(dead_code))] // the Redis broker's
     fn deliver_numbered(&self, channel: &str, json: &[u8]) -> Numbered {
         let Some((offset, epoch, frame)) =
             protocol::frame_numbered(channel, json, self.config.strict_go_ws)
@@ -512,7 +513,11 @@ fn log_write_path(shared: &Shared, shards: usize) {
         n if n == shards => "io_uring",
         _ => "io_uring on some shards, send(2) on the others",
     };
-    tracing::info!(shards, io_uring_shards = io_uring, "hub started; shards write with {path}");
+    tracing::info!(
+        shards,
+        io_uring_shards = io_uring,
+        "hub started; shards write with {path}"
+    );
 }
 
 /// The part of `config` that each shard reads.

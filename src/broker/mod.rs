@@ -149,19 +149,24 @@ pub(crate) trait LocalNode: Send + Sync {
     /// Every channel this node has subscribers to now.
     fn active_channels(&self) -> Vec<String>;
     /// The history policy of `channel`, if the configuration gives it one.
+    #[cfg_attr(not(feature = "redis"), allow(dead_code))] // the Redis broker's
     fn history_policy(&self, channel: &str) -> Option<HistoryPolicy>;
     /// The epoch and latest offset of `channel`'s local history, if it has one now.
+    #[cfg_attr(not(feature = "redis"), allow(dead_code))] // the Redis broker's
     fn history_position(&self, channel: &str) -> Option<(std::sync::Arc<str>, u64)>;
     /// Makes `channel`'s local history start over at `epoch`, after offset `latest`.
+    #[cfg_attr(not(feature = "redis"), allow(dead_code))] // the Redis broker's
     fn reset_history(&self, channel: &str, epoch: &str, latest: u64);
     /// Delivers a publication that the broker numbered (`json` carries its offset and epoch)
     /// to the local subscribers of history channel `channel`, and keeps it, if it is the next
     /// one of the local history.
+    #[cfg_attr(not(feature = "redis"), allow(dead_code))] // the Redis broker's
     fn deliver_numbered(&self, channel: &str, json: &[u8]) -> Numbered;
 }
 
 /// What became of a numbered publication handed to [`Inbound::deliver_numbered`].
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[cfg_attr(not(feature = "redis"), allow(dead_code))] // the Redis broker's
 pub(crate) enum Numbered {
     /// Delivered and kept: it was the next offset.
     Delivered,
@@ -226,6 +231,7 @@ impl Inbound {
     }
 
     /// See [`LocalNode::deliver_numbered`].
+    #[cfg_attr(not(feature = "redis"), allow(dead_code))] // the Redis broker's
     pub(crate) fn deliver_numbered(&self, channel: &str, json: &[u8]) -> Numbered {
         match self.node.upgrade() {
             Some(node) => node.deliver_numbered(channel, json),
@@ -234,16 +240,19 @@ impl Inbound {
     }
 
     /// See [`LocalNode::history_policy`].
+    #[cfg_attr(not(feature = "redis"), allow(dead_code))] // the Redis broker's
     pub(crate) fn history_policy(&self, channel: &str) -> Option<HistoryPolicy> {
         self.node.upgrade()?.history_policy(channel)
     }
 
     /// See [`LocalNode::history_position`].
+    #[cfg_attr(not(feature = "redis"), allow(dead_code))] // the Redis broker's
     pub(crate) fn history_position(&self, channel: &str) -> Option<(std::sync::Arc<str>, u64)> {
         self.node.upgrade()?.history_position(channel)
     }
 
     /// See [`LocalNode::reset_history`].
+    #[cfg_attr(not(feature = "redis"), allow(dead_code))] // the Redis broker's
     pub(crate) fn reset_history(&self, channel: &str, epoch: &str, latest: u64) {
         if let Some(node) = self.node.upgrade() {
             node.reset_history(channel, epoch, latest);

@@ -178,6 +178,7 @@ impl ChannelHistory {
     /// another store assigns (Redis): a new epoch there, or publications it no longer holds
     /// (then the epoch is the same and `latest` skips them). Replays already pinned keep what
     /// they hold.
+    #[cfg_attr(not(feature = "redis"), allow(dead_code))] // the Redis broker's
     pub(crate) fn reset(&mut self, epoch: Arc<str>, latest: u64) {
         while self.first <= self.latest {
             self.trim_front(TrimCause::Count);
@@ -217,6 +218,7 @@ impl ChannelHistory {
     }
 
     /// The frame retained at `offset`, if it still is.
+    #[cfg_attr(not(feature = "redis"), allow(dead_code))] // the Redis broker's
     pub(crate) fn frame_at(&self, offset: u64) -> Option<Bytes> {
         if offset < self.first || offset > self.latest {
             return None;

@@ -157,6 +157,7 @@ pub(crate) enum Command {
     /// A channel with history starts over at offset `latest` (its offsets come from Redis,
     /// which began a new epoch or no longer holds what came before): the channel's next
     /// publication is `latest + 1`, whatever this shard gave before.
+    #[cfg_attr(not(feature = "redis"), allow(dead_code))] // the Redis broker's
     HistoryReset {
         channel: Arc<ChannelEntry>,
         latest: u64,
@@ -495,11 +496,18 @@ impl Shard {
         let uring = if config.io_uring {
             crate::conn::uring::Uring::for_shard(index, &env.counters.io_uring_shards)
         } else {
-            tracing::debug!(shard = index, "io_uring off by configuration: shard writes with send(2)");
+            tracing::debug!(
+                shard = index,
+                "io_uring off by configuration: shard writes with send(2)"
+            );
             None
         };
         #[cfg(not(all(feature = "io-uring", target_os = "linux")))]
-        tracing::debug!(shard = index, "shard writes with send(2)");
+        tracing::debug!(
+            shard = index,
+            io_uring_configured = config.io_uring,
+            "built without io_uring: shard writes with send(2)"
+        );
         Shard {
             index,
             config,

@@ -726,8 +726,10 @@ struct RemoteMessage<'a> {
     /// Set by Redis on a publication to a history channel (`broker/redis_history.rs`);
     /// raw, so that odd values do not make a message from another node unreadable.
     #[serde(default, borrow)]
+    #[cfg_attr(not(feature = "redis"), allow(dead_code))] // the Redis broker's
     offset: Option<&'a RawValue>,
     #[serde(default, borrow)]
+    #[cfg_attr(not(feature = "redis"), allow(dead_code))] // the Redis broker's
     epoch: Option<&'a RawValue>,
 }
 
@@ -764,6 +766,7 @@ pub(crate) fn frame_remote(channel: Option<&str>, json: &[u8]) -> Option<Bytes> 
 /// never see positions) it is encoded again, keeping the sender's timestamp. `None` when it
 /// is not a JSON object with a string `type`, a non-negative integer `offset` and a string
 /// `epoch`.
+#[cfg_attr(not(feature = "redis"), allow(dead_code))] // the Redis broker's
 pub(crate) fn frame_numbered(
     channel: &str,
     json: &[u8],
