@@ -9,7 +9,6 @@
 
 mod support;
 
-use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -17,150 +16,11 @@ use std::time::{Duration, Instant};
 use futures_util::StreamExt;
 use serde::Deserialize;
 use serde_json::{json, Value};
+use support::redis_server::*;
 use support::*;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 use tokio::task::JoinHandle;
 use tokio_tungstenite::tungstenite::Message as WsMessage;
 use wshub::{BrokerStats, Hub, HubConfig, Message, RedisBroker, RedisConfig};
-
-// ---------------------------------------------------------------------------------------------
-// A redis-server of the test's own
-// ---------------------------------------------------------------------------------------------
-
-/// A `redis-server` child process on 127.0.0.1, killed when dropped.
-struct RedisServer {
-    port: u16,
-    child: Option<Child>,
-}
-
-impl RedisServer {
-    /// Starts one on a free port and waits until it answers.
-    async fn start() -> RedisServer {
-        let port = {
-            let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
-            listener.local_addr().expect("local addr").port()
-        };
-        let mut server = RedisServer { port, child: None };
-        server.restart().await;
-        server
-    }
-
-    fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}/", self.port)
-    }
-
-    /// Starts the server (again) on its port, and waits until it answers PING.
-    async fn restart(&mut self) {
-        assert!(self.child.is_none(), "redis-server is already running");
-        let child = Command::new("redis-server")
-            .args(["--port", &self.port.to_string()])
-            .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start redis-server (is it installed? see .ci/install-redis.sh)");
-        self.child = Some(child);
-        let port = self.port;
-        within("redis-server to answer PING", async move {
-            loop {
-                if ping(port).await {
-                    return;
-                }
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-        })
-        .await
-    }
-
-    /// SIGKILL: no goodbye to any client.
-    fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-
-    /// A plain client, as another program would use.
-    async fn client(&self) -> redis::aio::MultiplexedConnection {
-        let client = redis::Client::open(self.url()).expect("a redis url");
-        within(
-            "a plain redis connection",
-            client.get_multiplexed_async_connection(),
-        )
-        .await
-        .expect("connect to redis-server")
-    }
-}
-
-impl Drop for RedisServer {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
-
-/// Whether a Redis server answers PING on 127.0.0.1:`port`.
-async fn ping(port: u16) -> bool {
-    let attempt = async {
-        let mut stream = TcpStream::connect(("127.0.0.1", port)).await.ok()?;
-        stream.write_all(b"PING\r\n").await.ok()?;
-        let mut buf = [0u8; 7];
-        stream.read_exact(&mut buf).await.ok()?;
-        (&buf == b"+PONG\r\n").then_some(())
-    };
-    matches!(
-        tokio::time::timeout(Duration::from_secs(1), attempt).await,
-        Ok(Some(()))
-    )
-}
-
-/// How many subscribers Redis counts on `key`.
-async fn numsub(redis: &mut redis::aio::MultiplexedConnection, key: &str) -> i64 {
-    let (_, count): (String, i64) = redis::cmd("PUBSUB")
-        .arg("NUMSUB")
-        .arg(key)
-        .query_async(redis)
-        .await
-        .expect("PUBSUB NUMSUB");
-    count
-}
-
-/// Polls until Redis counts `expected` subscribers on `key`.
-async fn wait_numsub(redis: &RedisServer, key: &str, expected: i64) {
-    let mut conn = redis.client().await;
-    within(&format!("{expected} subscribers on {key}"), async {
-        while numsub(&mut conn, key).await != expected {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    })
-    .await
-}
-
-/// `PUBSUB CHANNELS pattern`.
-async fn pubsub_channels(redis: &mut redis::aio::MultiplexedConnection, pattern: &str) -> usize {
-    let channels: Vec<String> = redis::cmd("PUBSUB")
-        .arg("CHANNELS")
-        .arg(pattern)
-        .query_async(redis)
-        .await
-        .expect("PUBSUB CHANNELS");
-    channels.len()
-}
-
-/// How many times Redis ran `command` (from INFO commandstats).
-async fn command_calls(redis: &mut redis::aio::MultiplexedConnection, command: &str) -> u64 {
-    let info: String = redis::cmd("INFO")
-        .arg("commandstats")
-        .query_async(redis)
-        .await
-        .expect("INFO commandstats");
-    let prefix = format!("cmdstat_{command}:calls=");
-    info.lines()
-        .find_map(|line| line.strip_prefix(prefix.as_str()))
-        .and_then(|rest| rest.split(',').next())
-        .map_or(0, |calls| calls.parse().expect("a number of calls"))
-}
 
 // ---------------------------------------------------------------------------------------------
 // Nodes, clients, streams

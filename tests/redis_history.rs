@@ -9,123 +9,16 @@
 mod support;
 
 use std::collections::HashMap;
-use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures_util::StreamExt;
 use serde_json::{json, Value};
+use support::redis_server::*;
 use support::*;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 use tokio::task::JoinHandle;
 use tokio_tungstenite::tungstenite::Message as WsMessage;
 use wshub::{HistoryPolicy, Hub, HubConfig, Message, RedisBroker, RedisConfig};
-
-// ---------------------------------------------------------------------------------------------
-// A redis-server of the test's own (as in tests/redis_broker.rs)
-// ---------------------------------------------------------------------------------------------
-
-/// A `redis-server` child process on 127.0.0.1, killed when dropped.
-struct RedisServer {
-    port: u16,
-    child: Option<Child>,
-}
-
-impl RedisServer {
-    async fn start() -> RedisServer {
-        let port = {
-            let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
-            listener.local_addr().expect("local addr").port()
-        };
-        let mut server = RedisServer { port, child: None };
-        server.restart().await;
-        server
-    }
-
-    fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}/", self.port)
-    }
-
-    /// Starts the server (again, empty: no persistence) on its port.
-    async fn restart(&mut self) {
-        assert!(self.child.is_none(), "redis-server is already running");
-        let child = Command::new("redis-server")
-            .args(["--port", &self.port.to_string()])
-            .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start redis-server (is it installed? see .ci/install-redis.sh)");
-        self.child = Some(child);
-        let port = self.port;
-        within("redis-server to answer PING", async move {
-            while !ping(port).await {
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-        })
-        .await
-    }
-
-    /// SIGKILL: no goodbye to any client.
-    fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-
-    async fn client(&self) -> redis::aio::MultiplexedConnection {
-        let client = redis::Client::open(self.url()).expect("a redis url");
-        within(
-            "a plain redis connection",
-            client.get_multiplexed_async_connection(),
-        )
-        .await
-        .expect("connect to redis-server")
-    }
-}
-
-impl Drop for RedisServer {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
-
-async fn ping(port: u16) -> bool {
-    let attempt = async {
-        let mut stream = TcpStream::connect(("127.0.0.1", port)).await.ok()?;
-        stream.write_all(b"PING\r\n").await.ok()?;
-        let mut buf = [0u8; 7];
-        stream.read_exact(&mut buf).await.ok()?;
-        (&buf == b"+PONG\r\n").then_some(())
-    };
-    matches!(
-        tokio::time::timeout(Duration::from_secs(1), attempt).await,
-        Ok(Some(()))
-    )
-}
-
-/// Polls until Redis counts `expected` subscribers on `key`.
-async fn wait_numsub(redis: &RedisServer, key: &str, expected: i64) {
-    let mut conn = redis.client().await;
-    within(&format!("{expected} subscribers on {key}"), async {
-        loop {
-            let (_, count): (String, i64) = redis::cmd("PUBSUB")
-                .arg("NUMSUB")
-                .arg(key)
-                .query_async(&mut conn)
-                .await
-                .expect("PUBSUB NUMSUB");
-            if count == expected {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    })
-    .await
-}
 
 // ---------------------------------------------------------------------------------------------
 // Nodes and clients

@@ -747,17 +747,7 @@ pub(crate) fn frame_remote(channel: Option<&str>, json: &[u8]) -> Option<Bytes> 
     if message.channel.as_deref() == Some(channel) {
         return Some(frame_json(json));
     }
-    let envelope = Envelope {
-        kind: &message.kind,
-        channel: Some(channel),
-        process_id: message.process_id.as_deref(),
-        data: message.data,
-    };
-    let stamp = match message.timestamp {
-        Some(raw) => Stamp::Raw(raw),
-        None => Stamp::At(SystemTime::now()),
-    };
-    encode_frame_stamped(&envelope, stamp).ok()
+    message.encode_for(channel, None)
 }
 
 /// A publication to history channel `channel` as Redis numbered it: its offset, its epoch
@@ -778,22 +768,30 @@ pub(crate) fn frame_numbered(
     if !strict && message.channel.as_deref() == Some(channel) {
         return Some((offset, epoch.into(), frame_json(json)));
     }
-    let envelope = Envelope {
-        kind: &message.kind,
-        channel: Some(channel),
-        process_id: message.process_id.as_deref(),
-        data: message.data,
-    };
-    let stamp = match message.timestamp {
-        Some(raw) => Stamp::Raw(raw),
-        None => Stamp::At(SystemTime::now()),
-    };
     let position = (!strict).then_some(Position {
         offset,
         epoch: &epoch,
     });
-    let frame = encode_frame_with(&envelope, stamp, position).ok()?;
+    let frame = message.encode_for(channel, position)?;
     Some((offset, epoch.into(), frame))
+}
+
+impl RemoteMessage<'_> {
+    /// The message encoded again for `channel` (with `position`, if any), keeping the
+    /// sender's timestamp (or stamped now, if it sent none).
+    fn encode_for(&self, channel: &str, position: Option<Position<'_>>) -> Option<Bytes> {
+        let envelope = Envelope {
+            kind: &self.kind,
+            channel: Some(channel),
+            process_id: self.process_id.as_deref(),
+            data: self.data,
+        };
+        let stamp = match self.timestamp {
+            Some(raw) => Stamp::Raw(raw),
+            None => Stamp::At(SystemTime::now()),
+        };
+        encode_frame_with(&envelope, stamp, position).ok()
+    }
 }
 
 impl<D: ?Sized> Envelope<'_, D> {

@@ -998,3 +998,7 @@ impl AsyncWrite for Wrapped {
         Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }
+
+/// A `redis-server` of the test's own (the Redis broker's tests).
+#[cfg(feature = "redis")]
+pub mod redis_server;
