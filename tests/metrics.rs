@@ -306,27 +306,6 @@ async fn a_registry_does_not_keep_a_hub_alive() {
     assert!(names.is_empty(), "{text}");
 }
 
-/// The README's "Metrics" example is `Hub::metrics`'s doc test, which is compiled and run.
-#[test]
-fn the_readme_example_is_the_doc_test() {
-    let dir = env!("CARGO_MANIFEST_DIR");
-    let readme = std::fs::read_to_string(format!("{dir}/README.md")).unwrap();
-    let section = &readme[readme.find("### Metrics").expect("a Metrics section")..];
-    let start = section.find("```rust\n").expect("a rust block") + "```rust\n".len();
-    let example = &section[start..start + section[start..].find("```").unwrap()];
-    let source = std::fs::read_to_string(format!("{dir}/src/metrics.rs")).unwrap();
-    let doc: String = source
-        .lines()
-        .map(str::trim_start)
-        .filter_map(|line| line.strip_prefix("///"))
-        .map(|line| format!("{}\n", line.strip_prefix(' ').unwrap_or(line)))
-        .collect();
-    assert!(
-        doc.contains(&format!("```\n{example}```\n")),
-        "README.md's Metrics example must be Hub::metrics's doc test:\n{example}"
-    );
-}
-
 /// A broker that sends nothing and reports fixed counters.
 struct FixedBroker;
 

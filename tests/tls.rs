@@ -290,23 +290,3 @@ async fn a_client_that_never_sends_its_client_hello_is_dropped_after_the_handsha
     // Not a refusal of everyone: a client that does its handshake is served.
     subscribes_and_receives(&server, "news").await;
 }
-
-/// The README's "TLS" example is the `wshub::tls` module's doc test, which is compiled.
-#[test]
-fn the_readme_example_is_the_doc_test() {
-    let dir = env!("CARGO_MANIFEST_DIR");
-    let readme = std::fs::read_to_string(format!("{dir}/README.md")).unwrap();
-    let section = &readme[readme.find("### TLS").expect("a TLS section")..];
-    let start = section.find("```rust,no_run\n").expect("a rust block") + "```rust,no_run\n".len();
-    let example = &section[start..start + section[start..].find("```").unwrap()];
-    let source = std::fs::read_to_string(format!("{dir}/src/http/tls.rs")).unwrap();
-    let doc: String = source
-        .lines()
-        .filter_map(|line| line.strip_prefix("//!"))
-        .map(|line| format!("{}\n", line.strip_prefix(' ').unwrap_or(line)))
-        .collect();
-    assert!(
-        doc.contains(&format!("```no_run\n{example}```\n")),
-        "README.md's TLS example must be the wshub::tls module's doc test:\n{example}"
-    );
-}
