@@ -222,6 +222,20 @@ pub(crate) struct Args {
     #[arg(long, default_value = "500ms", value_name = "DURATION", value_parser = parse_millis)]
     pub(crate) drop_every: f64,
 
+    /// Recover with --nodes 2: this many seconds after publishing starts, kill the
+    /// redis-server the run started (SIGKILL: its histories are gone) and start it again,
+    /// empty, on the same port after --restart-redis-pause. The channel moves to a new epoch:
+    /// the verdict then checks each epoch apart, and counts the publications refused while
+    /// Redis was away instead of as lost. Off by default; not with --redis-url or --target
+    /// (only a Redis this run started is restarted). E.g. 1.5.
+    #[arg(long, value_name = "SECS")]
+    pub(crate) restart_redis_at: Option<f64>,
+
+    /// Recover with --restart-redis-at: how long Redis stays down, e.g. 500ms, 2s (under
+    /// RedisConfig::history_wait, 5 s, resumes wait for it rather than fail).
+    #[arg(long, default_value = "500ms", value_name = "DURATION", value_parser = parse_millis)]
+    pub(crate) restart_redis_pause: f64,
+
     /// Recover: the seed of the drop times (a run repeats its drops with its seed).
     #[arg(long, default_value_t = 1)]
     pub(crate) seed: u64,
@@ -519,6 +533,20 @@ impl Args {
                     .into(),
             );
         }
+        if let Some(at) = self.restart_redis_at {
+            if self.scenario != Scenario::Recover || self.node_count() != 2 {
+                return Err("--restart-redis-at is for recover --nodes 2".into());
+            }
+            if !self.target.is_empty() || self.redis_url.is_some() {
+                return Err("--restart-redis-at restarts the redis-server this run starts itself: not with --target or --redis-url (restart your own Redis yourself)".into());
+            }
+            if !(at > 0.0 && at < self.duration) {
+                return Err(format!(
+                    "--restart-redis-at must be after 0 and before the end of publishing (-d {})",
+                    self.duration
+                ));
+            }
+        }
         if self.redis_url.is_some() && (self.node_count() < 2 || !self.target.is_empty()) {
             return Err(
                 "--redis-url joins two embedded hubs: use it with --nodes 2 and no --target".into(),
@@ -622,6 +650,23 @@ mod tests {
         assert!(a(&["--nodes", "3"]).validate().is_err());
         assert!(a(&["ramp", "--nodes", "2"]).validate().is_err());
         assert!(a(&["recover", "--nodes", "2"]).validate().is_ok());
+        let restart = ["recover", "--nodes", "2", "-d", "3", "--restart-redis-at", "1"];
+        assert!(a(&restart).validate().is_ok());
+        assert_eq!(a(&restart).restart_redis_pause, 500.0);
+        assert!(a(&["recover", "-d", "3", "--restart-redis-at", "1"])
+            .validate()
+            .is_err());
+        assert!(a(&[&restart[..], &["--redis-url", "redis://127.0.0.1:1/"]].concat())
+            .validate()
+            .is_err());
+        assert!(a(&["recover", "--nodes", "2", "-d", "3", "--restart-redis-at", "3"])
+            .validate()
+            .is_err());
+        assert!(
+            a(&["fanout", "--nodes", "2", "-d", "3", "--restart-redis-at", "1"])
+                .validate()
+                .is_err()
+        );
         assert!(a(&["capacity", "--nodes", "2"]).validate().is_err());
         assert!(a(&["capacity", "--broadcasts", "0"]).validate().is_err());
         assert!(a(&["capacity", "--broadcasts", "1001"]).validate().is_err());
