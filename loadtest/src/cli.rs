@@ -48,6 +48,7 @@ pub(crate) enum Scenario {
     /// --target whose channel has a history. With --nodes 2 (two embedded hubs joined by
     /// Redis, whose history they share) each subscriber's connections alternate between the
     /// nodes, so every resume is answered by the other node; the publisher is on the first.
+    /// --restart-redis-at adds a Redis restart (empty: a new epoch), checked epoch by epoch.
     Recover,
 }
 
@@ -650,23 +651,47 @@ mod tests {
         assert!(a(&["--nodes", "3"]).validate().is_err());
         assert!(a(&["ramp", "--nodes", "2"]).validate().is_err());
         assert!(a(&["recover", "--nodes", "2"]).validate().is_ok());
-        let restart = ["recover", "--nodes", "2", "-d", "3", "--restart-redis-at", "1"];
+        let restart = [
+            "recover",
+            "--nodes",
+            "2",
+            "-d",
+            "3",
+            "--restart-redis-at",
+            "1",
+        ];
         assert!(a(&restart).validate().is_ok());
         assert_eq!(a(&restart).restart_redis_pause, 500.0);
         assert!(a(&["recover", "-d", "3", "--restart-redis-at", "1"])
             .validate()
             .is_err());
-        assert!(a(&[&restart[..], &["--redis-url", "redis://127.0.0.1:1/"]].concat())
-            .validate()
-            .is_err());
-        assert!(a(&["recover", "--nodes", "2", "-d", "3", "--restart-redis-at", "3"])
-            .validate()
-            .is_err());
         assert!(
-            a(&["fanout", "--nodes", "2", "-d", "3", "--restart-redis-at", "1"])
+            a(&[&restart[..], &["--redis-url", "redis://127.0.0.1:1/"]].concat())
                 .validate()
                 .is_err()
         );
+        assert!(a(&[
+            "recover",
+            "--nodes",
+            "2",
+            "-d",
+            "3",
+            "--restart-redis-at",
+            "3"
+        ])
+        .validate()
+        .is_err());
+        assert!(a(&[
+            "fanout",
+            "--nodes",
+            "2",
+            "-d",
+            "3",
+            "--restart-redis-at",
+            "1"
+        ])
+        .validate()
+        .is_err());
         assert!(a(&["capacity", "--nodes", "2"]).validate().is_err());
         assert!(a(&["capacity", "--broadcasts", "0"]).validate().is_err());
         assert!(a(&["capacity", "--broadcasts", "1001"]).validate().is_err());

@@ -1332,10 +1332,7 @@ pub(crate) fn run(
                 "resumes answered history unavailable",
                 r.resumes_unavailable,
             ),
-            (
-                "publications neither read back nor refused",
-                r.unconfirmed,
-            ),
+            ("publications neither read back nor refused", r.unconfirmed),
         ]
     } else {
         vec![(
@@ -1377,7 +1374,11 @@ impl RecoverResult {
             .iter()
             .enumerate()
             .map(|(i, e)| {
-                let first = if i == 0 { self.first_offset + 1 } else { e.first };
+                let first = if i == 0 {
+                    self.first_offset + 1
+                } else {
+                    e.first
+                };
                 format!("offsets {first}..={} in epoch {}", e.last, e.epoch)
             })
             .collect();
@@ -1585,7 +1586,10 @@ mod tests {
         for o in [1, 2, 3] {
             s.on_message(o, "b");
         }
-        assert!(s.recovering.is_none(), "the replay of the new epoch was timed");
+        assert!(
+            s.recovering.is_none(),
+            "the replay of the new epoch was timed"
+        );
         // Live into a third epoch, missing its offset 2.
         for o in [1, 3, 4] {
             s.on_message(o, "c");

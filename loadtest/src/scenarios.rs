@@ -244,12 +244,10 @@ pub(crate) fn run(args: &Args, server: &Server, sources: u8) -> Result<Output, S
                 threads: args.threads,
                 live_timeout: secs(args.live_timeout),
                 sources,
-                restart: args
-                    .restart_redis_at
-                    .map(|at| crate::recover::RestartPlan {
-                        at: Duration::from_secs_f64(at),
-                        pause: Duration::from_secs_f64(args.restart_redis_pause / 1000.0),
-                    }),
+                restart: args.restart_redis_at.map(|at| crate::recover::RestartPlan {
+                    at: Duration::from_secs_f64(at),
+                    pause: Duration::from_secs_f64(args.restart_redis_pause / 1000.0),
+                }),
             };
             r.progress.finish_and_clear();
             say!(

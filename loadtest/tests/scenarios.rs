@@ -360,16 +360,15 @@ fn recover_across_a_redis_restart_loses_nothing_within_each_epoch() {
     assert_eq!(epochs.len(), 2, "{s}");
     assert_ne!(epochs[0]["epoch"], epochs[1]["epoch"]);
     assert_eq!(u(&epochs[1]["first"]), 1, "{s}");
-    assert!(u(&epochs[1]["last"]) > 0 && u(&s["last_offset"]) == u(&epochs[1]["last"]));
+    assert_eq!(u(&s["last_offset"]), u(&epochs[1]["last"]), "{s}");
     // Every subscriber moved to the new epoch once, no more.
     assert_eq!(u(&s["epoch_changes"]), 6, "{s}");
     assert_eq!(u(&s["unexpected_epoch_changes"]), 0, "{s}");
     assert!(u(&s["reconnects"]) > 0, "no reconnects: {s}");
-    // Whatever Redis was not there for is accounted for: read back, refused, or in flight.
-    assert!(
-        u(&s["refused_while_away"]) + u(&s["unconfirmed"]) <= u(&s["published"]),
-        "{s}"
-    );
+    // While Redis was away the publisher was told (`history unavailable`), and it kept
+    // publishing once Redis was back.
+    assert!(u(&s["refused_while_away"]) > 0, "{s}");
+    assert!(u(&epochs[1]["last"]) >= 50, "{s}");
 }
 
 /// Recover with a history too short for the drops: the resumes are answered
