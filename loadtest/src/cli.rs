@@ -232,8 +232,10 @@ pub(crate) struct Args {
     #[arg(long, value_name = "SECS")]
     pub(crate) restart_redis_at: Option<f64>,
 
-    /// Recover with --restart-redis-at: how long Redis stays down, e.g. 500ms, 2s (under
-    /// RedisConfig::history_wait, 5 s, resumes wait for it rather than fail).
+    /// Recover with --restart-redis-at: how long Redis stays down, e.g. 500ms, 2s. Keep it
+    /// short: a resume meanwhile waits for Redis (up to RedisConfig::history_wait, 5 s) and
+    /// its connection reads nothing else, so a subscriber's clean close then goes unanswered
+    /// beyond the 2 s it waits, which counts as an error.
     #[arg(long, default_value = "500ms", value_name = "DURATION", value_parser = parse_millis)]
     pub(crate) restart_redis_pause: f64,
 
