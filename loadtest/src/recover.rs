@@ -207,7 +207,8 @@ pub(crate) struct RecoverResult {
     pub(crate) recovery: Latency,
     /// The same, whole.
     pub(crate) recovery_histogram: HistogramJson,
-    /// Recoveries cut by the next drop before their replay ended (not timed).
+    /// Recoveries cut by the next drop (or by an epoch change) before their replay ended (not
+    /// timed).
     pub(crate) recoveries_interrupted: u64,
     /// Errors by kind.
     pub(crate) errors: BTreeMap<String, u64>,
@@ -1462,7 +1463,7 @@ impl RecoverResult {
             }
         ));
         s.push_str(&format!(
-            "  recovery time     p50 {}  p90 {}  p99 {}  max {}  ({} recoveries timed; {} cut by the next drop)\n",
+            "  recovery time     p50 {}  p90 {}  p99 {}  max {}  ({} recoveries timed; {} cut by the next drop or an epoch change)\n",
             report::dur(l.p50_us),
             report::dur(l.p90_us),
             report::dur(l.p99_us),
