@@ -18,7 +18,7 @@ use support::redis_server::*;
 use support::*;
 use tokio::task::JoinHandle;
 use tokio_tungstenite::tungstenite::Message as WsMessage;
-use wshub::{HistoryPolicy, Hub, HubConfig, Message, RedisBroker, RedisConfig};
+use wshub::{HistoryPolicy, Hub, HubConfig, Message, PublishPolicy, RedisBroker, RedisConfig};
 
 // ---------------------------------------------------------------------------------------------
 // Nodes and clients
@@ -45,6 +45,8 @@ async fn node_waiting(redis: &RedisServer, id: &str, history_wait: Duration) -> 
     let config = HubConfig::builder()
         .shards(2)
         .outbound_queue_bytes(64 * 1024 * 1024)
+        // Clients may publish (a client's publish while Redis is away is refused, and told).
+        .publish_policy(PublishPolicy::AllowAll)
         .prefix_history(
             "room:",
             HistoryPolicy::new(10_000, Duration::from_secs(3600)).unwrap(),
@@ -315,6 +317,13 @@ async fn since_while_redis_is_unreachable_is_history_unavailable() {
     send_text(&mut ws, r#"{"type":"ping"}"#).await;
     assert_eq!(next_json(&mut ws).await["type"], "pong");
     assert_eq!(b.hub.channel_subscriber_count(CHANNEL), 0);
+    // A client's own publish is refused as the hub's is, and the client is told why.
+    let publish = json!({"type": "publish", "channel": CHANNEL, "data": "x"}).to_string();
+    send_text(&mut ws, &publish).await;
+    let refused = next_json(&mut ws).await;
+    assert_eq!(refused["type"], "error", "{refused}");
+    assert_eq!(refused["data"], "history unavailable", "{refused}");
+    assert_eq!(refused["channel"], CHANNEL, "{refused}");
     // A plain subscribe is made after the wait, from what this node holds.
     let ack = subscribe_since(&mut ws, CHANNEL, None).await;
     assert_eq!(ack["data"]["offset"], 0, "{ack}");

@@ -48,6 +48,7 @@ pub(crate) enum Scenario {
     /// --target whose channel has a history. With --nodes 2 (two embedded hubs joined by
     /// Redis, whose history they share) each subscriber's connections alternate between the
     /// nodes, so every resume is answered by the other node; the publisher is on the first.
+    /// --restart-redis-at adds a Redis restart (empty: a new epoch), checked epoch by epoch.
     Recover,
 }
 
@@ -221,6 +222,22 @@ pub(crate) struct Args {
     /// 500ms, 2s, or a number of milliseconds.
     #[arg(long, default_value = "500ms", value_name = "DURATION", value_parser = parse_millis)]
     pub(crate) drop_every: f64,
+
+    /// Recover with --nodes 2: this many seconds after publishing starts, kill the
+    /// redis-server the run started (SIGKILL: its histories are gone) and start it again,
+    /// empty, on the same port after --restart-redis-pause. The channel moves to a new epoch:
+    /// the verdict then checks each epoch apart, and counts the publications refused while
+    /// Redis was away instead of as lost. Off by default; not with --redis-url or --target
+    /// (only a Redis this run started is restarted). E.g. 1.5.
+    #[arg(long, value_name = "SECS")]
+    pub(crate) restart_redis_at: Option<f64>,
+
+    /// Recover with --restart-redis-at: how long Redis stays down, e.g. 500ms, 2s. Keep it
+    /// short: a resume meanwhile waits for Redis (up to RedisConfig::history_wait, 5 s) and
+    /// its connection reads nothing else, so a subscriber's clean close then goes unanswered
+    /// beyond the 2 s it waits, which counts as an error.
+    #[arg(long, default_value = "500ms", value_name = "DURATION", value_parser = parse_millis)]
+    pub(crate) restart_redis_pause: f64,
 
     /// Recover: the seed of the drop times (a run repeats its drops with its seed).
     #[arg(long, default_value_t = 1)]
@@ -519,6 +536,20 @@ impl Args {
                     .into(),
             );
         }
+        if let Some(at) = self.restart_redis_at {
+            if self.scenario != Scenario::Recover || self.node_count() != 2 {
+                return Err("--restart-redis-at is for recover --nodes 2".into());
+            }
+            if !self.target.is_empty() || self.redis_url.is_some() {
+                return Err("--restart-redis-at restarts the redis-server this run starts itself: not with --target or --redis-url (restart your own Redis yourself)".into());
+            }
+            if !(at > 0.0 && at < self.duration) {
+                return Err(format!(
+                    "--restart-redis-at must be after 0 and before the end of publishing (-d {})",
+                    self.duration
+                ));
+            }
+        }
         if self.redis_url.is_some() && (self.node_count() < 2 || !self.target.is_empty()) {
             return Err(
                 "--redis-url joins two embedded hubs: use it with --nodes 2 and no --target".into(),
@@ -622,6 +653,47 @@ mod tests {
         assert!(a(&["--nodes", "3"]).validate().is_err());
         assert!(a(&["ramp", "--nodes", "2"]).validate().is_err());
         assert!(a(&["recover", "--nodes", "2"]).validate().is_ok());
+        let restart = [
+            "recover",
+            "--nodes",
+            "2",
+            "-d",
+            "3",
+            "--restart-redis-at",
+            "1",
+        ];
+        assert!(a(&restart).validate().is_ok());
+        assert_eq!(a(&restart).restart_redis_pause, 500.0);
+        assert!(a(&["recover", "-d", "3", "--restart-redis-at", "1"])
+            .validate()
+            .is_err());
+        assert!(
+            a(&[&restart[..], &["--redis-url", "redis://127.0.0.1:1/"]].concat())
+                .validate()
+                .is_err()
+        );
+        assert!(a(&[
+            "recover",
+            "--nodes",
+            "2",
+            "-d",
+            "3",
+            "--restart-redis-at",
+            "3"
+        ])
+        .validate()
+        .is_err());
+        assert!(a(&[
+            "fanout",
+            "--nodes",
+            "2",
+            "-d",
+            "3",
+            "--restart-redis-at",
+            "1"
+        ])
+        .validate()
+        .is_err());
         assert!(a(&["capacity", "--nodes", "2"]).validate().is_err());
         assert!(a(&["capacity", "--broadcasts", "0"]).validate().is_err());
         assert!(a(&["capacity", "--broadcasts", "1001"]).validate().is_err());

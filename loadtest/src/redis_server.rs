@@ -1,15 +1,19 @@
 //! A `redis-server` of this run's own, on a free loopback port, for several embedded nodes
 //! when no `--redis-url` is given. It keeps nothing on disk and is killed when dropped (and,
-//! on Linux, when this process dies).
+//! on Linux, when this process dies). `recover --restart-redis-at` kills it mid-run and starts
+//! it again, empty, on the same port.
 
 use std::io::{Read as _, Write as _};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
 use std::process::{Child, Command, Stdio};
+use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 /// A running `redis-server` child.
 pub(crate) struct RedisServer {
-    child: Child,
+    /// Behind a lock so that a restart can replace it through a shared reference (the run
+    /// holds the server by `&`).
+    child: Mutex<Child>,
     port: u16,
 }
 
@@ -21,52 +25,25 @@ impl RedisServer {
             .and_then(|l| l.local_addr())
             .map_err(|e| format!("cannot find a free port for redis-server: {e}"))?
             .port();
-        let mut cmd = Command::new("redis-server");
-        cmd.args(["--port", &port.to_string()])
-            .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null());
-        #[cfg(target_os = "linux")]
-        {
-            use std::os::unix::process::CommandExt as _;
-            // SAFETY: prctl is async-signal-safe, and the closure touches nothing else.
-            unsafe {
-                cmd.pre_exec(|| {
-                    // Killed with us, even if we are killed without a chance to clean up.
-                    libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-                    Ok(())
-                });
-            }
-        }
-        let child = cmd.spawn().map_err(|e| {
-            if e.kind() == std::io::ErrorKind::NotFound {
-                "--nodes 2 needs Redis: redis-server is not on the PATH; install it \
-                 (e.g. `apt-get install redis-server`, or .ci/install-redis.sh) or pass \
-                 --redis-url redis://HOST:PORT/"
-                    .to_string()
-            } else {
-                format!("cannot start redis-server: {e}")
-            }
-        })?;
-        let mut server = RedisServer { child, port };
+        let child = spawn_on(port)?;
+        Ok(RedisServer {
+            child: Mutex::new(child),
+            port,
+        })
+    }
+
+    /// Kills it (SIGKILL: nothing is saved, every connection is cut), waits `pause`, and
+    /// starts it again on the same port, empty; returns once it answers PING, with how long
+    /// it was away (from the kill to the first PONG). Call it from the thread that started
+    /// it: on Linux the child dies with the thread that spawned it (PR_SET_PDEATHSIG).
+    pub(crate) fn restart(&self, pause: Duration) -> Result<Duration, String> {
+        let mut child = self.child.lock().unwrap_or_else(PoisonError::into_inner);
         let t0 = Instant::now();
-        // Bounded: 5 s.
-        while t0.elapsed() < Duration::from_secs(5) {
-            if let Ok(Some(status)) = server.child.try_wait() {
-                return Err(format!(
-                    "redis-server exited at once ({status}); pass --redis-url to use a running one"
-                ));
-            }
-            if ping(port) {
-                return Ok(server);
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        server.stop();
-        Err(format!(
-            "redis-server did not answer on 127.0.0.1:{port} within 5 s; pass --redis-url to use a running one"
-        ))
+        let _ = child.kill();
+        let _ = child.wait();
+        std::thread::sleep(pause);
+        *child = spawn_on(self.port).map_err(|e| format!("restarting redis-server: {e}"))?;
+        Ok(t0.elapsed())
     }
 
     /// Where it listens.
@@ -76,14 +53,15 @@ impl RedisServer {
 
     /// Its process id (for its CPU time).
     pub(crate) fn pid(&self) -> u32 {
-        self.child.id()
+        self.child
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .id()
     }
 
     fn stop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            let _ = self.child.kill();
-        }
-        let _ = self.child.wait();
+        let child = self.child.get_mut().unwrap_or_else(PoisonError::into_inner);
+        stop(child);
     }
 }
 
@@ -91,6 +69,62 @@ impl Drop for RedisServer {
     fn drop(&mut self) {
         self.stop();
     }
+}
+
+fn stop(child: &mut Child) {
+    if let Ok(None) = child.try_wait() {
+        let _ = child.kill();
+    }
+    let _ = child.wait();
+}
+
+/// Starts `redis-server` on 127.0.0.1:`port` and waits (up to 5 s) until it answers PING.
+fn spawn_on(port: u16) -> Result<Child, String> {
+    let mut cmd = Command::new("redis-server");
+    cmd.args(["--port", &port.to_string()])
+        .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::unix::process::CommandExt as _;
+        // SAFETY: prctl is async-signal-safe, and the closure touches nothing else.
+        unsafe {
+            cmd.pre_exec(|| {
+                // Killed with us, even if we are killed without a chance to clean up.
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                Ok(())
+            });
+        }
+    }
+    let mut child = cmd.spawn().map_err(|e| {
+        if e.kind() == std::io::ErrorKind::NotFound {
+            "--nodes 2 needs Redis: redis-server is not on the PATH; install it \
+             (e.g. `apt-get install redis-server`, or .ci/install-redis.sh) or pass \
+             --redis-url redis://HOST:PORT/"
+                .to_string()
+        } else {
+            format!("cannot start redis-server: {e}")
+        }
+    })?;
+    let t0 = Instant::now();
+    // Bounded: 5 s.
+    while t0.elapsed() < Duration::from_secs(5) {
+        if let Ok(Some(status)) = child.try_wait() {
+            return Err(format!(
+                "redis-server exited at once ({status}); pass --redis-url to use a running one"
+            ));
+        }
+        if ping(port) {
+            return Ok(child);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    stop(&mut child);
+    Err(format!(
+        "redis-server did not answer on 127.0.0.1:{port} within 5 s; pass --redis-url to use a running one"
+    ))
 }
 
 /// Whether Redis answers PING on 127.0.0.1:`port`.

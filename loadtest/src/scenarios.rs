@@ -69,6 +69,18 @@ impl Server {
         None
     }
 
+    /// Kills the redis-server this run started, and starts it again empty on the same port
+    /// after `pause` (`recover --restart-redis-at`); how long Redis was away. Call it from the
+    /// thread that started the server (see `RedisServer::restart`).
+    pub(crate) fn restart_redis(&self, pause: Duration) -> Result<Duration, String> {
+        #[cfg(feature = "embedded")]
+        if let Some(r) = &self.redis {
+            return r.restart(pause);
+        }
+        let _ = pause;
+        Err("no redis-server of this run's own to restart (--restart-redis-at needs --nodes 2 without --redis-url or --target)".into())
+    }
+
     /// The embedded hub's shape, or nothing.
     pub(crate) fn describe(&self) -> String {
         #[cfg(feature = "embedded")]
@@ -232,6 +244,10 @@ pub(crate) fn run(args: &Args, server: &Server, sources: u8) -> Result<Output, S
                 threads: args.threads,
                 live_timeout: secs(args.live_timeout),
                 sources,
+                restart: args.restart_redis_at.map(|at| crate::recover::RestartPlan {
+                    at: Duration::from_secs_f64(at),
+                    pause: Duration::from_secs_f64(args.restart_redis_pause / 1000.0),
+                }),
             };
             r.progress.finish_and_clear();
             say!(

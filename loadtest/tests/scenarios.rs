@@ -325,6 +325,52 @@ fn recover_across_two_nodes_loses_nothing() {
     assert!(u(&s["reconnects"]) > 0, "no reconnects: {s}");
 }
 
+/// Recover across two nodes with the run's redis-server killed mid-run and started again,
+/// empty: the channel moves to a new epoch, which every subscriber reaches (a resume answered
+/// `recovered: false`, or live), and within each epoch nothing is lost, duplicated or out of
+/// order; publications refused while Redis was away are counted apart, and the run is clean.
+#[test]
+fn recover_across_a_redis_restart_loses_nothing_within_each_epoch() {
+    require_redis_server();
+    let v = run_json(&[
+        "recover",
+        "--nodes",
+        "2",
+        "-n",
+        "6",
+        "-d",
+        "2.5",
+        "--drop-every",
+        "150ms",
+        "--rate",
+        "500",
+        "--restart-redis-at",
+        "1",
+        "--restart-redis-pause",
+        "300ms",
+    ]);
+    let s = &v["summary"];
+    assert_eq!(s["redis_restarts"].as_array().map(Vec::len), Some(1), "{s}");
+    assert_eq!(u(&s["lost"]), 0, "{s}");
+    assert_eq!(u(&s["duplicated"]), 0, "{s}");
+    assert_eq!(u(&s["out_of_order"]), 0, "{s}");
+    assert_eq!(u(&s["complete_subscribers"]), 6, "{s}");
+    // Two epochs, the second with publications of its own from offset 1.
+    let epochs = s["epochs"].as_array().expect("epochs");
+    assert_eq!(epochs.len(), 2, "{s}");
+    assert_ne!(epochs[0]["epoch"], epochs[1]["epoch"]);
+    assert_eq!(u(&epochs[1]["first"]), 1, "{s}");
+    assert_eq!(u(&s["last_offset"]), u(&epochs[1]["last"]), "{s}");
+    // Every subscriber moved to the new epoch once, no more.
+    assert_eq!(u(&s["epoch_changes"]), 6, "{s}");
+    assert_eq!(u(&s["unexpected_epoch_changes"]), 0, "{s}");
+    assert!(u(&s["reconnects"]) > 0, "no reconnects: {s}");
+    // While Redis was away the publisher was told (`history unavailable`), and it kept
+    // publishing once Redis was back.
+    assert!(u(&s["refused_while_away"]) > 0, "{s}");
+    assert!(u(&epochs[1]["last"]) >= 50, "{s}");
+}
+
 /// Recover with a history too short for the drops: the resumes are answered
 /// `recovered: false`, the offsets they miss are counted lost, and the exit status says so.
 #[test]

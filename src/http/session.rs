@@ -383,11 +383,15 @@ impl<'a> Responder<'a> {
                     return self.reply_error(ErrorReason::PublishRefused, Some(&channel));
                 }
                 // Refused for overload: the client is told (nothing was delivered, and the
-                // refusal is counted in `backlog_refused`). Otherwise it fails only when the
-                // hub is shutting down, and the client is about to get 1001.
+                // refusal is counted in `backlog_refused`). Refused because the channel's
+                // history lives in Redis and Redis is away: told too (nothing was delivered
+                // or numbered; it may publish again once Redis is back). Otherwise it fails
+                // only when the hub is shutting down, and the client is about to get 1001.
                 if let Err(err) = self.shared.publish_from_client(&channel, data) {
                     if err.is_overloaded() {
                         self.reply_error(ErrorReason::PublishRefused, Some(&channel));
+                    } else if err.is_unavailable() {
+                        self.reply_error(ErrorReason::HistoryUnavailable, Some(&channel));
                     }
                 }
             }
