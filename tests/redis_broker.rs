@@ -10,7 +10,7 @@
 mod support;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
@@ -19,7 +19,6 @@ use serde_json::{json, Value};
 use support::redis_server::*;
 use support::*;
 use tokio::task::JoinHandle;
-use tokio_tungstenite::tungstenite::Message as WsMessage;
 use wshub::{BrokerStats, Hub, HubConfig, Message, RedisBroker, RedisConfig};
 
 // ---------------------------------------------------------------------------------------------
@@ -78,52 +77,17 @@ impl Got {
     }
 }
 
-/// Reads a client's messages in a task of its own and keeps the sequenced ones (those with
-/// `data.seq`); everything else (acknowledgements) is skipped.
-struct Recorder {
-    got: Arc<Mutex<Vec<Got>>>,
-    task: JoinHandle<()>,
-}
+/// A client's sequenced messages (those with `data.seq`); acknowledgements are skipped.
+type Recorder = support::Recorder<Got>;
 
 impl Recorder {
-    fn spawn(mut ws: Ws) -> Recorder {
-        let got = Arc::new(Mutex::new(Vec::new()));
-        let sink = Arc::clone(&got);
-        let task = tokio::spawn(async move {
-            while let Some(Ok(frame)) = ws.next().await {
-                let WsMessage::Text(text) = frame else {
-                    continue;
-                };
-                let json: Value = serde_json::from_str(&text)
-                    .unwrap_or_else(|e| panic!("not JSON ({e}): {text}"));
-                if json["data"]["seq"].is_u64() {
-                    sink.lock().unwrap().push(Got {
-                        json,
-                        at: Instant::now(),
-                    });
-                }
-            }
-        });
-        Recorder { got, task }
-    }
-
-    fn len(&self) -> usize {
-        self.got.lock().unwrap().len()
-    }
-
-    fn snapshot(&self) -> Vec<Got> {
-        self.got.lock().unwrap().clone()
-    }
-
-    async fn wait_for(&self, what: &str, count: usize) {
-        let got = Arc::clone(&self.got);
-        wait_until(what, move || got.lock().unwrap().len() >= count).await
-    }
-}
-
-impl Drop for Recorder {
-    fn drop(&mut self) {
-        self.task.abort();
+    fn spawn(ws: Ws) -> Recorder {
+        Recorder::keeping(ws, |_, json| {
+            json["data"]["seq"].is_u64().then(|| Got {
+                json,
+                at: Instant::now(),
+            })
+        })
     }
 }
 
@@ -631,11 +595,11 @@ impl Faulty {
     /// Waits until hub B delivers a message that arrived after `since`; returns how long
     /// after `since` it arrived.
     async fn resumed_after(&self, since: Instant) -> Duration {
-        let got = Arc::clone(&self.on_b.got);
-        wait_until("delivery across the hubs to resume", move || {
-            got.lock().unwrap().last().is_some_and(|g| g.at > since)
-        })
-        .await;
+        self.on_b
+            .wait_until_kept("delivery across the hubs to resume", |got| {
+                got.last().is_some_and(|g| g.at > since)
+            })
+            .await;
         let got = self.on_b.snapshot();
         let first = got.iter().find(|g| g.at > since).expect("a message after");
         first.at - since
@@ -670,11 +634,12 @@ impl Faulty {
         })
         .await;
         // Hub B counts exactly what its client got; in order, no duplicates.
-        let (hub_b, on_b) = (self.b.hub.clone(), Arc::clone(&self.on_b.got));
-        wait_until("hub B's count to match its client", move || {
-            broker_stats(&hub_b).received == on_b.lock().unwrap().len() as u64
-        })
-        .await;
+        let hub_b = self.b.hub.clone();
+        self.on_b
+            .wait_until_kept("hub B's count to match its client", move |got| {
+                broker_stats(&hub_b).received == got.len() as u64
+            })
+            .await;
         let on_b = seqs_from(&self.on_b.snapshot(), "A");
         assert_increasing(&on_b, "hub B's client");
         let stats_a = broker_stats(&self.a.hub);

@@ -9,15 +9,12 @@
 mod support;
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use futures_util::StreamExt;
 use serde_json::{json, Value};
 use support::redis_server::*;
 use support::*;
 use tokio::task::JoinHandle;
-use tokio_tungstenite::tungstenite::Message as WsMessage;
 use wshub::{HistoryPolicy, Hub, HubConfig, Message, PublishPolicy, RedisBroker, RedisConfig};
 
 // ---------------------------------------------------------------------------------------------
@@ -76,51 +73,23 @@ struct Got {
     seq: u64,
 }
 
-/// Reads a client's publications in a task of its own (acknowledgements skipped).
-struct Recorder {
-    got: Arc<Mutex<Vec<Got>>>,
-    task: JoinHandle<()>,
-}
+/// A client's publications (acknowledgements skipped).
+type Recorder = support::Recorder<Got>;
 
 impl Recorder {
-    fn spawn(mut ws: Ws) -> Recorder {
-        let got = Arc::new(Mutex::new(Vec::new()));
-        let sink = Arc::clone(&got);
-        let task = tokio::spawn(async move {
-            while let Some(Ok(frame)) = ws.next().await {
-                let WsMessage::Text(text) = frame else {
-                    continue;
-                };
-                let json: Value = serde_json::from_str(&text)
-                    .unwrap_or_else(|e| panic!("not JSON ({e}): {text}"));
-                if json["type"] != "event" {
-                    continue;
-                }
-                let (offset, epoch) = position_of(&text);
-                sink.lock().unwrap().push(Got {
-                    offset,
-                    epoch,
-                    source: json["data"]["source"].as_str().unwrap_or("").to_owned(),
-                    seq: json["data"]["seq"].as_u64().expect("a seq"),
-                });
+    fn spawn(ws: Ws) -> Recorder {
+        Recorder::keeping(ws, |text, json| {
+            if json["type"] != "event" {
+                return None;
             }
-        });
-        Recorder { got, task }
-    }
-
-    fn snapshot(&self) -> Vec<Got> {
-        self.got.lock().unwrap().clone()
-    }
-
-    async fn wait_for(&self, what: &str, count: usize) {
-        let got = Arc::clone(&self.got);
-        wait_until(what, move || got.lock().unwrap().len() >= count).await
-    }
-}
-
-impl Drop for Recorder {
-    fn drop(&mut self) {
-        self.task.abort();
+            let (offset, epoch) = position_of(text);
+            Some(Got {
+                offset,
+                epoch,
+                source: json["data"]["source"].as_str().unwrap_or("").to_owned(),
+                seq: json["data"]["seq"].as_u64().expect("a seq"),
+            })
+        })
     }
 }
 

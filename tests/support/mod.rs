@@ -999,6 +999,60 @@ impl AsyncWrite for Wrapped {
     }
 }
 
+/// Reads a client's messages in a task of its own and keeps what `keep` makes of each text
+/// frame (given the text and its JSON; `None` skips it, e.g. an acknowledgement). Stops when
+/// the connection ends or the recorder is dropped.
+pub struct Recorder<T> {
+    got: Arc<std::sync::Mutex<Vec<T>>>,
+    task: JoinHandle<()>,
+}
+
+impl<T: Clone + Send + 'static> Recorder<T> {
+    pub fn keeping(mut ws: Ws, keep: impl Fn(&str, Value) -> Option<T> + Send + 'static) -> Self {
+        let got = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let sink = Arc::clone(&got);
+        let task = tokio::spawn(async move {
+            while let Some(Ok(frame)) = ws.next().await {
+                let WsMessage::Text(text) = frame else {
+                    continue;
+                };
+                let json: Value = serde_json::from_str(&text)
+                    .unwrap_or_else(|e| panic!("not JSON ({e}): {text}"));
+                if let Some(kept) = keep(&text, json) {
+                    sink.lock().unwrap().push(kept);
+                }
+            }
+        });
+        Recorder { got, task }
+    }
+
+    pub fn len(&self) -> usize {
+        self.got.lock().unwrap().len()
+    }
+
+    pub fn snapshot(&self) -> Vec<T> {
+        self.got.lock().unwrap().clone()
+    }
+
+    /// Waits until `count` are kept.
+    pub async fn wait_for(&self, what: &str, count: usize) {
+        self.wait_until_kept(what, move |got| got.len() >= count)
+            .await
+    }
+
+    /// Waits until what is kept so far meets `condition`.
+    pub async fn wait_until_kept(&self, what: &str, condition: impl Fn(&[T]) -> bool) {
+        let got = Arc::clone(&self.got);
+        wait_until(what, move || condition(&got.lock().unwrap())).await
+    }
+}
+
+impl<T> Drop for Recorder<T> {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
 /// A `redis-server` of the test's own (the Redis broker's tests).
 #[cfg(feature = "redis")]
 pub mod redis_server;
