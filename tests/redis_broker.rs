@@ -36,13 +36,7 @@ async fn node(config: RedisConfig) -> Server {
         .broker(broker)
         .build()
         .expect("a valid hub config");
-    let server = Server::start(config).await;
-    let hub = server.hub.clone();
-    wait_until("the broker to connect", move || {
-        broker_stats(&hub).connected
-    })
-    .await;
-    server
+    start_node(config).await
 }
 
 /// A hub joined to `redis` with node id `id` (see [`node`]).
@@ -52,10 +46,6 @@ async fn node_named(redis: &RedisServer, id: &str) -> Server {
 
 fn broker_stats(hub: &Hub) -> BrokerStats {
     hub.stats().broker.expect("the hub has a broker")
-}
-
-fn seq_message(source: &str, seq: u64) -> Message {
-    Message::new("event").with_data(json!({"source": source, "seq": seq}))
 }
 
 /// A message a client got, with the time it arrived.

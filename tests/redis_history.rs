@@ -15,7 +15,7 @@ use serde_json::{json, Value};
 use support::redis_server::*;
 use support::*;
 use tokio::task::JoinHandle;
-use wshub::{HistoryPolicy, Hub, HubConfig, Message, PublishPolicy, RedisBroker, RedisConfig};
+use wshub::{HistoryPolicy, Hub, HubConfig, PublishPolicy, RedisBroker, RedisConfig};
 
 // ---------------------------------------------------------------------------------------------
 // Nodes and clients
@@ -51,17 +51,7 @@ async fn node_waiting(redis: &RedisServer, id: &str, history_wait: Duration) -> 
         .broker(broker)
         .build()
         .expect("a valid hub config");
-    let server = Server::start(config).await;
-    let hub = server.hub.clone();
-    wait_until("the broker to connect", move || {
-        hub.stats().broker.is_some_and(|b| b.connected)
-    })
-    .await;
-    server
-}
-
-fn seq_message(source: &str, seq: u64) -> Message {
-    Message::new("event").with_data(json!({"source": source, "seq": seq}))
+    start_node(config).await
 }
 
 /// A publication a client got: its offset, epoch, source and seq.

@@ -5,10 +5,12 @@
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
+use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
+use wshub::{HubConfig, Message};
 
-use super::within;
+use super::{wait_until, within, Server};
 
 /// A `redis-server` child process on 127.0.0.1, killed when dropped.
 pub struct RedisServer {
@@ -145,4 +147,21 @@ pub async fn command_calls(redis: &mut redis::aio::MultiplexedConnection, comman
         .find_map(|line| line.strip_prefix(prefix.as_str()))
         .and_then(|rest| rest.split(',').next())
         .map_or(0, |calls| calls.parse().expect("a number of calls"))
+}
+
+/// A hub with `config` (which holds a broker) served on 127.0.0.1, once its broker is
+/// connected.
+pub async fn start_node(config: HubConfig) -> Server {
+    let server = Server::start(config).await;
+    let hub = server.hub.clone();
+    wait_until("the broker to connect", move || {
+        hub.stats().broker.is_some_and(|b| b.connected)
+    })
+    .await;
+    server
+}
+
+/// A sequenced message from `source`: `{"source": …, "seq": …}` in `data`.
+pub fn seq_message(source: &str, seq: u64) -> Message {
+    Message::new("event").with_data(json!({"source": source, "seq": seq}))
 }
