@@ -502,14 +502,13 @@ async fn serve_client(
     while matches!(flow, Flow::Open | Flow::Throttled) {
         match conn.write_state() {
             WriteState::Open if flow == Flow::Throttled => {
-                // Boxed: only a client whose subscribe waits for Redis pays for the wait.
-                match Box::pin(responder.wait_deferred()).await {
-                    Some(true) => {
+                // Boxed, and only when a subscribe waits for Redis: a client throttled by its
+                // shard's backlog neither allocates nor carries that wait in its future.
+                if responder.has_deferred() {
+                    if Box::pin(responder.wait_deferred()).await == Some(true) {
                         flow = responder.on_bytes(&mut reader, &mut []);
-                        continue;
                     }
-                    Some(false) => continue,
-                    None => {}
+                    continue;
                 }
                 // Boxed: only a throttled client pays for the wait.
                 let shard = responder.shard();
