@@ -14,6 +14,7 @@ use tokio::sync::{mpsc, oneshot, watch, Notify};
 use crate::broker::{Broker, Inbound, LocalNode, Numbered, Target};
 use crate::client::{ChannelSnapshot, ClientId, ClientSnapshot};
 use crate::config::HubConfig;
+use crate::conn::idle::Runner;
 use crate::conn::{self, Clock};
 use crate::error::{Error, Result};
 use crate::history::{HistoryPage, HistoryStore, Publication, StreamPosition};
@@ -59,6 +60,31 @@ pub(crate) struct Shared {
     /// The process ids that [`Hub::stream_process`] is running (`process.rs`): a second run of
     /// one of them is refused.
     pub(crate) running_processes: Mutex<HashSet<Box<str>>>,
+    /// Where each shard's idle TCP connections wait, with no task of their own
+    /// (`conn/idle.rs`).
+    pub(crate) runners: Runners,
+}
+
+/// One [`Runner`] per shard; their tasks end with the hub.
+pub(crate) struct Runners(Box<[Arc<Runner>]>);
+
+impl Runners {
+    fn new(shards: usize) -> Self {
+        Runners((0..shards).map(|_| Arc::default()).collect())
+    }
+
+    /// The runner of shard `index`.
+    pub(crate) fn get(&self, index: usize) -> &Arc<Runner> {
+        &self.0[index]
+    }
+}
+
+impl Drop for Runners {
+    fn drop(&mut self) {
+        for runner in self.0.iter() {
+            runner.stop();
+        }
+    }
 }
 
 impl Shared {
@@ -781,6 +807,7 @@ impl Hub {
             .clone()
             .map(|broker| Arc::new(BrokerActivity(broker)) as Arc<dyn ChannelActivity>);
         let counters = Arc::new(Counters::new(config.shards));
+        let runners = Runners::new(config.shards);
         let shared = Arc::new(Shared {
             conn_env: conn::Env {
                 limits: conn_limits(&config),
@@ -801,6 +828,7 @@ impl Hub {
             shutting_down: watch::channel(false).0,
             tasks_idle: Notify::new(),
             running_processes: Mutex::new(HashSet::new()),
+            runners,
         });
         Hub {
             inner: Arc::new(Inner {

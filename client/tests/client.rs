@@ -58,6 +58,12 @@ async fn subscribe_receive_and_send_while_disconnected_is_an_error() {
     );
     assert_eq!(next_event(&mut events, "Connected").await, Event::Connected);
     assert_eq!(client.state(), State::Connected);
+    // The hub's `on_connect` runs as its side of the upgrade completes, which can be just
+    // after the client has read the 101.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while seen_auth.lock().unwrap().is_empty() && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
     assert_eq!(*seen_auth.lock().unwrap(), ["Bearer test-key"]);
 
     client.subscribe("room").await.expect("subscribe");

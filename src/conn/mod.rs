@@ -1,6 +1,7 @@
 //! One client's connection as the shard and the connection task share it: the socket, the
-//! outbound queue, and the write path. The connection task itself, which reads the client and
-//! calls into the hub, is a layer up, in `http/session.rs`.
+//! outbound queue, and the write path. The connection task itself (the session), which reads
+//! the client and calls into the hub, is a layer up, in `http/session.rs`; while its client
+//! is idle it is no task but a step that [`idle`]'s runner runs when a waker fires.
 //!
 //! # The write path (hot)
 //!
@@ -36,6 +37,7 @@
 //! [`HubConfigBuilder::outbound_queue_bytes`]: crate::HubConfigBuilder::outbound_queue_bytes
 //! [`HubStats::dropped`]: crate::HubStats::dropped
 
+pub(crate) mod idle;
 pub(crate) mod sys;
 #[cfg(all(feature = "io-uring", target_os = "linux"))]
 pub(crate) mod uring;

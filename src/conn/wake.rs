@@ -1,11 +1,13 @@
-//! How a shard tells a connection's task that its outbound side needs it (the socket filled
-//! up, or the connection began closing): a flag and the task's waker, 32 bytes in the `Conn`.
+//! How a shard tells a connection's session that its outbound side needs it (the socket
+//! filled up, or the connection began closing): a flag and a waker, 32 bytes in the `Conn`.
+//! The waker is the parked session itself while the client is idle (`idle.rs`), or the task
+//! that serves a busy one.
 //!
-//! `tokio::sync::Notify` does the same job, but waiting on it puts a 64-byte `Notified`
-//! future inside every idle connection's task, next to the 152-byte `readable()` future it
-//! waits with. The connection task instead polls this and the socket's read readiness
+//! `tokio::sync::Notify` does the same job, but waiting on it takes a 64-byte `Notified`
+//! future, and a parked session has no future to keep one in. The session's step polls this
+//! and the socket's read readiness
 //! ([`TcpStream::poll_read_ready`](tokio::net::TcpStream::poll_read_ready), whose waker lives
-//! in tokio's own per-socket state) from one small `poll_fn`.
+//! in tokio's own per-socket state) with its own waker.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll};

@@ -336,7 +336,7 @@ fn into_tcp(upgraded: Upgraded) -> Result<(TcpStream, Bytes), Upgraded> {
         .map(|parts| (parts.io.into_inner(), parts.read_buf))
 }
 
-/// An accepted upgrade, from the request's side, until its connection task starts.
+/// An accepted upgrade, from the request's side, until its session starts.
 struct Client {
     shared: Arc<Shared>,
     identity: Option<Identity>,
@@ -352,7 +352,7 @@ impl Client {
         let _ = stream.set_nodelay(true);
         let remote_addr = stream.peer_addr().ok();
         let (shared, conn, guard) = self.into_conn(Socket::Tcp(stream), remote_addr);
-        tokio::spawn(session::run(shared, conn, early, guard));
+        session::start(shared, conn, early, guard);
     }
 
     /// Any other connection: its bytes go through its task (`stream.rs`). Hyper's `Upgraded`
@@ -366,11 +366,11 @@ impl Client {
 
     /// Makes the client, and tells the application (`on_connect`).
     ///
-    /// The connection gets a task of its own, rather than continuing in the upgrade's: a
-    /// task's memory is the size of its largest state, and the upgrade's states (hyper's
-    /// upgrade future, the identity, the headers) would otherwise be carried by every idle
-    /// connection for life. Measured with massif on 2,000 idle connections: 1,536 bytes per
-    /// task before, the session's own size after.
+    /// The connection does not continue in the upgrade's task: a task's memory is the size
+    /// of its largest state, and the upgrade's states (hyper's upgrade future, the identity,
+    /// the headers) would otherwise be carried by every idle connection for life. Measured
+    /// with massif on 2,000 idle connections: 1,536 bytes per task before, the session's own
+    /// size after. A TCP session has no task at all while idle (`session.rs`).
     fn into_conn(
         self,
         socket: Socket,

@@ -1,20 +1,29 @@
-//! The connection task: one per client, from the upgrade to the close.
+//! A TCP client's session: from the upgrade to the close.
 //!
 //! It reads and decodes the client's frames and answers them; it finishes writes that the
 //! shard could not complete at once (the socket was full), under the write timeout; and it
-//! runs the close handshake. While a client is idle the task holds no buffer: it waits for
-//! readiness, then reads into a per-thread scratch buffer, and only the tail of a frame still
-//! arriving is copied into a buffer of the connection's own, freed once the frame is whole.
+//! runs the close handshake. While a client is idle its session holds no buffer and no task:
+//! it is *parked* with its shard's runner (`conn/idle.rs`), about a hundred bytes that are
+//! the waker of its socket and of its outbound side. When either fires, the runner runs the
+//! session's step ([`Idle::step`]): it reads into a per-thread scratch buffer, answers, and
+//! parks again; only the tail of a frame still arriving is copied into a buffer of the
+//! connection's own, freed once the frame is whole. A client with more than reading to do
+//! (throttled by its shard's backlog, behind on its writes, waiting for Redis, or closing)
+//! gets a task of its own ([`serve_busy`]) until it is idle again.
+//!
+//! Memory per idle subscribed connection, `shared/bench/compare.sh` (10,000 connections):
+//! 1,445 bytes with a task per connection, 978 parked.
 //!
 //! It lives above the hub (not in `conn/`) because it is the hub's client: it enqueues the
 //! client's requests to its shard, publishes, waits for room and counts itself in the hub's
-//! connection tasks. `conn/` keeps what the shard and this task share: the [`Conn`].
+//! connection tasks. `conn/` keeps what the shard and the session share: the [`Conn`].
 
 use std::cell::{Cell, RefCell};
 use std::io;
 use std::ops::ControlFlow;
-use std::sync::Arc;
-use std::task::Poll;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll, Wake, Waker};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -22,6 +31,7 @@ use tokio::net::TcpStream;
 use tokio::sync::oneshot;
 
 use crate::config::RateLimit;
+use crate::conn::idle::{Parked, Runner};
 use crate::conn::{CloseMode, Conn, WriteState};
 use crate::hub::Shared;
 use crate::shard::Command;
@@ -163,6 +173,11 @@ pub(crate) struct Responder<'a> {
     deferred: Cell<Option<Box<Deferred>>>,
 }
 
+/// A new client's message budget: full, when a rate limit is configured.
+fn full_budget(shared: &Shared) -> Option<TokenBucket> {
+    shared.config.rate_limit.map(|l| TokenBucket::full(l.burst))
+}
+
 /// A subscribe to a channel whose history lives in Redis, held in the connection task until
 /// this node is in step with Redis for that channel (its local history then answers it), or
 /// the broker's bounded wait runs out. Meanwhile the connection decodes nothing more
@@ -208,12 +223,30 @@ impl TokenBucket {
 
 impl<'a> Responder<'a> {
     pub(crate) fn new(shared: &'a Arc<Shared>, conn: &'a Arc<Conn>) -> Self {
+        Self::resume(shared, conn, full_budget(shared), None)
+    }
+
+    /// A responder that goes on where an earlier one stopped: with the client's message
+    /// budget and the subscribe that waits for Redis, if any (see [`into_parts`]).
+    ///
+    /// [`into_parts`]: Self::into_parts
+    fn resume(
+        shared: &'a Arc<Shared>,
+        conn: &'a Arc<Conn>,
+        budget: Option<TokenBucket>,
+        deferred: Option<Box<Deferred>>,
+    ) -> Self {
         Responder {
             shared,
             conn,
-            budget: Cell::new(shared.config.rate_limit.map(|l| TokenBucket::full(l.burst))),
-            deferred: Cell::new(None),
+            budget: Cell::new(budget),
+            deferred: Cell::new(deferred),
         }
+    }
+
+    /// What a later responder for the same client goes on with: its budget and what waits.
+    fn into_parts(self) -> (Option<TokenBucket>, Option<Box<Deferred>>) {
+        (self.budget.into_inner(), self.deferred.into_inner())
     }
 
     /// Whether a subscribe waits for Redis (see [`Deferred`]).
@@ -424,19 +457,210 @@ impl<'a> Responder<'a> {
     }
 }
 
-/// Runs one client's connection to its end. `early` holds bytes the HTTP layer read past the
-/// upgrade request (a client may send its first frame right behind it).
-pub(crate) async fn run(shared: Arc<Shared>, conn: Arc<Conn>, early: Bytes, guard: TaskGuard) {
-    // `early` is a slice of hyper's read buffer (kilobytes): keep a copy of the few bytes it
-    // holds, not the buffer, or every idle connection would keep one alive.
-    let early_bytes = (!early.is_empty()).then(|| early.to_vec());
-    drop(early);
-    if register(&shared, &conn) {
-        if let Some(tcp) = conn.socket.tcp() {
-            serve_client(&shared, &conn, tcp, early_bytes).await;
-        }
-        deregister(&shared, &conn).await;
+/// Starts serving a TCP client: registers it with its shard, answers what it sent right behind
+/// the upgrade request (`early`, bytes the HTTP layer read past it), then parks it with its
+/// shard's runner (or, if that left it busy, gives it a task).
+pub(crate) fn start(shared: Arc<Shared>, conn: Arc<Conn>, early: Bytes, guard: TaskGuard) {
+    if !register(&shared, &conn) {
+        ended(&shared, &conn, guard);
+        return;
     }
+    // `early` is a slice of hyper's read buffer (kilobytes): decoded here, so that no idle
+    // connection keeps the buffer alive.
+    let mut early = early.to_vec();
+    let mut idle = Idle {
+        reader: Reader::new(shared.config.max_message_size),
+        budget: full_budget(&shared),
+        conn,
+        guard,
+    };
+    let mut flow = Flow::Open;
+    let mut deferred = None;
+    if !early.is_empty() {
+        let responder = Responder::resume(&shared, &idle.conn, idle.budget, None);
+        flow = responder.on_bytes(&mut idle.reader, &mut early);
+        (idle.budget, deferred) = responder.into_parts();
+    }
+    let runner = shared.runners.get(shared.shard_index(idle.conn.info.id));
+    let session = Arc::new(Session {
+        scheduled: AtomicBool::new(false),
+        slot: AtomicU32::new(0),
+        runner: Arc::clone(runner),
+        idle: Mutex::new(None),
+    });
+    let slot = runner.register(Arc::clone(&session) as Arc<dyn Parked>);
+    session.slot.store(slot, Ordering::Relaxed);
+    session.carry_on(idle, flow, deferred);
+}
+
+/// A TCP client's session, as its shard's runner keeps it (`conn/idle.rs`): while the client
+/// is idle this, with the [`Idle`] inside, is all the memory of its session; no task exists.
+/// It is the connection's waker too: tokio's per-socket state and the connection's
+/// [`Wake`](crate::conn::wake::Wake) keep it, and their wake-ups queue its step.
+pub(crate) struct Session {
+    /// Its step is queued: a wake-up meanwhile queues nothing more.
+    scheduled: AtomicBool,
+    /// Its slot in the runner's registry.
+    slot: AtomicU32,
+    runner: Arc<Runner>,
+    /// The session's state while it is parked; `None` while a task serves it (the task holds
+    /// it), and once it ended.
+    idle: Mutex<Option<Idle>>,
+}
+
+/// What a TCP client's session keeps between reads.
+pub(crate) struct Idle {
+    conn: Arc<Conn>,
+    reader: Reader,
+    /// The client's message budget, when a rate limit is configured.
+    budget: Option<TokenBucket>,
+    /// Counts the session as a connection task (the connection limit, the shutdown's drain).
+    guard: TaskGuard,
+}
+
+impl Session {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<Idle>> {
+        self.idle
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Parks the session if the client is idle after `flow` (its next step, queued now,
+    /// registers its waker), or gives it a task until it is.
+    fn carry_on(self: Arc<Self>, idle: Idle, flow: Flow, deferred: Option<Box<Deferred>>) {
+        if flow == Flow::Open && deferred.is_none() && idle.conn.write_state() == WriteState::Open {
+            *self.lock() = Some(idle);
+            self.wake_by_ref();
+        } else {
+            tokio::spawn(serve_busy(self, idle, flow, deferred));
+        }
+    }
+
+    /// The session ended: its runner lets go of it.
+    fn remove(self: &Arc<Self>) {
+        let parked: Arc<dyn Parked> = Arc::clone(self) as Arc<dyn Parked>;
+        self.runner
+            .remove(self.slot.load(Ordering::Relaxed), &parked);
+    }
+}
+
+impl Wake for Session {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        if !self.scheduled.swap(true, Ordering::AcqRel) {
+            self.runner.schedule(Arc::clone(self) as Arc<dyn Parked>);
+        }
+    }
+}
+
+impl Parked for Session {
+    fn step(self: Arc<Self>) {
+        // Cleared first: a wake-up from here on queues the next step.
+        self.scheduled.store(false, Ordering::Release);
+        // `None`: a task serves the client (this was a wake-up from before it took over).
+        let Some(mut idle) = self.lock().take() else {
+            return;
+        };
+        let waker = Waker::from(Arc::clone(&self));
+        match idle.step(&mut Context::from_waker(&waker)) {
+            Some((flow, deferred)) => {
+                tokio::spawn(serve_busy(self, idle, flow, deferred));
+            }
+            None => *self.lock() = Some(idle),
+        }
+    }
+
+    fn abandon(&self) {
+        drop(self.lock().take());
+    }
+}
+
+impl Idle {
+    fn shared(&self) -> &Arc<Shared> {
+        &self.guard.0
+    }
+
+    /// A parked client's step: reads what it has and registers `cx`'s waker for more.
+    /// `Some` when the client needs a task of its own (see [`serve_busy`]), with the flow and
+    /// the subscribe that waits for Redis, if any.
+    #[allow(clippy::type_complexity)]
+    fn step(&mut self, cx: &mut Context<'_>) -> Option<(Flow, Option<Box<Deferred>>)> {
+        let tcp = self.conn.socket.tcp()?;
+        let responder = Responder::resume(&self.guard.0, &self.conn, self.budget, None);
+        let mut flow = Flow::Open;
+        // Twice at most: a client that still has bytes after a full read is queued again
+        // behind the others (fairness), as a task would yield.
+        let mut turns = 0;
+        let busy = loop {
+            if flow != Flow::Open || self.conn.write_state() != WriteState::Open {
+                break true;
+            }
+            if responder.has_deferred() {
+                break true;
+            }
+            if turns == 2 {
+                cx.waker().wake_by_ref();
+                break false;
+            }
+            turns += 1;
+            // Register with both first: a wake-up after either is seen by the next step.
+            if self.conn.wake.poll_woken(cx).is_ready() {
+                continue;
+            }
+            match tcp.poll_read_ready(cx) {
+                Poll::Pending => break false,
+                Poll::Ready(Ok(())) => flow = read_requests(&responder, &mut self.reader, tcp),
+                Poll::Ready(Err(_)) => flow = Flow::Gone,
+            }
+        };
+        let deferred;
+        (self.budget, deferred) = responder.into_parts();
+        busy.then_some((flow, deferred))
+    }
+}
+
+/// Serves a client that has more than reading to do: it is throttled (its shard is full, or
+/// a subscribe waits for Redis), behind (a write the shard could not finish), or closing.
+/// Parks it again once it is idle; otherwise runs it to its end.
+async fn serve_busy(
+    session: Arc<Session>,
+    mut idle: Idle,
+    flow: Flow,
+    deferred: Option<Box<Deferred>>,
+) {
+    let shared = Arc::clone(idle.shared());
+    let conn = Arc::clone(&idle.conn);
+    let Some(tcp) = conn.socket.tcp() else {
+        return;
+    };
+    let responder = Responder::resume(&shared, &conn, idle.budget, deferred);
+    let (responder, flow) =
+        serve_client(&shared, &conn, tcp, responder, &mut idle.reader, flow).await;
+    let deferred;
+    (idle.budget, deferred) = responder.into_parts();
+    if flow == Flow::Open {
+        session.carry_on(idle, flow, deferred);
+        return;
+    }
+    session.remove();
+    match flow {
+        Flow::Closing { peer_closed } => {
+            Box::pin(finish_close(
+                &shared,
+                &conn,
+                tcp,
+                &mut idle.reader,
+                peer_closed,
+            ))
+            .await
+        }
+        Flow::Gone | Flow::Open | Flow::Throttled => conn.abort(&shared.conn_env),
+    }
+    deregister(&shared, &conn).await;
+    let Idle { guard, .. } = idle;
     ended(&shared, &conn, guard);
 }
 
@@ -487,58 +711,48 @@ pub(crate) fn ended(shared: &Shared, conn: &Conn, guard: TaskGuard) {
     drop(guard);
 }
 
-async fn serve_client(
+/// The busy states of a client, until it is idle again (`Flow::Open`, the responder handed
+/// back to be parked) or its connection ends (closing or gone).
+async fn serve_client<'a>(
     shared: &Arc<Shared>,
     conn: &Arc<Conn>,
     tcp: &TcpStream,
-    early: Option<Vec<u8>>,
-) {
-    let mut responder = Responder::new(shared, conn);
-    let mut reader = Reader::new(shared.config.max_message_size);
-    let mut flow = Flow::Open;
-    if let Some(mut early) = early {
-        flow = responder.on_bytes(&mut reader, &mut early);
-    }
+    mut responder: Responder<'a>,
+    reader: &mut Reader,
+    mut flow: Flow,
+) -> (Responder<'a>, Flow) {
     while matches!(flow, Flow::Open | Flow::Throttled) {
         match conn.write_state() {
             WriteState::Open if flow == Flow::Throttled => {
-                // Boxed, and only when a subscribe waits for Redis: a client throttled by its
-                // shard's backlog neither allocates nor carries that wait in its future.
                 if responder.has_deferred() {
-                    if Box::pin(responder.wait_deferred()).await == Some(true) {
-                        flow = responder.on_bytes(&mut reader, &mut []);
+                    if responder.wait_deferred().await == Some(true) {
+                        flow = responder.on_bytes(reader, &mut []);
                     }
                     continue;
                 }
-                // Boxed: only a throttled client pays for the wait.
                 let shard = responder.shard();
-                if Box::pin(wait_for_room(shared, conn, shard)).await {
+                if wait_for_room(shared, conn, shard).await {
                     // Decode what was read before the client was throttled.
-                    flow = responder.on_bytes(&mut reader, &mut []);
+                    flow = responder.on_bytes(reader, &mut []);
+                }
+            }
+            WriteState::Open if !responder.has_deferred() => {
+                // Idle again, and parked by the caller; first, what the client sent while it
+                // was behind (no syscall unless tokio saw the socket readable). A replay, paced
+                // by the writes, keeps a client behind most of the time: its unsubscribe is
+                // read here, between two chunks.
+                flow = read_requests(&responder, reader, tcp);
+                if flow == Flow::Open && !responder.has_deferred() {
+                    break;
                 }
             }
             WriteState::Open => {
-                // A hand-written select rather than `tokio::select!` over `wake.woken()` and
-                // `tcp.readable()`: those two futures would be 216 bytes of every idle
-                // connection's task (see `wake.rs`); this keeps the wakers where they live
-                // anyway, in the `Conn` and in tokio's per-socket state.
-                let woken = std::future::poll_fn(|cx| {
-                    if conn.wake.poll_woken(cx).is_ready() {
-                        return Poll::Ready(None);
-                    }
-                    tcp.poll_read_ready(cx).map(Some)
-                })
-                .await;
-                flow = match woken {
-                    None => Flow::Open,
-                    Some(Ok(())) => read_requests(&responder, &mut reader, tcp),
-                    Some(Err(_)) => Flow::Gone,
-                };
+                // A subscribe waits for Redis, and the client was not throttled for it (it
+                // came in early bytes): wait as a throttled client does.
+                flow = Flow::Throttled;
             }
             WriteState::Blocked { since } => {
-                // Boxed: only a client that falls behind pays for the timer's memory, not
-                // every idle connection's task.
-                let next = Box::pin(write_blocked(shared, conn, tcp, since)).await;
+                let next = write_blocked(shared, conn, tcp, since).await;
                 // A client throttled before it fell behind stays throttled.
                 if !(next == Flow::Open && flow == Flow::Throttled) {
                     flow = next;
@@ -548,12 +762,7 @@ async fn serve_client(
             WriteState::Closed => flow = Flow::Gone,
         }
     }
-    match flow {
-        Flow::Closing { peer_closed } => {
-            Box::pin(finish_close(shared, conn, tcp, &mut reader, peer_closed)).await
-        }
-        Flow::Gone | Flow::Open | Flow::Throttled => conn.abort(&shared.conn_env),
-    }
+    (responder, flow)
 }
 
 /// The client's shard is full: reads nothing more from the client until it has room (true),
@@ -697,30 +906,14 @@ pub(crate) fn look_for_close(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::client::ClientInfo;
-    use crate::conn::Socket;
 
-    /// Every idle connection holds one of these futures: memory per connection is what decides
-    /// how many a machine holds (see `DESIGN.md`). Rarely used states (a blocked write, the
-    /// close handshake) are boxed so that they do not count here, and the idle wait keeps no
-    /// futures of its own (see `wake.rs`). 320 bytes with rustc 1.95.
+    /// An idle TCP connection's session is its parked [`Session`], in an `Arc` (its two
+    /// counts), with no task: at most 120 bytes, so that with glibc's 8-byte header it takes
+    /// a 128-byte chunk, a quarter of the task it replaced (512 bytes, aligned to 128).
     #[test]
-    fn connection_task_stays_small() {
-        let hub = crate::Hub::new();
-        let shared = Arc::clone(hub.shared());
-        let info = ClientInfo::anonymous(1);
-        let conn = Arc::new(Conn::new(info, Socket::Null(Default::default()), 0));
-        let task = run(
-            Arc::clone(&shared),
-            conn,
-            Bytes::new(),
-            TaskGuard::new(&shared),
-        );
-        assert!(
-            std::mem::size_of_val(&task) <= 400,
-            "{}",
-            std::mem::size_of_val(&task)
-        );
+    fn a_parked_session_stays_small() {
+        let size = 2 * std::mem::size_of::<usize>() + std::mem::size_of::<Session>();
+        assert!(size <= 120, "{size}");
     }
 
     #[test]

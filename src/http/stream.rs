@@ -46,7 +46,7 @@ use crate::hub::Shared;
 use crate::shard::Command;
 
 /// Runs one client's connection over `io` to its end: the generic counterpart of
-/// [`session::run`]. `io` replays whatever the HTTP layer read past the upgrade request
+/// [`session::start`]. `io` replays whatever the HTTP layer read past the upgrade request
 /// (hyper's `Upgraded` does), so there are no early bytes to pass.
 pub(crate) async fn run<S>(shared: Arc<Shared>, conn: Arc<Conn>, io: S, guard: TaskGuard)
 where

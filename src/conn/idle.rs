@@ -1,0 +1,176 @@
+//! Where idle connections wait: with no task of their own.
+//!
+//! A tokio task costs a connection more than anything else it holds: the task's memory is
+//! aligned to 128 bytes and sized for its largest state, over 500 bytes with the allocator's
+//! share, for a connection that mostly waits for nothing. So a TCP connection with nothing to
+//! do is *parked* here instead: one [`Runner`] per shard keeps the parked connections of that
+//! shard, and a single task per runner runs a connection's step whenever its waker fires (its
+//! socket has bytes to read, or its outbound side needs it). The waker is the parked
+//! connection itself ([`Parked`] is reached through an `Arc`), registered with tokio's
+//! per-socket state and with the connection's [`Wake`](super::wake::Wake) by the step.
+//!
+//! A step that finds more than reading to do (the client is throttled, behind, closing, or
+//! waits for Redis) hands the connection to a task of its own, which parks it again once it
+//! is idle. The session logic is a layer up (`http/session.rs`); this is only the runner.
+//!
+//! # Teardown
+//!
+//! A parked connection and its socket refer to each other (the socket's readiness keeps the
+//! waker, the parked connection keeps the socket's `Conn`). The cycle ends with the
+//! connection's session, which takes itself out of its runner
+//! ([`Runner::remove`]). If the runner's task is dropped first (its runtime shut down), every
+//! connection still registered is [abandoned](Parked::abandon), which ends the cycle too.
+
+use std::future::poll_fn;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::Poll;
+
+use atomic_waker::AtomicWaker;
+
+/// Steps per turn of a runner's task before it yields, so one runner cannot hold a worker
+/// thread while other tasks (the shards among them) wait.
+const STEPS_PER_TURN: usize = 256;
+
+/// A connection as its runner sees it.
+pub(crate) trait Parked: Send + Sync {
+    /// Runs the connection's step: read what it has, and register its waker again (or hand
+    /// it to a task). Called by the runner's task only, once per [`Runner::schedule`].
+    fn step(self: Arc<Self>);
+
+    /// The runner is gone with its runtime: let go of the session's state, so that the
+    /// connection and its socket are freed.
+    fn abandon(&self);
+}
+
+/// The parked connections of one shard, and the queue of those whose waker fired.
+#[derive(Default)]
+pub(crate) struct Runner {
+    /// Scheduled, in the order their wakers fired.
+    ready: Mutex<Vec<Arc<dyn Parked>>>,
+    /// Every connection registered, parked or in a task of its own: what is abandoned if the
+    /// runner's task is dropped.
+    registered: Mutex<Registry>,
+    /// The runner's task.
+    waker: AtomicWaker,
+    /// Its task is alive (spawned and not dropped).
+    running: AtomicBool,
+    /// The hub is gone: the task ends once nothing is scheduled.
+    stopped: AtomicBool,
+}
+
+/// A slab of registered connections: a slot per connection, reused.
+#[derive(Default)]
+struct Registry {
+    slots: Vec<Option<Arc<dyn Parked>>>,
+    free: Vec<u32>,
+}
+
+impl Runner {
+    fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+        // Each list is consistent between statements: keep serving after a panic elsewhere.
+        mutex
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Registers a connection for the life of its session; its slot, for [`remove`].
+    /// Starts the runner's task on the current runtime if it is not running.
+    ///
+    /// [`remove`]: Self::remove
+    pub(crate) fn register(self: &Arc<Self>, parked: Arc<dyn Parked>) -> u32 {
+        let slot = {
+            let mut registry = Self::lock(&self.registered);
+            match registry.free.pop() {
+                Some(slot) => {
+                    registry.slots[slot as usize] = Some(parked);
+                    slot
+                }
+                None => {
+                    registry.slots.push(Some(parked));
+                    (registry.slots.len() - 1) as u32
+                }
+            }
+        };
+        if !self.running.swap(true, Ordering::AcqRel) {
+            tokio::spawn(tokio::task::unconstrained(Arc::clone(self).run()));
+        }
+        slot
+    }
+
+    /// The session of `parked`, registered in `slot`, ended. (Once abandoned, its slot may
+    /// hold another connection: then nothing is removed.)
+    pub(crate) fn remove(&self, slot: u32, parked: &Arc<dyn Parked>) {
+        let mut registry = Self::lock(&self.registered);
+        if let Some(entry) = registry.slots.get_mut(slot as usize) {
+            if entry.as_ref().is_some_and(|held| Arc::ptr_eq(held, parked)) {
+                *entry = None;
+                registry.free.push(slot);
+            }
+        }
+        if registry.free.len() == registry.slots.len() {
+            // The last one: give the memory of a crowd that has left back.
+            *registry = Registry::default();
+        }
+    }
+
+    /// Queues a step of `parked` (its waker fired). The caller makes sure a connection is
+    /// queued once until its step runs.
+    pub(crate) fn schedule(&self, parked: Arc<dyn Parked>) {
+        Self::lock(&self.ready).push(parked);
+        self.waker.wake();
+    }
+
+    /// The hub is gone: the task ends.
+    pub(crate) fn stop(&self) {
+        self.stopped.store(true, Ordering::Release);
+        self.waker.wake();
+    }
+
+    /// The runner's task: the steps of scheduled connections, in turns of at most
+    /// [`STEPS_PER_TURN`]. Runs `unconstrained`: a turn's steps poll many sockets, and tokio's
+    /// per-task budget would otherwise make the later ones look not ready.
+    async fn run(self: Arc<Self>) {
+        let _abandon = AbandonOnDrop(&self);
+        let mut batch: Vec<Arc<dyn Parked>> = Vec::new();
+        poll_fn(|cx| {
+            self.waker.register(cx.waker());
+            if batch.is_empty() {
+                std::mem::swap(&mut batch, &mut *Self::lock(&self.ready));
+                // Oldest first: the batch is drained from its end.
+                batch.reverse();
+            }
+            if batch.is_empty() {
+                if self.stopped.load(Ordering::Acquire) {
+                    return Poll::Ready(());
+                }
+                return Poll::Pending;
+            }
+            for parked in batch
+                .drain(batch.len().saturating_sub(STEPS_PER_TURN)..)
+                .rev()
+            {
+                parked.step();
+            }
+            // Yield between turns, whether or not more is queued: the next poll picks it up.
+            cx.waker().wake_by_ref();
+            Poll::Pending
+        })
+        .await;
+    }
+}
+
+/// Drops with the runner's task: by its end (the hub is gone) or with its runtime.
+struct AbandonOnDrop<'a>(&'a Arc<Runner>);
+
+impl Drop for AbandonOnDrop<'_> {
+    fn drop(&mut self) {
+        let runner = self.0;
+        let registered = std::mem::take(&mut *Runner::lock(&runner.registered));
+        Runner::lock(&runner.ready).clear();
+        for parked in registered.slots.into_iter().flatten() {
+            parked.abandon();
+        }
+        runner.running.store(false, Ordering::Release);
+    }
+}
