@@ -287,6 +287,47 @@ async fn the_subscribe_policy_can_refuse_a_channel() {
     );
 }
 
+/// A subscribe policy that panics ends that client's connection only: with one shard, so
+/// that every idle client waits with the same runner, a client subscribed before goes on
+/// receiving and having its requests answered, and a client that connects after is served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panicking_subscribe_policy_ends_that_client_only() {
+    let config = HubConfig::builder()
+        .shards(1)
+        .subscribe_policy(|_client, channel| {
+            assert_ne!(channel, "boom", "the policy's own panic, on purpose");
+            true
+        })
+        .build()
+        .unwrap();
+    let server = Server::start(config).await;
+    let mut bystander = server.connect().await;
+    subscribe(&mut bystander, "lobby").await;
+    let mut victim = server.connect().await;
+    send_text(&mut victim, r#"{"type":"subscribe","data":"boom"}"#).await;
+    loop {
+        match next_seen(&mut victim).await {
+            Seen::End(_) | Seen::Close(_) => break,
+            Seen::Ping(_) | Seen::Pong(_) => continue,
+            other => panic!("the client whose request panicked got {other:?}"),
+        }
+    }
+    wait_until("the panicked client's session to end", || {
+        server.hub.stats().connection_tasks == 1
+    })
+    .await;
+
+    server
+        .hub
+        .send_to_channel("lobby", &Message::new("still-here"))
+        .unwrap();
+    assert_eq!(next_json(&mut bystander).await["type"], "still-here");
+    subscribe(&mut bystander, "lobby-2").await;
+    let mut newcomer = server.connect().await;
+    subscribe(&mut newcomer, "lobby").await;
+    assert_eq!(server.hub.stats().clients, 2);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn client_publish_is_refused_by_default() {
     let server = Server::default_hub().await;

@@ -25,6 +25,7 @@ use std::future::poll_fn;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::Poll;
+use std::time::{Duration, Instant};
 
 use atomic_waker::AtomicWaker;
 
@@ -32,14 +33,20 @@ use atomic_waker::AtomicWaker;
 /// thread while other tasks (the shards among them) wait.
 const STEPS_PER_TURN: usize = 256;
 
+/// And at most this long: a turn ends after the step that crosses it (a step reads at most
+/// `READS_PER_WAKE` times, and runs the application's policies for what it read).
+const TURN_TIME: Duration = Duration::from_millis(1);
+
 /// A connection as its runner sees it.
 pub(crate) trait Parked: Send + Sync {
     /// Runs the connection's step: read what it has, and register its waker again (or hand
-    /// it to a task). Called by the runner's task only, once per [`Runner::schedule`].
+    /// it to a task). Called by the runner's task only, once per [`Runner::schedule`]. Must
+    /// not panic: a panic would end the runner's task, and abandon every connection of the
+    /// shard.
     fn step(self: Arc<Self>);
 
-    /// The runner is gone with its runtime: let go of the session's state, so that the
-    /// connection and its socket are freed.
+    /// The runner's task is gone (with its runtime): let go of the session's state, so that
+    /// the connection and its socket are freed, and forget that a step was queued.
     fn abandon(&self);
 }
 
@@ -92,10 +99,25 @@ impl Runner {
                 }
             }
         };
-        if !self.running.swap(true, Ordering::AcqRel) {
-            tokio::spawn(tokio::task::unconstrained(Arc::clone(self).run()));
-        }
+        self.ensure_running();
         slot
+    }
+
+    /// Spawns the runner's task on the current runtime unless it runs. The guard that
+    /// abandons the registered connections is made outside the task's future, so that it
+    /// runs even if the task is dropped before its first poll (a runtime shutting down).
+    /// Outside any runtime, nothing could run the steps: the connections are abandoned.
+    fn ensure_running(self: &Arc<Self>) {
+        if self.running.load(Ordering::Acquire) || self.running.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let abandon = AbandonOnDrop(Arc::clone(self));
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(tokio::task::unconstrained(async move {
+                Arc::clone(&abandon.0).run().await;
+                drop(abandon);
+            }));
+        }
     }
 
     /// The session of `parked`, registered in `slot`, ended. (Once abandoned, its slot may
@@ -115,10 +137,11 @@ impl Runner {
     }
 
     /// Queues a step of `parked` (its waker fired). The caller makes sure a connection is
-    /// queued once until its step runs.
-    pub(crate) fn schedule(&self, parked: Arc<dyn Parked>) {
+    /// queued once until its step runs. Restarts the runner's task if it was dropped.
+    pub(crate) fn schedule(self: &Arc<Self>, parked: Arc<dyn Parked>) {
         Self::lock(&self.ready).push(parked);
         self.waker.wake();
+        self.ensure_running();
     }
 
     /// The hub is gone: the task ends.
@@ -128,10 +151,10 @@ impl Runner {
     }
 
     /// The runner's task: the steps of scheduled connections, in turns of at most
-    /// [`STEPS_PER_TURN`]. Runs `unconstrained`: a turn's steps poll many sockets, and tokio's
-    /// per-task budget would otherwise make the later ones look not ready.
+    /// [`STEPS_PER_TURN`] and about [`TURN_TIME`]. Runs `unconstrained`: a turn's steps poll
+    /// many sockets, and tokio's per-task budget would otherwise make the later ones look not
+    /// ready.
     async fn run(self: Arc<Self>) {
-        let _abandon = AbandonOnDrop(&self);
         let mut batch: Vec<Arc<dyn Parked>> = Vec::new();
         poll_fn(|cx| {
             self.waker.register(cx.waker());
@@ -146,11 +169,13 @@ impl Runner {
                 }
                 return Poll::Pending;
             }
-            for parked in batch
-                .drain(batch.len().saturating_sub(STEPS_PER_TURN)..)
-                .rev()
-            {
+            let began = Instant::now();
+            for _ in 0..STEPS_PER_TURN {
+                let Some(parked) = batch.pop() else { break };
                 parked.step();
+                if began.elapsed() >= TURN_TIME {
+                    break;
+                }
             }
             // Yield between turns, whether or not more is queued: the next poll picks it up.
             cx.waker().wake_by_ref();
@@ -161,11 +186,11 @@ impl Runner {
 }
 
 /// Drops with the runner's task: by its end (the hub is gone) or with its runtime.
-struct AbandonOnDrop<'a>(&'a Arc<Runner>);
+struct AbandonOnDrop(Arc<Runner>);
 
-impl Drop for AbandonOnDrop<'_> {
+impl Drop for AbandonOnDrop {
     fn drop(&mut self) {
-        let runner = self.0;
+        let runner = &self.0;
         let registered = std::mem::take(&mut *Runner::lock(&runner.registered));
         Runner::lock(&runner.ready).clear();
         for parked in registered.slots.into_iter().flatten() {

@@ -21,6 +21,7 @@
 use std::cell::{Cell, RefCell};
 use std::io;
 use std::ops::ControlFlow;
+use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Wake, Waker};
@@ -565,16 +566,25 @@ impl Parked for Session {
             return;
         };
         let waker = Waker::from(Arc::clone(&self));
-        match idle.step(&mut Context::from_waker(&waker)) {
-            Some((flow, deferred)) => {
+        // A panic (in an application's policy, say) ends this client alone, as it ended its
+        // task when it had one: the runner goes on with the others.
+        let stepped = std::panic::catch_unwind(AssertUnwindSafe(|| {
+            idle.step(&mut Context::from_waker(&waker))
+        }));
+        match stepped {
+            Ok(None) => *self.lock() = Some(idle),
+            Ok(Some((flow, deferred))) => {
                 tokio::spawn(serve_busy(self, idle, flow, deferred));
             }
-            None => *self.lock() = Some(idle),
+            Err(_) => {
+                tokio::spawn(serve_busy(self, idle, Flow::Gone, None));
+            }
         }
     }
 
     fn abandon(&self) {
         drop(self.lock().take());
+        self.scheduled.store(false, Ordering::Release);
     }
 }
 
@@ -588,12 +598,13 @@ impl Idle {
     /// the subscribe that waits for Redis, if any.
     #[allow(clippy::type_complexity)]
     fn step(&mut self, cx: &mut Context<'_>) -> Option<(Flow, Option<Box<Deferred>>)> {
-        let tcp = self.conn.socket.tcp()?;
+        // Only TCP sessions are parked; anything else ends.
+        let Some(tcp) = self.conn.socket.tcp() else {
+            return Some((Flow::Gone, None));
+        };
         let responder = Responder::resume(&self.guard.0, &self.conn, self.budget, None);
         let mut flow = Flow::Open;
-        // Twice at most: a client that still has bytes after a full read is queued again
-        // behind the others (fairness), as a task would yield.
-        let mut turns = 0;
+        let mut reads = 0;
         let busy = loop {
             if flow != Flow::Open || self.conn.write_state() != WriteState::Open {
                 break true;
@@ -601,24 +612,41 @@ impl Idle {
             if responder.has_deferred() {
                 break true;
             }
-            if turns == 2 {
-                cx.waker().wake_by_ref();
-                break false;
-            }
-            turns += 1;
-            // Register with both first: a wake-up after either is seen by the next step.
+            // Both wakers are registered before the step parks: a wake-up after either is
+            // seen by the next step.
             if self.conn.wake.poll_woken(cx).is_ready() {
                 continue;
             }
             match tcp.poll_read_ready(cx) {
                 Poll::Pending => break false,
-                Poll::Ready(Ok(())) => flow = read_requests(&responder, &mut self.reader, tcp),
+                // Two reads at most (each up to `READS_PER_WAKE` of the socket): a client
+                // that still has bytes is queued again behind the others, as a task would
+                // yield.
+                Poll::Ready(Ok(())) if reads == 2 => {
+                    cx.waker().wake_by_ref();
+                    break false;
+                }
+                Poll::Ready(Ok(())) => {
+                    reads += 1;
+                    flow = read_requests(&responder, &mut self.reader, tcp);
+                }
                 Poll::Ready(Err(_)) => flow = Flow::Gone,
             }
         };
         let deferred;
         (self.budget, deferred) = responder.into_parts();
         busy.then_some((flow, deferred))
+    }
+}
+
+/// A session's place in its runner, given up when dropped (see [`serve_busy`]).
+struct Registered(Option<Arc<Session>>);
+
+impl Drop for Registered {
+    fn drop(&mut self) {
+        if let Some(session) = self.0.take() {
+            session.remove();
+        }
     }
 }
 
@@ -631,33 +659,35 @@ async fn serve_busy(
     flow: Flow,
     deferred: Option<Box<Deferred>>,
 ) {
+    // Out of its runner when this task ends, however it ends, unless it parks the session.
+    let mut registered = Registered(Some(Arc::clone(&session)));
     let shared = Arc::clone(idle.shared());
     let conn = Arc::clone(&idle.conn);
-    let Some(tcp) = conn.socket.tcp() else {
-        return;
-    };
-    let responder = Responder::resume(&shared, &conn, idle.budget, deferred);
-    let (responder, flow) =
-        serve_client(&shared, &conn, tcp, responder, &mut idle.reader, flow).await;
-    let deferred;
-    (idle.budget, deferred) = responder.into_parts();
-    if flow == Flow::Open {
-        session.carry_on(idle, flow, deferred);
-        return;
-    }
-    session.remove();
-    match flow {
-        Flow::Closing { peer_closed } => {
-            Box::pin(finish_close(
-                &shared,
-                &conn,
-                tcp,
-                &mut idle.reader,
-                peer_closed,
-            ))
-            .await
+    let tcp = conn.socket.tcp();
+    let mut flow = flow;
+    match tcp {
+        Some(tcp) => {
+            let responder = Responder::resume(&shared, &conn, idle.budget, deferred);
+            let served = serve_client(&shared, &conn, tcp, responder, &mut idle.reader, flow);
+            let (responder, next) = served.await;
+            flow = next;
+            let deferred;
+            (idle.budget, deferred) = responder.into_parts();
+            if flow == Flow::Open {
+                registered.0 = None;
+                session.carry_on(idle, flow, deferred);
+                return;
+            }
         }
-        Flow::Gone | Flow::Open | Flow::Throttled => conn.abort(&shared.conn_env),
+        // Only TCP sessions are parked.
+        None => flow = Flow::Gone,
+    }
+    drop(registered);
+    match (flow, tcp) {
+        (Flow::Closing { peer_closed }, Some(tcp)) => {
+            finish_close(&shared, &conn, tcp, &mut idle.reader, peer_closed).await
+        }
+        _ => conn.abort(&shared.conn_env),
     }
     deregister(&shared, &conn).await;
     let Idle { guard, .. } = idle;
