@@ -12,7 +12,7 @@
 //! gets a task of its own ([`serve_busy`]) until it is idle again.
 //!
 //! Memory per idle subscribed connection, `shared/bench/compare.sh` (10,000 connections):
-//! 1,445 bytes with a task per connection, 978 parked.
+//! 1,445 bytes with a task per connection, 982 parked (median of five runs).
 //!
 //! It lives above the hub (not in `conn/`) because it is the hub's client: it enqueues the
 //! client's requests to its shard, publishes, waits for room and counts itself in the hub's
