@@ -382,7 +382,10 @@ impl HubConfigBuilder {
         self
     }
 
-    /// Who may publish from a client. Default: [`PublishPolicy::Refuse`].
+    /// Who may publish from a client. Default: [`PublishPolicy::Refuse`]. A
+    /// [`PublishPolicy::Custom`] runs where the client's requests are read: for an idle TCP
+    /// client, on its shard's runner, one task that reads every idle client of the shard in
+    /// turn. Keep it quick and never blocking, or every client of the shard waits for it.
     pub fn publish_policy(mut self, policy: PublishPolicy) -> Self {
         self.config.publish_policy = policy;
         self
@@ -390,7 +393,9 @@ impl HubConfigBuilder {
 
     /// Decides each client subscribe: `false` answers `subscription refused`. Default: every
     /// subscribe is allowed. Server-side [`Hub::subscribe`](crate::Hub::subscribe) is not
-    /// checked.
+    /// checked. Runs where the client's requests are read, as a custom publish policy does
+    /// (see [`publish_policy`](Self::publish_policy)): keep it quick and never blocking. A
+    /// panic in it ends that client's connection only.
     pub fn subscribe_policy(
         mut self,
         allow: impl Fn(&ClientInfo, &str) -> bool + Send + Sync + 'static,
@@ -502,7 +507,7 @@ impl HubConfigBuilder {
     }
 
     /// Called once per client after the upgrade, with the request headers, before the client
-    /// can receive anything. Runs on the connection's task: keep it quick. Default: none.
+    /// can receive anything. Runs on the upgrade's task: keep it quick. Default: none.
     pub fn on_connect(
         mut self,
         f: impl Fn(&ClientInfo, &HeaderMap) + Send + Sync + 'static,
