@@ -110,13 +110,9 @@ impl HubProcess {
     }
 
     fn rss_kib(&self) -> u64 {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.0.id()))
-            .expect("the hub's /proc status");
-        status
-            .lines()
-            .find_map(|line| line.strip_prefix("VmRSS:"))
-            .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
-            .expect("a VmRSS line")
+        let rss = rss_kib_of(&self.0.id().to_string());
+        assert!(rss > 0, "the hub's resident memory could not be read");
+        rss
     }
 }
 

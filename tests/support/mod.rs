@@ -754,7 +754,12 @@ pub fn reset(stream: TcpStream) {
 
 /// This process's resident set size in KiB (`VmRSS` in /proc/self/status), 0 if unknown.
 pub fn rss_kib() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
+    rss_kib_of("self")
+}
+
+/// The resident memory of process `pid` (a number, or `self`), in KiB; 0 if it cannot be read.
+pub fn rss_kib_of(pid: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
         .and_then(|status| {
             status
