@@ -695,19 +695,19 @@ async fn serve_busy(
 }
 
 /// Hands the client to its shard; false if the hub has stopped (then the connection ends at
-/// once). The first step of both connection tasks.
+/// once). The first step of both kinds of session (this TCP one and `stream.rs`'s).
 pub(crate) fn register(shared: &Shared, conn: &Arc<Conn>) -> bool {
-    // The connection's life is told by events rather than a span held across its awaits: a
-    // `Span` is 32 bytes of every idle connection's task, whatever the filter. What happens
-    // while its requests are read is in the `client` span (`read_requests`).
+    // The connection's life is told by events rather than a span kept with the session: a
+    // `Span` is 32 bytes of every idle connection, whatever the filter. What happens while
+    // its requests are read is in the `client` span (`read_requests`).
     tracing::debug!(
         client = %conn.info.id,
         peer = ?conn.info.remote_addr,
         user = conn.info.user_id.as_deref(),
         "client connected"
     );
-    // The shard is worked out again each time rather than kept: a local kept across the
-    // connection's awaits would be 8 bytes more in every idle connection's task.
+    // The shard is worked out again each time rather than kept: 8 bytes more in every idle
+    // connection's session otherwise.
     let shard = shared.shard_index(conn.info.id);
     shared
         .enqueue(shard, Command::Register(Arc::clone(conn)))
