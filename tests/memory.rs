@@ -119,10 +119,7 @@ impl HubProcess {
 /// A client that has subscribed (and read its acknowledgement).
 async fn subscribed(addr: SocketAddr) -> Raw {
     let mut raw = Raw::connect(addr).await;
-    raw.send_text(&format!(r#"{{"type":"subscribe","data":"{CHANNEL}"}}"#))
-        .await;
-    let ack = raw.read_text().await;
-    assert!(ack.starts_with(r#"{"type":"subscribed""#), "{ack}");
+    raw.subscribe(CHANNEL).await;
     raw
 }
 

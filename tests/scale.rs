@@ -59,10 +59,7 @@ async fn subscriber(addr: SocketAddr, slow: bool) -> Raw {
         TcpStream::connect(addr).await.expect("tcp connect")
     };
     let mut raw = Raw::handshake(stream, addr).await;
-    raw.send_text(&json!({"type": "subscribe", "data": CHANNEL}).to_string())
-        .await;
-    let ack = raw.read_text().await;
-    assert!(ack.starts_with(r#"{"type":"subscribed""#), "{ack}");
+    raw.subscribe(CHANNEL).await;
     raw
 }
 

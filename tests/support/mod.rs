@@ -947,6 +947,13 @@ pub fn position_of(text: &str) -> (u64, String) {
 }
 
 impl Raw {
+    /// Subscribes to `channel` and reads the acknowledgement, which must come next.
+    pub async fn subscribe(&mut self, channel: &str) {
+        self.send_text(&subscribe_request(channel, None)).await;
+        let ack = self.read_text().await;
+        assert!(ack.starts_with(r#"{"type":"subscribed""#), "{ack}");
+    }
+
     /// Sends a `ping` and asserts that the `pong` is the next text message: nothing else was
     /// sent or queued before it.
     pub async fn sync(&mut self) {
