@@ -538,10 +538,8 @@ impl Session {
     }
 
     /// The session ended: its runner lets go of it.
-    fn remove(self: &Arc<Self>) {
-        let parked: Arc<dyn Parked> = Arc::clone(self) as Arc<dyn Parked>;
-        self.runner
-            .remove(self.slot.load(Ordering::Relaxed), &parked);
+    fn remove(&self) {
+        self.runner.remove(self.slot.load(Ordering::Relaxed), self);
     }
 }
 
@@ -685,7 +683,16 @@ async fn serve_busy(
     drop(registered);
     match (flow, tcp) {
         (Flow::Closing { peer_closed }, Some(tcp)) => {
-            finish_close(&shared, &conn, tcp, &mut idle.reader, peer_closed).await
+            // Boxed, as the other waits below: each busy client gets a task, and a task's
+            // memory is the size of its largest state.
+            Box::pin(finish_close(
+                &shared,
+                &conn,
+                tcp,
+                &mut idle.reader,
+                peer_closed,
+            ))
+            .await
         }
         _ => conn.abort(&shared.conn_env),
     }
@@ -755,13 +762,13 @@ async fn serve_client<'a>(
         match conn.write_state() {
             WriteState::Open if flow == Flow::Throttled => {
                 if responder.has_deferred() {
-                    if responder.wait_deferred().await == Some(true) {
+                    if Box::pin(responder.wait_deferred()).await == Some(true) {
                         flow = responder.on_bytes(reader, &mut []);
                     }
                     continue;
                 }
                 let shard = responder.shard();
-                if wait_for_room(shared, conn, shard).await {
+                if Box::pin(wait_for_room(shared, conn, shard)).await {
                     // Decode what was read before the client was throttled.
                     flow = responder.on_bytes(reader, &mut []);
                 }
@@ -782,7 +789,7 @@ async fn serve_client<'a>(
                 flow = Flow::Throttled;
             }
             WriteState::Blocked { since } => {
-                let next = write_blocked(shared, conn, tcp, since).await;
+                let next = Box::pin(write_blocked(shared, conn, tcp, since)).await;
                 // A client throttled before it fell behind stays throttled.
                 if !(next == Flow::Open && flow == Flow::Throttled) {
                     flow = next;
