@@ -157,6 +157,9 @@ async fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    // The address bound, not the one asked for: with port 0 the system picks a free one, which
+    // is how the tests start this example without racing for a port.
+    let addr = listener.local_addr().unwrap_or(args.addr);
     let hub = Hub::with_config(config);
     let accept = tokio::spawn(accept_loop(listener, hub.clone()));
 
@@ -175,7 +178,7 @@ async fn main() -> ExitCode {
     } else {
         format!("?id={}", args.id)
     };
-    eprintln!("build log at http://{}/{query}", args.addr);
+    eprintln!("build log at http://{addr}/{query}");
     match hub.stream_process(&args.id, command) {
         Ok(run) => {
             tokio::spawn(async move {

@@ -290,9 +290,11 @@ async fn main() -> ExitCode {
     #[cfg(not(feature = "tls"))]
     let scheme = "ws";
     let hub = Hub::with_config(config);
+    // The address bound: with `--addr 127.0.0.1:0` the system picks a free port and this line
+    // names it (the browser tests start the server that way).
+    let addr = listener.local_addr().unwrap_or(args.addr);
     eprintln!(
-        "wshub listening on {scheme}://{}/ws ({} shards)",
-        args.addr,
+        "wshub listening on {scheme}://{addr}/ws ({} shards)",
         hub.config().shards()
     );
     #[cfg(feature = "metrics")]

@@ -38,16 +38,11 @@ function withTimeout(promise, ms, what) {
   return Promise.race([promise, timeout]).finally(() => clearTimeout(timer));
 }
 
-/** A free loopback port (bound then released: the example binds it next). */
-async function freePort() {
-  const probe = net.createServer();
-  await new Promise((resolve) => probe.listen(0, "127.0.0.1", resolve));
-  const { port } = probe.address();
-  await new Promise((resolve) => probe.close(resolve));
-  return port;
-}
-
-/** Starts an example and resolves once its stderr has said `ready` (it is listening). */
+/**
+ * Starts an example on `127.0.0.1:0` (the system picks a free port, so nothing races for one)
+ * and resolves with the process and its port once its stderr has said `ready`: the example
+ * names the address it bound in that line.
+ */
 function startExample(bin, args, ready) {
   const child = spawn(bin, args, { stdio: ["ignore", "ignore", "pipe"] });
   let stderr = "";
@@ -58,9 +53,11 @@ function startExample(bin, args, ready) {
     }, START_TIMEOUT);
     child.stderr.on("data", (chunk) => {
       stderr += chunk;
-      if (stderr.includes(ready)) {
+      const at = stderr.indexOf(ready);
+      const announced = at >= 0 && stderr.slice(at).match(/^[^\n]*?127\.0\.0\.1:(\d+)/);
+      if (announced) {
         clearTimeout(timer);
-        resolve(child);
+        resolve({ child, port: Number(announced[1]) });
       }
     });
     child.on("error", (err) => {
@@ -151,12 +148,11 @@ describe("in headless Chromium", { skip, timeout: 4 * TEST_TIMEOUT }, () => {
     // examples/server for the go-ws snippet, which connects to ws://localhost:8080/ws: the
     // browser maps that address to the server's (below), so the snippet runs unchanged and
     // the test needs no fixed port.
-    serverPort = await freePort();
-    serverProcess = await startExample(
+    ({ child: serverProcess, port: serverPort } = await startExample(
       server,
-      ["--addr", `127.0.0.1:${serverPort}`, "--allow-publish"],
+      ["--addr", "127.0.0.1:0", "--allow-publish"],
       "wshub listening",
-    );
+    ));
     // A new, empty profile. CI runs as root, hence --no-sandbox; this machine's network is
     // closed and refuses Chromium's own connections, hence the background-networking flags.
     userDataDir = fs.mkdtempSync(path.join(os.tmpdir(), "wshub-chromium-"));
@@ -189,7 +185,6 @@ describe("in headless Chromium", { skip, timeout: 4 * TEST_TIMEOUT }, () => {
   test(dropped, { timeout: TEST_TIMEOUT }, async () => {
     const total = 100;
     const cutAt = 40;
-    const port = await freePort();
     // A build of `total` lines in two parts, then exit code 3. Between them it waits (30 s at
     // most) for the test to have cut the page's connection, so that the cut always lands
     // mid-build however slow the machine: the second part is written while the page is
@@ -201,9 +196,9 @@ describe("in headless Chromium", { skip, timeout: 4 * TEST_TIMEOUT }, () => {
       `for i in $(seq ${cutAt + 1} ${total}); do echo "line $i"; sleep 0.03; done`,
       "exit 3",
     ].join("\n");
-    const build = await startExample(
+    const { child: build, port } = await startExample(
       buildLog,
-      ["--addr", `127.0.0.1:${port}`, "--", "sh", "-c", script],
+      ["--addr", "127.0.0.1:0", "--", "sh", "-c", script],
       "build log at",
     );
     const proxy = await startProxy(port);
@@ -266,10 +261,9 @@ describe("in headless Chromium", { skip, timeout: 4 * TEST_TIMEOUT }, () => {
   const snippet = "the go-ws wiki snippet subscribes and receives from examples/server";
   test(snippet, { timeout: TEST_TIMEOUT }, async () => {
     // build_log serves the snippet's page; the snippet itself talks to examples/server.
-    const port = await freePort();
-    const build = await startExample(
+    const { child: build, port } = await startExample(
       buildLog,
-      ["--addr", `127.0.0.1:${port}`, "--", "true"],
+      ["--addr", "127.0.0.1:0", "--", "true"],
       "build log at",
     );
     const page = await context.newPage();

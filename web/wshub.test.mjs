@@ -13,22 +13,27 @@ import { WshubClient } from "./wshub.js";
 const bin = process.env.BUILD_LOG;
 const skip = !bin ? "BUILD_LOG is not set" : typeof WebSocket !== "function" ? "no WebSocket" : false;
 
-function startServer(port, script) {
-  const child = spawn(bin, ["--addr", `127.0.0.1:${port}`, "--", "sh", "-c", script], {
+/**
+ * Starts build_log on `127.0.0.1:0` (the system picks a free port, so nothing races for one)
+ * and resolves with the process and the port it names in its "build log at" line.
+ */
+function startServer(script) {
+  const child = spawn(bin, ["--addr", "127.0.0.1:0", "--", "sh", "-c", script], {
     stdio: ["ignore", "ignore", "pipe"],
   });
+  let stderr = "";
   return new Promise((resolve, reject) => {
     child.stderr.on("data", (chunk) => {
-      if (String(chunk).includes("build log at")) resolve(child);
+      stderr += chunk;
+      const announced = stderr.match(/build log at http:\/\/127\.0\.0\.1:(\d+)\//);
+      if (announced) resolve({ server: child, port: Number(announced[1]) });
     });
-    child.on("exit", (code) => reject(new Error(`build_log exited ${code}`)));
+    child.on("exit", (code) => reject(new Error(`build_log exited ${code}: ${stderr}`)));
   });
 }
 
 test("a page that drops its connection gets every line once, in order", { skip }, async () => {
-  const port = 20000 + Math.floor(Math.random() * 20000);
-  const server = await startServer(
-    port,
+  const { server, port } = await startServer(
     'for i in $(seq 1 60); do echo "line $i"; sleep 0.03; done; echo oops >&2; exit 2',
   );
   try {
