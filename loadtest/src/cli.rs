@@ -301,6 +301,12 @@ pub(crate) struct Args {
     #[arg(long, default_value_t = 1)]
     pub(crate) ramp_max_failures: u64,
 
+    /// Receive buffer (SO_RCVBUF) of the subscribers that read, in bytes: a small one models
+    /// clients behind a narrow window, which the hub cannot write a large message to at once.
+    /// [default: the system's]
+    #[arg(long, value_name = "BYTES")]
+    pub(crate) rcvbuf: Option<u32>,
+
     /// Slow: share of the clients that never read, from 0 to 1.
     #[arg(long, default_value_t = 0.1, value_name = "FRACTION")]
     pub(crate) slow_share: f64,
@@ -536,6 +542,9 @@ impl Args {
                     .into(),
             );
         }
+        if self.rcvbuf.is_some() && matches!(self.scenario, Scenario::Ramp | Scenario::Recover) {
+            return Err("--rcvbuf is for the scenarios whose subscribers the engine drives: not ramp or recover".into());
+        }
         if let Some(at) = self.restart_redis_at {
             if self.scenario != Scenario::Recover || self.node_count() != 2 {
                 return Err("--restart-redis-at is for recover --nodes 2".into());
@@ -706,6 +715,8 @@ mod tests {
             .validate()
             .is_err());
         assert!(a(&["--hub-queue-bytes", "100"]).validate().is_err());
+        assert_eq!(a(&["--rcvbuf", "4096"]).rcvbuf, Some(4096));
+        assert!(a(&["ramp", "--rcvbuf", "4096"]).validate().is_err());
         assert_eq!(
             a(&["--hub-slow-consumer", "drop-oldest"]).hub_slow_consumer,
             Some(SlowConsumer::DropOldest)

@@ -458,6 +458,7 @@ impl<'a> Runner<'a> {
             threads: self.args.threads,
             cpus: self.client_cpus.clone(),
             live_timeout: secs(self.args.live_timeout),
+            recv_buffer: self.args.rcvbuf.unwrap_or(0),
             slow_recv_buffer: self.args.slow_rcvbuf,
             churn: None,
             sources: self.sources,

@@ -202,10 +202,12 @@ fn a_clean_run_exits_0() {
 }
 
 /// Measured subscribers that really lose messages: an embedded hub with 1 KiB outbound queues
-/// that drops the oldest frames, and bursts of 20 kB messages to 50 subscribers that one
-/// generator thread cannot read as fast as the hub writes them (the publisher falls behind
-/// its 3,000/s and sends what is due in one write). The report counts the losses, the hub's
-/// own counter shows it dropped frames, and the exit status says so.
+/// that drops the oldest frames, and 20 kB messages to 50 subscribers with 4 KiB receive
+/// buffers (`--rcvbuf`), so that no message can be written at once and the next ones find
+/// its client behind. The report counts the losses, the hub's own counter shows it dropped
+/// frames, and the exit status says so. (Without `--rcvbuf` the losses came only from a
+/// generator slower than the hub, and a busy machine once made the hub the slower one: the
+/// clients kept up and lost nothing.)
 #[test]
 fn measured_losses_exit_3() {
     let args = [
@@ -220,6 +222,8 @@ fn measured_losses_exit_3() {
         "1",
         "--drain-ms",
         "300",
+        "--rcvbuf",
+        "4096",
         "--hub-queue-bytes",
         "1024",
         "--hub-slow-consumer",
@@ -602,6 +606,8 @@ fn sweep_losses_past_the_knee_do_not_fail() {
         "1",
         "--drain-ms",
         "300",
+        "--rcvbuf",
+        "4096",
         "--hub-queue-bytes",
         "1024",
         "--hub-slow-consumer",

@@ -32,7 +32,7 @@ pub(super) async fn connect_all(ctx: &Arc<Ctx>, mine: &[usize]) -> BTreeMap<Stri
                 recv_buffer: if spec.kind == Kind::Slow {
                     ctx.plan.slow_recv_buffer
                 } else {
-                    0
+                    ctx.plan.recv_buffer
                 },
                 source: (ctx.plan.sources > 1).then(|| (g % ctx.plan.sources as usize) as u8),
             };

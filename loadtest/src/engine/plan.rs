@@ -57,6 +57,8 @@ pub(crate) struct Plan {
     pub(crate) cpus: Vec<usize>,
     /// How long subscriptions may take to prove live.
     pub(crate) live_timeout: Duration,
+    /// SO_RCVBUF of the connections that read (0: the system's).
+    pub(crate) recv_buffer: u32,
     /// SO_RCVBUF of slow connections.
     pub(crate) slow_recv_buffer: u32,
     /// Churn during disturbed steps.
