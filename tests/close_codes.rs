@@ -345,6 +345,57 @@ async fn a_client_close_is_echoed_and_the_client_removed() {
     assert_eq!(disconnects.load(Ordering::SeqCst), 3);
 }
 
+/// Clients that vanish without a close frame (a FIN, a RST) are removed with their
+/// subscriptions, stop counting as connections, and get `on_disconnect` once each, while a
+/// client beside them on the same shard goes on receiving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_that_vanish_are_removed_and_told_once() {
+    let disconnects = Arc::new(AtomicUsize::new(0));
+    let counted = Arc::clone(&disconnects);
+    let config = HubConfig::builder()
+        .shards(1)
+        .on_disconnect(move |_| {
+            counted.fetch_add(1, Ordering::SeqCst);
+        })
+        .build()
+        .unwrap();
+    let server = Server::start(config).await;
+    let mut staying = Raw::connect(server.addr).await;
+    staying.subscribe("c").await;
+    let mut vanishing = Vec::new();
+    for _ in 0..6 {
+        let mut raw = Raw::connect(server.addr).await;
+        raw.subscribe("c").await;
+        vanishing.push(raw);
+    }
+    for (i, raw) in vanishing.into_iter().enumerate() {
+        if i % 2 == 0 {
+            drop(raw);
+        } else {
+            reset(raw.stream);
+        }
+    }
+    let hub = server.hub.clone();
+    wait_until("the vanished clients to be removed", move || {
+        let stats = hub.stats();
+        stats.clients == 1 && stats.connection_tasks == 1
+    })
+    .await;
+    let counted = Arc::clone(&disconnects);
+    wait_until("on_disconnect for each", move || {
+        counted.load(Ordering::SeqCst) == 6
+    })
+    .await;
+    assert_eq!(server.hub.channel_subscriber_count("c"), 1);
+    server
+        .hub
+        .send_to_channel("c", &Message::new("still here"))
+        .unwrap();
+    assert!(staying.read_text().await.contains("still here"));
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    assert_eq!(disconnects.load(Ordering::SeqCst), 6, "told once each");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn disconnect_closes_with_the_code_and_reason_after_what_was_sent() {
     let disconnects = Arc::new(AtomicUsize::new(0));

@@ -9,7 +9,9 @@
 //! parks again; only the tail of a frame still arriving is copied into a buffer of the
 //! connection's own, freed once the frame is whole. A client with more than reading to do
 //! (throttled by its shard's backlog, behind on its writes, waiting for Redis, or closing)
-//! gets a task of its own ([`serve_busy`]) until it is idle again.
+//! gets a task of its own ([`serve_busy`]) until it is idle again. A client that is simply
+//! gone (its peer closed or reset the connection) needs none: it leaves its shard and ends
+//! on the runner ([`Session::leave`]).
 //!
 //! Memory per idle subscribed connection, `shared/bench/compare.sh` (10,000 connections):
 //! 1,445 bytes with a task per connection, 982 parked (median of five runs).
@@ -22,7 +24,7 @@ use std::cell::{Cell, RefCell};
 use std::io;
 use std::ops::ControlFlow;
 use std::panic::AssertUnwindSafe;
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Wake, Waker};
 use std::time::{Duration, Instant};
@@ -35,7 +37,7 @@ use crate::config::RateLimit;
 use crate::conn::idle::{Parked, Runner};
 use crate::conn::{CloseMode, Conn, WriteState};
 use crate::hub::Shared;
-use crate::shard::Command;
+use crate::shard::{Command, Removed};
 use crate::wire::frame::{
     self, close_code, Decoder, Event, Violation, OPCODE_BINARY, OPCODE_PONG, OPCODE_TEXT,
 };
@@ -485,6 +487,7 @@ pub(crate) fn start(shared: Arc<Shared>, conn: Arc<Conn>, early: Bytes, guard: T
     let runner = shared.runners.get(shared.shard_index(idle.conn.info.id));
     let session = Arc::new(Session {
         scheduled: AtomicBool::new(false),
+        leaving: AtomicU8::new(LIVE),
         slot: AtomicU32::new(0),
         runner: Arc::clone(runner),
         idle: Mutex::new(None),
@@ -501,6 +504,9 @@ pub(crate) fn start(shared: Arc<Shared>, conn: Arc<Conn>, early: Bytes, guard: T
 pub(crate) struct Session {
     /// Its step is queued: a wake-up meanwhile queues nothing more.
     scheduled: AtomicBool,
+    /// Where a client that is gone is in leaving its shard: [`LIVE`], [`LEAVING`] or [`LEFT`]
+    /// (see [`Session::leave`]).
+    leaving: AtomicU8,
     /// Its slot in the runner's registry.
     slot: AtomicU32,
     runner: Arc<Runner>,
@@ -508,6 +514,13 @@ pub(crate) struct Session {
     /// it), and once it ended.
     idle: Mutex<Option<Idle>>,
 }
+
+/// [`Session::leaving`]: the client is served.
+const LIVE: u8 = 0;
+/// The client is gone and its shard was asked to remove it: its steps wait for that.
+const LEAVING: u8 = 1;
+/// Its shard has let go of it: the next step ends the session.
+const LEFT: u8 = 2;
 
 /// What a TCP client's session keeps between reads.
 pub(crate) struct Idle {
@@ -541,6 +554,40 @@ impl Session {
     fn remove(&self) {
         self.runner.remove(self.slot.load(Ordering::Relaxed), self);
     }
+
+    /// The client is gone (its peer closed or reset the connection, or its socket failed):
+    /// ends the session without a task of its own. Its shard is asked to remove it, and
+    /// wakes the session once it has let go of it (a disconnect storm is a burst of steps on
+    /// the runner, not a task per client); that step runs [`ended`]. Meanwhile the session
+    /// stays registered with its runner, so that a runtime shutting down still frees it.
+    fn leave(self: Arc<Self>, idle: Idle) {
+        let shared = Arc::clone(idle.shared());
+        let conn = Arc::clone(&idle.conn);
+        conn.abort(&shared.conn_env);
+        *self.lock() = Some(idle);
+        self.leaving.store(LEAVING, Ordering::Release);
+        let session = Arc::clone(&self);
+        let then = Removed::new(move || {
+            session.leaving.store(LEFT, Ordering::Release);
+            session.wake_by_ref();
+        });
+        // Refused (the hub has stopped): `then` ran already, and the step it queued ends the
+        // session.
+        let _ = remove_from_shard(&shared, &conn, then);
+    }
+
+    /// The step of a session that is leaving: once its shard has let go of the client, the
+    /// session ends; until then it waits (a wake-up from its socket changes nothing).
+    fn step_leaving(&self) {
+        if self.leaving.load(Ordering::Acquire) != LEFT {
+            return;
+        }
+        if let Some(idle) = self.lock().take() {
+            self.remove();
+            let shared = Arc::clone(idle.shared());
+            ended(&shared, &idle.conn, idle.guard);
+        }
+    }
 }
 
 impl Wake for Session {
@@ -559,6 +606,9 @@ impl Parked for Session {
     fn step(self: Arc<Self>) {
         // Cleared first: a wake-up from here on queues the next step.
         self.scheduled.store(false, Ordering::Release);
+        if self.leaving.load(Ordering::Acquire) != LIVE {
+            return self.step_leaving();
+        }
         // `None`: a task serves the client (this was a wake-up from before it took over).
         let Some(mut idle) = self.lock().take() else {
             return;
@@ -571,11 +621,12 @@ impl Parked for Session {
         }));
         match stepped {
             Ok(None) => *self.lock() = Some(idle),
+            // Nothing more can be written: no close handshake to finish, only the shard to
+            // leave (a panic ends the client the same way).
+            Ok(Some((Flow::Gone, _))) | Err(_) => self.leave(idle),
+            Ok(Some(_)) if idle.conn.write_state() == WriteState::Closed => self.leave(idle),
             Ok(Some((flow, deferred))) => {
                 tokio::spawn(serve_busy(self, idle, flow, deferred));
-            }
-            Err(_) => {
-                tokio::spawn(serve_busy(self, idle, Flow::Gone, None));
             }
         }
     }
@@ -723,19 +774,28 @@ pub(crate) fn register(shared: &Shared, conn: &Arc<Conn>) -> bool {
 
 /// Removes the client from its shard and waits until the shard has let go of it.
 pub(crate) async fn deregister(shared: &Shared, conn: &Conn) {
-    let id = conn.info.id;
     let (done, removed) = oneshot::channel();
-    let remove = Command::Remove {
-        client: id,
-        done: Some(done),
-    };
-    if shared.enqueue(shared.shard_index(id), remove).is_ok() {
+    let then = Removed::new(move || {
+        let _ = done.send(());
+    });
+    if remove_from_shard(shared, conn, then) {
         let _ = removed.await;
     }
 }
 
-/// The last step of both connection tasks: the application's `on_disconnect`, then the task
-/// stops counting.
+/// Asks the client's shard to remove it and to run `then` once it has let go of it; false
+/// (and `then` has run) when the hub has stopped.
+fn remove_from_shard(shared: &Shared, conn: &Conn, then: Removed) -> bool {
+    let id = conn.info.id;
+    let remove = Command::Remove {
+        client: id,
+        done: Some(then),
+    };
+    shared.enqueue(shared.shard_index(id), remove).is_ok()
+}
+
+/// The last step of every session (a TCP one's, on its runner or in its task, and
+/// `stream.rs`'s): the application's `on_disconnect`, then the session stops counting.
 pub(crate) fn ended(shared: &Shared, conn: &Conn, guard: TaskGuard) {
     tracing::debug!(
         client = %conn.info.id,

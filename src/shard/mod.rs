@@ -125,12 +125,32 @@ impl Stamp {
     }
 }
 
+/// What to do once a shard has let go of a client it was asked to remove: called when the
+/// shard has removed it, or when the command is dropped unhandled (the shard stopped, and
+/// holds no client any more). Either way it is called once, on the shard's task: keep it
+/// quick (wake a waiter, send on a channel).
+pub(crate) struct Removed(Option<Box<dyn FnOnce() + Send>>);
+
+impl Removed {
+    pub(crate) fn new(then: impl FnOnce() + Send + 'static) -> Self {
+        Removed(Some(Box::new(then)))
+    }
+}
+
+impl Drop for Removed {
+    fn drop(&mut self) {
+        if let Some(then) = self.0.take() {
+            then();
+        }
+    }
+}
+
 /// What a shard can be asked to do.
 pub(crate) enum Command {
     Register(Arc<Conn>),
     Remove {
         client: ClientId,
-        done: Option<oneshot::Sender<()>>,
+        done: Option<Removed>,
     },
     Subscribe {
         client: ClientId,
@@ -618,9 +638,8 @@ impl Shard {
                 if let Some(&slot) = self.by_id.get(&client) {
                     self.remove_client(slot);
                 }
-                if let Some(done) = done {
-                    let _ = done.send(());
-                }
+                // Told now that the client is out (a drop runs it).
+                drop(done);
             }
             Command::Subscribe {
                 client,
