@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use support::*;
-use wshub::{HubConfig, Message};
+use wshub::{HubConfig, HubConfigBuilder, Message};
 
 const LIMIT: usize = 1024;
 
@@ -303,16 +303,22 @@ async fn a_violation_after_good_requests_still_closes_and_the_replies_before_it_
     .await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_client_close_is_echoed_and_the_client_removed() {
+/// `builder`'s configuration with an `on_disconnect` that counts its calls, and the count.
+fn counting_disconnects(builder: HubConfigBuilder) -> (HubConfig, Arc<AtomicUsize>) {
     let disconnects = Arc::new(AtomicUsize::new(0));
     let counted = Arc::clone(&disconnects);
-    let config = HubConfig::builder()
+    let config = builder
         .on_disconnect(move |_| {
             counted.fetch_add(1, Ordering::SeqCst);
         })
         .build()
         .unwrap();
+    (config, disconnects)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_close_is_echoed_and_the_client_removed() {
+    let (config, disconnects) = counting_disconnects(HubConfig::builder());
     let server = Server::start(config).await;
 
     let mut raw = Raw::connect(server.addr).await;
@@ -350,15 +356,7 @@ async fn a_client_close_is_echoed_and_the_client_removed() {
 /// client beside them on the same shard goes on receiving.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn clients_that_vanish_are_removed_and_told_once() {
-    let disconnects = Arc::new(AtomicUsize::new(0));
-    let counted = Arc::clone(&disconnects);
-    let config = HubConfig::builder()
-        .shards(1)
-        .on_disconnect(move |_| {
-            counted.fetch_add(1, Ordering::SeqCst);
-        })
-        .build()
-        .unwrap();
+    let (config, disconnects) = counting_disconnects(HubConfig::builder().shards(1));
     let server = Server::start(config).await;
     let mut staying = Raw::connect(server.addr).await;
     staying.subscribe("c").await;
@@ -398,14 +396,7 @@ async fn clients_that_vanish_are_removed_and_told_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn disconnect_closes_with_the_code_and_reason_after_what_was_sent() {
-    let disconnects = Arc::new(AtomicUsize::new(0));
-    let counted = Arc::clone(&disconnects);
-    let config = HubConfig::builder()
-        .on_disconnect(move |_| {
-            counted.fetch_add(1, Ordering::SeqCst);
-        })
-        .build()
-        .unwrap();
+    let (config, disconnects) = counting_disconnects(HubConfig::builder());
     let server = Server::start(config).await;
     let mut ws = server.connect().await;
     let id = server.newest_client().await;
