@@ -2,7 +2,7 @@
 //!
 //! ```text
 //! cargo run --release --example server -- [--addr 127.0.0.1:8080] [--allow-publish]
-//!     [--history N [--history-ttl SECS]] [--no-io-uring]
+//!     [--history N [--history-ttl SECS]] [--max-connections N] [--no-io-uring]
 //! cargo run --release --features metrics --example server -- --metrics 127.0.0.1:9090
 //! cargo run --release --features tls --example server -- --tls-cert cert.pem --tls-key key.pem
 //! cargo run --release --features redis --example server -- --redis redis://127.0.0.1:6379/ \
@@ -37,10 +37,13 @@ use wshub::{HistoryPolicy, Hub, HubConfig, PublishPolicy};
 
 const USAGE: &str =
     "usage: server [--addr HOST:PORT] [--allow-publish] [--history N [--history-ttl SECS]]
+              [--max-connections N] [--no-io-uring]
   --addr HOST:PORT     where to listen (default 127.0.0.1:8080)
   --allow-publish      let clients publish to any channel (default: refused)
   --history N          keep the last N publications of every channel (default: no history)
   --history-ttl SECS   and each for at most SECS seconds (default 3600)
+  --max-connections N  refuse upgrades (503) past N connections (default 100000, the hub's);
+                       the open-file limit must allow N too (it is raised to its hard limit)
   --no-io-uring        write with send(2) even where io_uring is available (to compare)";
 
 /// The flags of the cargo feature `metrics`, in the usage only when it is built in.
@@ -71,6 +74,7 @@ struct Args {
     allow_publish: bool,
     history: Option<usize>,
     history_ttl: Duration,
+    max_connections: Option<usize>,
     io_uring: bool,
     #[cfg(feature = "metrics")]
     metrics: Option<SocketAddr>,
@@ -102,6 +106,7 @@ fn parse_args() -> Result<Args, String> {
         allow_publish: false,
         history: None,
         history_ttl: Duration::from_secs(3600),
+        max_connections: None,
         io_uring: true,
         #[cfg(feature = "metrics")]
         metrics: None,
@@ -118,6 +123,9 @@ fn parse_args() -> Result<Args, String> {
             "--addr" => args.addr = value_of(&mut argv, "--addr")?,
             "--allow-publish" => args.allow_publish = true,
             "--no-io-uring" => args.io_uring = false,
+            "--max-connections" => {
+                args.max_connections = Some(value_of(&mut argv, "--max-connections")?)
+            }
             "--history" => args.history = Some(value_of(&mut argv, "--history")?),
             "--history-ttl" => {
                 args.history_ttl = Duration::from_secs(value_of(&mut argv, "--history-ttl")?)
@@ -240,6 +248,9 @@ async fn main() -> ExitCode {
     let mut builder = HubConfig::builder()
         .publish_policy(policy)
         .io_uring(args.io_uring);
+    if let Some(max) = args.max_connections {
+        builder = builder.max_connections(max);
+    }
     if let Some(count) = args.history {
         // Every channel: the empty prefix matches every name.
         match HistoryPolicy::new(count, args.history_ttl) {
