@@ -127,8 +127,9 @@ impl Stamp {
 
 /// What to do once a shard has let go of a client it was asked to remove: called when the
 /// shard has removed it, or when the command is dropped unhandled (the shard stopped, and
-/// holds no client any more). Either way it is called once, on the shard's task: keep it
-/// quick (wake a waiter, send on a channel).
+/// holds no client any more). Either way it is called once, on the shard's task (or on the
+/// sender's, when the shard had stopped before the command was sent): keep it quick (wake a
+/// waiter, send on a channel).
 pub(crate) struct Removed(Option<Box<dyn FnOnce() + Send>>);
 
 impl Removed {
