@@ -34,13 +34,12 @@ KOSOKU=$(cd "$VENV/bin" && pwd)/kosoku
 echo "== cargo build --release --example autobahn_echo"
 cargo build --release --example autobahn_echo
 
-# A free loopback port: bind port 0 and read back what the kernel chose.
-PORT=$("$PYTHON" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
-ADDR=127.0.0.1:$PORT
 rm -rf "$OUT"
 mkdir -p "$OUT"
 
-target/release/examples/autobahn_echo --addr "$ADDR" >"$OUT/echo.log" 2>&1 &
+# Port 0: the echo server binds a port the kernel chooses and prints it, so no other process
+# can take the port between choosing and binding it.
+target/release/examples/autobahn_echo --addr 127.0.0.1:0 >"$OUT/echo.log" 2>&1 &
 ECHO_PID=$!
 stop_echo() {
     if kill -0 "$ECHO_PID" 2>/dev/null; then
@@ -50,9 +49,11 @@ stop_echo() {
 }
 trap stop_echo EXIT
 
-# Wait (at most 10 s) until it accepts connections.
+# Wait (at most 10 s) until it prints the address it listens on.
+ADDR=
 for _ in $(seq 1 100); do
-    if "$PYTHON" -c "import socket; socket.create_connection(('127.0.0.1', $PORT), timeout=1).close()" 2>/dev/null; then
+    ADDR=$(sed -n 's|^autobahn echo listening on ws://\(.*\)/$|\1|p' "$OUT/echo.log")
+    if [ -n "$ADDR" ]; then
         break
     fi
     if ! kill -0 "$ECHO_PID" 2>/dev/null; then
@@ -62,6 +63,11 @@ for _ in $(seq 1 100); do
     fi
     sleep 0.1
 done
+if [ -z "$ADDR" ]; then
+    echo "autobahn_echo printed no address within 10 s:" >&2
+    cat "$OUT/echo.log" >&2
+    exit 1
+fi
 
 echo "== kosoku against ws://$ADDR (cases 1 to 10)"
 START=$(date +%s)

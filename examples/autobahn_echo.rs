@@ -62,6 +62,9 @@ async fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    // The address bound, not the one asked for: with port 0, .ci/autobahn.sh reads the port
+    // the kernel chose from this line.
+    let addr = listener.local_addr().unwrap_or(addr);
     eprintln!("autobahn echo listening on ws://{addr}/");
     tokio::spawn({
         let hub = hub.clone();
