@@ -19,17 +19,28 @@ pub(crate) struct RedisServer {
 
 impl RedisServer {
     /// Starts `redis-server` on 127.0.0.1 at a free port and waits (up to 5 s) until it
-    /// answers PING.
+    /// answers PING. The port is free when chosen, but another process may bind it before
+    /// redis-server does: then redis-server exits at once, and another port is tried (three
+    /// in all).
     pub(crate) fn start() -> Result<RedisServer, String> {
-        let port = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
-            .and_then(|l| l.local_addr())
-            .map_err(|e| format!("cannot find a free port for redis-server: {e}"))?
-            .port();
-        let child = spawn_on(port)?;
-        Ok(RedisServer {
-            child: Mutex::new(child),
-            port,
-        })
+        let mut attempts = 0;
+        loop {
+            attempts += 1;
+            let port = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+                .and_then(|l| l.local_addr())
+                .map_err(|e| format!("cannot find a free port for redis-server: {e}"))?
+                .port();
+            match spawn_on(port) {
+                Ok(child) => {
+                    return Ok(RedisServer {
+                        child: Mutex::new(child),
+                        port,
+                    })
+                }
+                Err(Failed::ExitedAtOnce(_)) if attempts < 3 => continue,
+                Err(Failed::ExitedAtOnce(why) | Failed::Other(why)) => return Err(why),
+            }
+        }
     }
 
     /// Kills it (SIGKILL: nothing is saved, every connection is cut), waits `pause`, and
@@ -42,7 +53,8 @@ impl RedisServer {
         let _ = child.kill();
         let _ = child.wait();
         std::thread::sleep(pause);
-        *child = spawn_on(self.port).map_err(|e| format!("restarting redis-server: {e}"))?;
+        *child =
+            spawn_on(self.port).map_err(|e| format!("restarting redis-server: {}", e.why()))?;
         Ok(t0.elapsed())
     }
 
@@ -78,8 +90,23 @@ fn stop(child: &mut Child) {
     let _ = child.wait();
 }
 
+/// Why `redis-server` could not be started.
+enum Failed {
+    /// It exited before answering: most likely, its port was taken.
+    ExitedAtOnce(String),
+    Other(String),
+}
+
+impl Failed {
+    fn why(self) -> String {
+        match self {
+            Failed::ExitedAtOnce(why) | Failed::Other(why) => why,
+        }
+    }
+}
+
 /// Starts `redis-server` on 127.0.0.1:`port` and waits (up to 5 s) until it answers PING.
-fn spawn_on(port: u16) -> Result<Child, String> {
+fn spawn_on(port: u16) -> Result<Child, Failed> {
     let mut cmd = Command::new("redis-server");
     cmd.args(["--port", &port.to_string()])
         .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
@@ -99,22 +126,23 @@ fn spawn_on(port: u16) -> Result<Child, String> {
         }
     }
     let mut child = cmd.spawn().map_err(|e| {
-        if e.kind() == std::io::ErrorKind::NotFound {
+        Failed::Other(if e.kind() == std::io::ErrorKind::NotFound {
             "--nodes 2 needs Redis: redis-server is not on the PATH; install it \
              (e.g. `apt-get install redis-server`, or .ci/install-redis.sh) or pass \
              --redis-url redis://HOST:PORT/"
                 .to_string()
         } else {
             format!("cannot start redis-server: {e}")
-        }
+        })
     })?;
     let t0 = Instant::now();
     // Bounded: 5 s.
     while t0.elapsed() < Duration::from_secs(5) {
         if let Ok(Some(status)) = child.try_wait() {
-            return Err(format!(
-                "redis-server exited at once ({status}); pass --redis-url to use a running one"
-            ));
+            return Err(Failed::ExitedAtOnce(format!(
+                "redis-server exited at once on port {port} ({status}); pass --redis-url to use a \
+                 running one"
+            )));
         }
         if ping(port) {
             return Ok(child);
@@ -122,9 +150,9 @@ fn spawn_on(port: u16) -> Result<Child, String> {
         std::thread::sleep(Duration::from_millis(20));
     }
     stop(&mut child);
-    Err(format!(
+    Err(Failed::Other(format!(
         "redis-server did not answer on 127.0.0.1:{port} within 5 s; pass --redis-url to use a running one"
-    ))
+    )))
 }
 
 /// Whether Redis answers PING on 127.0.0.1:`port`.

@@ -19,23 +19,41 @@ pub struct RedisServer {
 }
 
 impl RedisServer {
-    /// Starts one on a free port and waits until it answers.
+    /// Starts one on a free port and waits until it answers. The port is free when chosen,
+    /// but another process may bind it first: then redis-server exits at once, and another
+    /// port is tried (three in all).
     pub async fn start() -> RedisServer {
-        let port = {
-            let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
-            listener.local_addr().expect("local addr").port()
-        };
-        let mut server = RedisServer { port, child: None };
-        server.restart().await;
-        server
+        let mut attempts = 0;
+        loop {
+            attempts += 1;
+            let port = {
+                let listener =
+                    std::net::TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
+                listener.local_addr().expect("local addr").port()
+            };
+            let mut server = RedisServer { port, child: None };
+            match server.try_start().await {
+                Ok(()) => return server,
+                Err(why) if attempts < 3 => eprintln!("{why}; trying another port"),
+                Err(why) => panic!("{why}"),
+            }
+        }
     }
 
     pub fn url(&self) -> String {
         format!("redis://127.0.0.1:{}/", self.port)
     }
 
-    /// Starts the server (again) on its port, and waits until it answers PING.
+    /// Starts the server again on its port, and waits until it answers PING.
     pub async fn restart(&mut self) {
+        if let Err(why) = self.try_start().await {
+            panic!("{why}");
+        }
+    }
+
+    /// Starts the server on its port and waits until it answers PING; an error if it exits
+    /// first (its port was taken).
+    async fn try_start(&mut self) -> Result<(), String> {
         assert!(self.child.is_none(), "redis-server is already running");
         let child = Command::new("redis-server")
             .args(["--port", &self.port.to_string()])
@@ -45,17 +63,30 @@ impl RedisServer {
             .stderr(Stdio::null())
             .spawn()
             .expect("start redis-server (is it installed? see .ci/install-redis.sh)");
-        self.child = Some(child);
+        // Held by `self` while waiting, so that a timeout's panic still kills it (Drop).
+        let child = self.child.insert(child);
         let port = self.port;
-        within("redis-server to answer PING", async move {
+        let exited = within("redis-server to answer PING", async {
             loop {
+                if let Ok(Some(status)) = child.try_wait() {
+                    return Some(status);
+                }
                 if ping(port).await {
-                    return;
+                    return None;
                 }
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
         })
-        .await
+        .await;
+        match exited {
+            None => Ok(()),
+            Some(status) => {
+                self.child = None;
+                Err(format!(
+                    "redis-server exited at once on port {port} ({status})"
+                ))
+            }
+        }
     }
 
     /// SIGKILL: no goodbye to any client.
