@@ -80,8 +80,10 @@ async fn slowloris_connections_are_dropped_after_the_handshake_timeout() {
     // request trickled a byte every 100 ms (which would take seconds to finish).
     let mut stalled = Vec::new();
     for i in 0..30 {
-        let mut stream = TcpStream::connect(addr).await.expect("tcp connect");
+        // Before connecting: the hub's timer starts when it accepts, which may come before
+        // this task sees its connect complete.
         let started = Instant::now();
+        let mut stream = TcpStream::connect(addr).await.expect("tcp connect");
         match i % 3 {
             0 => stalled.push(tokio::spawn(read_until_dropped(stream, started))),
             1 => {
