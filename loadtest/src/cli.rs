@@ -234,8 +234,8 @@ pub(crate) struct Args {
 
     /// Recover with --restart-redis-at: how long Redis stays down, e.g. 500ms, 2s. Keep it
     /// short: a resume meanwhile waits for Redis (up to RedisConfig::history_wait, 5 s) and
-    /// its connection reads nothing else, so a subscriber's clean close then goes unanswered
-    /// beyond the 2 s it waits, which counts as an error.
+    /// its connection reads nothing else, so a subscriber's clean close is answered only once
+    /// its resume is (a subscriber waits up to 7 s for that; longer counts as an error).
     #[arg(long, default_value = "500ms", value_name = "DURATION", value_parser = parse_millis)]
     pub(crate) restart_redis_pause: f64,
 

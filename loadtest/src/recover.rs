@@ -56,8 +56,10 @@ use crate::ws::{self, opcode};
 const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
 /// A connect (TCP and upgrade) that does not finish in this long is retried.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
-/// How long a clean close waits for the server's close frame (or EOF).
-const CLOSE_WAIT: Duration = Duration::from_secs(2);
+/// How long a clean close waits for the server's close frame (or EOF). A wshub node does not
+/// read the close while the subscriber's resume waits for Redis (`RedisConfig::history_wait`,
+/// 5 s by default), which a Redis restart can make it do: longer than that.
+const CLOSE_WAIT: Duration = Duration::from_secs(7);
 /// Connection attempts per subscriber, at most (with the deadline, bounds the reconnect loop).
 const MAX_CONNECTS: u64 = 100_000;
 /// The highest offset a subscriber keeps a byte for (a run needs far fewer).
@@ -745,7 +747,10 @@ async fn close_cleanly(sock: &TcpStream, buf: &mut Vec<u8>, sub: &mut Sub) {
     loop {
         let left = until.saturating_duration_since(Instant::now());
         if left.is_zero() {
-            sub.error("no close frame from the server within 2 s");
+            sub.error(format!(
+                "no close frame from the server within {} s",
+                CLOSE_WAIT.as_secs()
+            ));
             return;
         }
         match tokio::time::timeout(left, sock.readable()).await {
