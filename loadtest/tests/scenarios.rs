@@ -851,28 +851,39 @@ struct RedisServer {
 }
 
 impl RedisServer {
+    /// The port is free when chosen, but another process may bind it before redis-server
+    /// does: then redis-server exits at once, and another port is tried (three in all).
     fn start() -> RedisServer {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("a free port")
-            .port();
-        let child = Command::new("redis-server")
-            .args(["--port", &port.to_string()])
-            .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
-            .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .expect("start redis-server");
-        let server = RedisServer { port, child };
-        // Bounded: 250 x 20 ms.
-        for _ in 0..250 {
-            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-                return server;
+        for _ in 0..3 {
+            let port = std::net::TcpListener::bind("127.0.0.1:0")
+                .and_then(|l| l.local_addr())
+                .expect("a free port")
+                .port();
+            let child = Command::new("redis-server")
+                .args(["--port", &port.to_string()])
+                .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+                .stdin(std::process::Stdio::null())
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .expect("start redis-server");
+            let mut server = RedisServer { port, child };
+            // Bounded: 250 x 20 ms.
+            for _ in 0..250 {
+                if let Ok(Some(status)) = server.child.try_wait() {
+                    eprintln!("redis-server exited at once on port {port} ({status})");
+                    break;
+                }
+                if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                    return server;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(20));
             }
-            std::thread::sleep(std::time::Duration::from_millis(20));
+            if server.child.try_wait().is_ok_and(|status| status.is_none()) {
+                panic!("redis-server did not listen on {port} within 5 s");
+            }
         }
-        panic!("redis-server did not listen on {port} within 5 s");
+        panic!("redis-server exited at once on three ports");
     }
 
     fn url(&self) -> String {
@@ -996,16 +1007,23 @@ fn two_targets_lose_nothing_across_redis() {
                 .await
                 .expect("bind");
             let addr = listener.local_addr().expect("addr");
-            // Bounded: 100 x 50 ms.
-            for _ in 0..100 {
-                if hub.stats().broker.is_some_and(|b| b.connected) {
+            // Serving starts the hub, and with it the broker's connection.
+            tokio::spawn(wshub::serve(listener, hub.clone(), async move {
+                let _ = rx.await;
+            }));
+            // Bounded: 400 x 50 ms.
+            let mut connected = false;
+            for _ in 0..400 {
+                connected = hub.stats().broker.is_some_and(|b| b.connected);
+                if connected {
                     break;
                 }
                 tokio::time::sleep(std::time::Duration::from_millis(50)).await;
             }
-            tokio::spawn(wshub::serve(listener, hub, async move {
-                let _ = rx.await;
-            }));
+            assert!(
+                connected,
+                "hub {id}'s broker did not connect to Redis within 20 s"
+            );
             addr
         });
         stops.push(tx);
