@@ -497,11 +497,15 @@ async fn a_resume_after_the_history_expired_is_not_recovered() {
     let hub = server.hub.clone();
     let mut watcher = server.connect().await;
     let (_, epoch) = ack_position(&subscribe_since(&mut watcher, NEWS, None).await);
+    let published = Instant::now();
     assert_eq!(publish_ticks(&hub, NEWS, 1..=5, 0).await, epoch);
     expect_ticks(&mut watcher, NEWS, 1..=5, &epoch).await;
     let page = hub.history(NEWS, 0, 100).expect("news has a history");
-    let held: Vec<u64> = page.publications.iter().map(|p| p.offset).collect();
-    assert_eq!(held, [1, 2, 3, 4, 5], "held before they expire");
+    // Judged only if the age has not passed yet, as it may have on a busy machine.
+    if published.elapsed() < AGE {
+        let held: Vec<u64> = page.publications.iter().map(|p| p.offset).collect();
+        assert_eq!(held, [1, 2, 3, 4, 5], "held before they expire");
+    }
 
     // The age passes (the hub may trim on a periodic sweep: wait for it, bounded).
     tokio::time::sleep(AGE).await;
@@ -1150,7 +1154,9 @@ const TOTAL: u64 = PUBLISHERS * PER_PUBLISHER;
 const CHURNING_CLIENTS: u64 = 8;
 const MIN_RECONNECTS: u64 = 1_000;
 /// The whole scenario's time cap: past it, clients stop and the report says what they lack.
-const CHURN_CAP: Duration = Duration::from_secs(60);
+/// A few seconds in a healthy run; lost or repeated offsets fail it whatever the time, so the
+/// cap is only there so that nothing hangs, and is wide for a busy machine.
+const CHURN_CAP: Duration = Duration::from_secs(180);
 const SEED: u64 = 0x5EED_0F41_570B_1E00;
 const CHURN_PAD: &str = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef\
 0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef\
@@ -1827,12 +1833,12 @@ async fn cut_as_slow_then_recovered(config: HubConfig, replayed: u64) {
     // What the stalled client got: a gapless prefix, then the close frame.
     let mut last = 0;
     let close = loop {
-        let frame = tokio::time::timeout(Duration::from_secs(5), stalled.read_frame_unbounded())
+        let frame = tokio::time::timeout(PROGRESS, stalled.read_frame_unbounded())
             .await
             .unwrap_or_else(|_| {
                 panic!(
                     "the stalled client, after offset {last} of {published}: neither a frame \
-                     nor its close for 5 s (it was not cut; {:?})",
+                     nor its close for {PROGRESS:?} (it was not cut; {:?})",
                     hub.stats()
                 )
             });
