@@ -10,8 +10,8 @@
 //! connection's own, freed once the frame is whole. A client with more than reading to do
 //! (throttled by its shard's backlog, behind on its writes, waiting for Redis, or closing)
 //! gets a task of its own ([`serve_busy`]) until it is idle again. A client that is simply
-//! gone (its peer closed or reset the connection) needs none: it leaves its shard and ends
-//! on the runner ([`Session::leave`]).
+//! gone (its peer closed or reset the connection), or that closed and whose answer the socket
+//! took at once, needs none: it leaves its shard and ends on the runner ([`Session::leave`]).
 //!
 //! Memory per idle subscribed connection, `shared/bench/compare.sh` (10,000 connections):
 //! 1,445 bytes with a task per connection, 982 parked (median of five runs).
@@ -555,11 +555,12 @@ impl Session {
         self.runner.remove(self.slot.load(Ordering::Relaxed), self);
     }
 
-    /// The client is gone (its peer closed or reset the connection, or its socket failed):
-    /// ends the session without a task of its own. Its shard is asked to remove it, and
-    /// wakes the session once it has let go of it (a disconnect storm is a burst of steps on
-    /// the runner, not a task per client); that step runs [`ended`]. Meanwhile the session
-    /// stays registered with its runner, so that a runtime shutting down still frees it.
+    /// The client is gone (its peer closed or reset the connection, or its socket failed), or
+    /// its close handshake is done: ends the session without a task of its own. Its shard is
+    /// asked to remove it, and wakes the session once it has let go of it (a disconnect storm
+    /// is a burst of steps on the runner, not a task per client); that step runs [`ended`].
+    /// Meanwhile the session stays registered with its runner, so that a runtime shutting
+    /// down still frees it.
     fn leave(self: Arc<Self>, idle: Idle) {
         let shared = Arc::clone(idle.shared());
         let conn = Arc::clone(&idle.conn);
@@ -625,6 +626,11 @@ impl Parked for Session {
             // leave (a panic ends the client the same way).
             Ok(Some((Flow::Gone, _))) | Err(_) => self.leave(idle),
             Ok(Some(_)) if idle.conn.write_state() == WriteState::Closed => self.leave(idle),
+            // The client closed and its close frame's answer went out whole: nothing more to
+            // write or wait for (the usual end of a browser's connection).
+            Ok(Some((Flow::Closing { peer_closed: true }, _))) if idle.answered_close() => {
+                self.leave(idle)
+            }
             Ok(Some((flow, deferred))) => {
                 tokio::spawn(serve_busy(self, idle, flow, deferred));
             }
@@ -640,6 +646,13 @@ impl Parked for Session {
 impl Idle {
     fn shared(&self) -> &Arc<Shared> {
         &self.guard.0
+    }
+
+    /// Writes the answer to the client's close frame (and what is queued before it) if the
+    /// socket takes it all now; whether it did. Otherwise a task waits until it does
+    /// ([`finish_close`]).
+    fn answered_close(&self) -> bool {
+        self.conn.flush_queued(&self.shared().conn_env) == WriteState::Closed
     }
 
     /// A parked client's step: reads what it has and registers `cx`'s waker for more.
