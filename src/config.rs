@@ -518,8 +518,9 @@ impl HubConfigBuilder {
 
     /// Called once per client when it is gone and deregistered, whatever the reason. It runs
     /// where the session ends: for a plain TCP client whose peer went away, or that closed
-    /// and was answered at once, on its shard's runner, between other clients' reads (keep it quick and never blocking, as the
-    /// policies); otherwise on the connection's task. Default: none.
+    /// and was answered at once, on its shard's runner, between other clients' reads (keep
+    /// it quick and never blocking, as the policies); otherwise on the connection's task.
+    /// Default: none.
     pub fn on_disconnect(mut self, f: impl Fn(&ClientInfo) + Send + Sync + 'static) -> Self {
         self.config.on_disconnect = Some(Arc::new(f));
         self
