@@ -844,58 +844,16 @@ fn require_redis_server() {
     }
 }
 
+/// The loadtest's own `redis-server` starter (`src/redis_server.rs`), for the tests that give
+/// the loadtest a Redis of their own: free port, retried if taken, ready once it answers PING.
+#[path = "../src/redis_server.rs"]
+#[allow(dead_code)]
+mod redis_server;
+use redis_server::RedisServer;
+
 /// A `redis-server` of the test's own on a free loopback port, killed when dropped.
-struct RedisServer {
-    port: u16,
-    child: std::process::Child,
-}
-
-impl RedisServer {
-    /// The port is free when chosen, but another process may bind it before redis-server
-    /// does: then redis-server exits at once, and another port is tried (three in all).
-    fn start() -> RedisServer {
-        for _ in 0..3 {
-            let port = std::net::TcpListener::bind("127.0.0.1:0")
-                .and_then(|l| l.local_addr())
-                .expect("a free port")
-                .port();
-            let child = Command::new("redis-server")
-                .args(["--port", &port.to_string()])
-                .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
-                .stdin(std::process::Stdio::null())
-                .stdout(std::process::Stdio::null())
-                .stderr(std::process::Stdio::null())
-                .spawn()
-                .expect("start redis-server");
-            let mut server = RedisServer { port, child };
-            // Bounded: 250 x 20 ms.
-            for _ in 0..250 {
-                if let Ok(Some(status)) = server.child.try_wait() {
-                    eprintln!("redis-server exited at once on port {port} ({status})");
-                    break;
-                }
-                if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-                    return server;
-                }
-                std::thread::sleep(std::time::Duration::from_millis(20));
-            }
-            if server.child.try_wait().is_ok_and(|status| status.is_none()) {
-                panic!("redis-server did not listen on {port} within 5 s");
-            }
-        }
-        panic!("redis-server exited at once on three ports");
-    }
-
-    fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}/", self.port)
-    }
-}
-
-impl Drop for RedisServer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+fn start_redis_server() -> RedisServer {
+    RedisServer::start().unwrap_or_else(|why| panic!("{why}"))
 }
 
 /// The checks of a two-node step: each node's subscribers got everything, and what crossed
@@ -963,7 +921,7 @@ fn two_embedded_nodes_lose_nothing_across_redis() {
 #[test]
 fn two_embedded_nodes_on_a_given_redis_open_loop() {
     require_redis_server();
-    let redis = RedisServer::start();
+    let redis = start_redis_server();
     let v = run_json(&[
         "fanout",
         "--nodes",
@@ -984,7 +942,7 @@ fn two_embedded_nodes_on_a_given_redis_open_loop() {
 #[test]
 fn two_targets_lose_nothing_across_redis() {
     require_redis_server();
-    let redis = RedisServer::start();
+    let redis = start_redis_server();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
